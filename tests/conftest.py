@@ -1,0 +1,46 @@
+"""Shared test helpers. transformers/peft are used here only as reference oracles."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.environ.get("SPARSEDOCTOR_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+BENCH = os.path.join(SHARED, "benchmarks")
+
+
+def hf_tiny(path, tie=False, head_dim=32, heads=4, kv_heads=2, layers=2, hidden=64, vocab=1000, seed=0,
+            max_shard_size=None, dtype=torch.float32):
+    """Save a tiny random transformers Qwen3ForCausalLM with save_pretrained; return the HF model."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 32,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      head_dim=head_dim, tie_word_embeddings=tie, rope_theta=1_000_000.0,
+                      max_position_embeddings=512, attn_implementation="eager")
+    m = Qwen3ForCausalLM(cfg).to(dtype).eval()
+    with torch.no_grad():  # norms start at 1 in HF; randomize so a wrong norm cannot hide
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    m.save_pretrained(path, **kw)
+    return m
+
+
+@pytest.fixture(scope="session")
+def qwen_tok_dir(tmp_path_factory):
+    """A dir holding tokenizer.json with the real Qwen vocabulary (built once per test session)."""
+    from tiny_qwen import write_qwen_tokenizer
+
+    d = tmp_path_factory.mktemp("qwen_tok")
+    write_qwen_tokenizer(str(d))
+    return str(d)
+
+
+def require_shared():
+    assert os.path.isdir(BENCH), f"../shared/benchmarks not found at {BENCH} (set SPARSEDOCTOR_SHARED)"
+    return BENCH
