@@ -78,7 +78,7 @@ def apply_chat_template(messages: list[dict], add_generation_prompt: bool = Fals
     return "".join(out)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompt, tokenizer: Tokenizer | None = None, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, eos_id: int | None = IM_END, pad_id: int = ENDOFTEXT,
              attention_mask=None, seed: int | None = None, stream=None):

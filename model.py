@@ -11,7 +11,6 @@ noise; ``tests/test_model.py`` checks that against ``transformers`` itself.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 

@@ -1,0 +1,72 @@
+"""Shared benchmark helpers: timing, peak memory, a random Qwen3-0.6B-shaped checkpoint."""
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Qwen3-0.6B's shape, cut to 4 layers so a CPU benchmark finishes in minutes.
+QWEN3_06B_4L = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=4,
+                    num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1_000_000.0,
+                    max_position_embeddings=40960, tie_word_embeddings=True)
+
+
+def make_checkpoint(path, **overrides):
+    """Write (once) a random HF-format checkpoint of the 4-layer Qwen3-0.6B shape; return its dir."""
+    from model import Qwen3, Qwen3Config, init_weights, save_model
+
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        save_model(init_weights(Qwen3(Qwen3Config(**{**QWEN3_06B_4L, **overrides}))), path)
+    return path
+
+
+def timeit(fn, reps=3, warmup=1):
+    """Median wall time of fn() in seconds (CUDA-synchronized when on GPU)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def peak_rss_mb():
+    """Peak resident set size of this process so far, in MiB.
+
+    why VmHWM and not ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child started by a big
+    parent reports the parent's peak; VmHWM belongs to the process's own address space.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
+
+
+def run_isolated(code: str) -> str:
+    """Run python code in a fresh process (for clean peak-memory numbers); return its stdout."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.path.join(ROOT, "bench")}).stdout
+
+
+def matmul_peak_gflops(n=2048, reps=5, dtype=torch.float32):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    t = timeit(lambda: torch.mm(a, b), reps=reps)
+    return 2 * n ** 3 / t / 1e9
+
+
+def table(rows, headers):
+    w = [max(len(str(r[i])) for r in rows + [headers]) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows])
