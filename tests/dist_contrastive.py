@@ -1,0 +1,68 @@
+"""Run by tests/test_contrastive.py: `torchrun --nproc_per_node=2 tests/dist_contrastive.py OUT` (gloo, CPU),
+or imported and run in one process on the concatenated batch. Trains LM + contrastive (with the queue) for a
+few steps with plain SGD, all-reducing gradients by hand, and saves losses and queues."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from contrastive import contrastive_loss, make_heads  # noqa: E402
+from expert_queue import ExpertQueues  # noqa: E402
+from lora_moe import add_lora_moe, set_record_u, sites  # noqa: E402
+from model import Qwen3, Qwen3Config, init_weights  # noqa: E402
+
+STEPS, B, T = 4, 4, 6
+
+
+def build():
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    model = init_weights(Qwen3(cfg), seed=0)
+    torch.manual_seed(0)
+    add_lora_moe(model, num_experts=4, rank=4, top_k=2, dropout=0.0, verbose=False)
+    with torch.no_grad():
+        for _, m in sites(model):
+            m.lora_B.normal_(0, 0.05)
+    set_record_u(model, True)
+    heads = make_heads(model, dim=16)
+    queues = ExpertQueues(len(sites(model)), size=40, dim=16)  # 40: the 2 ranks' 48 keys per step wrap it
+    return model, heads, queues
+
+
+def run(rank=0, world=1):
+    model, heads, queues = build()
+    params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
+    data = torch.randint(0, 64, (STEPS, B, T), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for step in range(STEPS):
+        ids = data[step].chunk(world)[rank]  # each rank its share of the global batch
+        logits = model(ids)
+        lm = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
+        cl = contrastive_loss(model, heads, queues, tokens_per_site=10_000, temperature=0.1)
+        loss = lm + 0.5 * cl
+        loss.backward()
+        with torch.no_grad():
+            for p in params:
+                if world > 1:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+                p -= 0.5 * p.grad
+                p.grad = None
+            if world > 1:
+                for t in (lm, cl):
+                    dist.all_reduce(t)
+                    t /= world
+        losses.append([lm.item(), cl.item()])
+    return losses, queues.state_dict()
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    r, w = dist.get_rank(), dist.get_world_size()
+    losses, q = run(r, w)
+    torch.save({"losses": losses, "queues": q}, os.path.join(sys.argv[1], f"rank{r}.pt"))
+    dist.destroy_process_group()
