@@ -32,6 +32,11 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str):
+        """ids and each token's (start, end) character span in ``text``."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -43,21 +48,17 @@ def load_tokenizer(path: str) -> Tokenizer:
     return Tokenizer(path)
 
 
-def apply_chat_template(messages: list[dict], add_generation_prompt: bool = False,
-                        enable_thinking: bool = False) -> str:
-    """Qwen3's ChatML template (the official Jinja template, for messages without tools or reasoning).
+def render_turns(messages: list[dict]) -> list[str]:
+    """Qwen3's ChatML template (the official Jinja template, for messages without tools), one string per message.
 
     Like Qwen3's own template: a leading system message opens the prompt; assistant turns after the last
-    user turn carry an (empty) ``<think>\\n\\n</think>\\n\\n`` block, earlier ones do not; with thinking off
-    the generation prompt is prefilled with that empty block, so the model answers directly.
-    """
+    user turn carry an (empty) ``<think>\\n\\n</think>\\n\\n`` block, earlier ones do not. Training uses the
+    per-message pieces to know where each answer starts (data.tokenize)."""
     out = []
-    if messages and messages[0]["role"] == "system":
-        out.append(f"<|im_start|>system\n{messages[0]['content']}<|im_end|>\n")
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
     for i, m in enumerate(messages):
         role, content = m["role"], m["content"]
-        if role == "user" or (role == "system" and i > 0):
+        if role in ("user", "system"):
             out.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
         elif role == "assistant":
             reasoning = ""
@@ -69,13 +70,19 @@ def apply_chat_template(messages: list[dict], add_generation_prompt: bool = Fals
                            f"{content.lstrip(chr(10))}<|im_end|>\n")
             else:
                 out.append(f"<|im_start|>assistant\n{content}<|im_end|>\n")
-        elif role != "system":
+        else:
             raise ValueError(f"unknown chat role {role!r}: expected system, user or assistant")
+    return out
+
+
+def apply_chat_template(messages: list[dict], add_generation_prompt: bool = False,
+                        enable_thinking: bool = False) -> str:
+    """The rendered conversation; with thinking off the generation prompt is prefilled with an empty think
+    block (``<think>\\n\\n</think>\\n\\n``), exactly as Qwen3's template does, so the model answers directly."""
+    text = "".join(render_turns(messages))
     if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
-        if not enable_thinking:
-            out.append("<think>\n\n</think>\n\n")
-    return "".join(out)
+        text += "<|im_start|>assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n")
+    return text
 
 
 @torch.inference_mode()

@@ -1,0 +1,106 @@
+"""Cost of the expert contrastive loss: a training step with all three losses vs LM + balance only.
+
+    python bench/contrastive.py [--layers 4] [--batch 2] [--seq 512] [--steps 2]
+
+Same model and batch as bench/adapters.py (Qwen3-0.6B shape cut to 4 layers, LoRA-MoE E=8 r=8 top-2 on
+all 7 projections, 2 x 512 tokens, fp32 CPU). The two main arms run in fresh processes for clean peak RSS;
+the sweep over tokens_per_site and K runs in one process (time only).
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import make_checkpoint, peak_rss_mb, run_isolated, table
+
+
+def setup(path, layers):
+    from contrastive import make_heads
+    from lora_moe import add_lora_moe, set_record_u, sites
+    from model import load_model
+
+    torch.manual_seed(0)
+    model = add_lora_moe(load_model(path), num_experts=8, rank=8, alpha=16, top_k=2, dropout=0.0, verbose=False)
+    model.train()
+    set_record_u(model, True)
+    return model, make_heads(model, 64), len(sites(model))
+
+
+def step_fn(model, heads, ids, cl_on, K=1024, tps=256):
+    from contrastive import contrastive_loss
+    from expert_queue import ExpertQueues
+    from lora_moe import balance_loss, set_record_u, sites
+
+    set_record_u(model, cl_on)
+    queues = ExpertQueues(len(sites(model)), size=K, dim=64)
+    params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
+
+    def step():
+        logits = model(ids)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss = loss + 0.01 * balance_loss(model)
+        if cl_on:
+            loss = loss + 0.1 * contrastive_loss(model, heads, queues, tokens_per_site=tps, temperature=0.07)
+        loss.backward()
+        for p in params:
+            p.grad = None
+    return step, queues
+
+
+def timed(step, steps):
+    step()  # warmup (also fills the queue once)
+    ts = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--arm", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "sparsedoctor_bench_qwen3_06b"))
+    a = ap.parse_args()
+    path = make_checkpoint(a.dir + f"_{a.layers}l", num_hidden_layers=a.layers)
+    ids = torch.randint(0, 151936, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
+    if a.arm in ("base", "full"):
+        model, heads, _ = setup(path, a.layers)
+        step, queues = step_fn(model, heads, ids, a.arm == "full")
+        t = timed(step, a.steps)
+        print(json.dumps({"time": t, "peak_mb": peak_rss_mb(), "queue_bytes": queues.nbytes()}))
+        return
+    res = {}
+    for arm in ("base", "full"):
+        code = (f"import sys; sys.argv={[__file__, '--arm', arm, '--layers', str(a.layers), '--batch', str(a.batch), '--seq', str(a.seq), '--steps', str(a.steps), '--dir', a.dir]!r}\n"
+                f"import runpy; runpy.run_path({os.path.abspath(__file__)!r}, run_name='__main__')")
+        res[arm] = json.loads(run_isolated(code).strip().splitlines()[-1])
+        print(f"  {arm}: {res[arm]['time']:.2f} s/step, peak {res[arm]['peak_mb']:.0f} MB", file=sys.stderr)
+    b, f = res["base"], res["full"]
+    print(f"Qwen3-0.6B shape, {a.layers} layers, LoRA-MoE E=8 r=8 top-2, batch {a.batch}x{a.seq}, fp32 CPU, "
+          f"{torch.get_num_threads()} threads")
+    print(table([["LM + balance", f"{b['time']:.2f}", f"{b['peak_mb']:.0f}", "-"],
+                 ["LM + balance + contrastive (K=1024, 256 tokens/site)", f"{f['time']:.2f}", f"{f['peak_mb']:.0f}",
+                  f"{f['queue_bytes'] / 2**20:.1f} MiB"]], ["step", "s/step", "peak RSS MB", "queue bytes"]))
+    print(f"ratio full/base: time {f['time'] / b['time']:.3f}x, peak memory {f['peak_mb'] / b['peak_mb']:.3f}x")
+    # how the contrastive cost grows with tokens_per_site and K (one process, time only)
+    model, heads, n_sites = setup(path, a.layers)
+    base_t = timed(step_fn(model, heads, ids, False)[0], a.steps)
+    rows = []
+    for tps, K in [(64, 1024), (256, 1024), (1024, 1024), (256, 256), (256, 4096)]:
+        t = timed(step_fn(model, heads, ids, True, K=K, tps=tps)[0], a.steps)
+        rows.append([tps, K, f"{t:.2f}", f"{t / base_t:.3f}x", f"{n_sites * K * 65 * 4 / 2**20:.1f} MiB"])
+    print(table(rows, ["tokens/site", "K", "s/step", "vs LM+balance", "queue fp32 keys+labels"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Training data: jsonl -> chat messages -> token ids with assistant-only labels -> length-bucketed batches.
+
+Accepted line shapes (one JSON object per line):
+    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    {"prompt": "...", "response": "..."}            {"instruction": "...", "input": "...", "output": "..."}
+"""
+from __future__ import annotations
+
+import json
+import random
+
+import torch
+
+from chat import render_turns
+
+IGNORE = -100  # label of tokens without loss (prompt, template, padding)
+
+
+class DataError(ValueError):
+    pass
+
+
+def to_messages(obj) -> list[dict]:
+    """One parsed jsonl object -> a list of chat messages, or DataError saying what is wrong."""
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError("'messages' must be a non-empty list")
+        for m in msgs:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise DataError(f"each message needs role system/user/assistant and a string content, got {m!r:.80}")
+    elif "prompt" in obj and "response" in obj:
+        msgs = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
+    elif "instruction" in obj and "output" in obj:
+        user = obj["instruction"] + ("\n\n" + obj["input"] if obj.get("input") else "")
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
+    else:
+        raise DataError(f"unknown shape with keys {sorted(obj)}: expected 'messages', 'prompt'+'response' "
+                        "or 'instruction'(+'input')+'output'")
+    if not all(isinstance(m["content"], str) for m in msgs):
+        raise DataError("prompt/response/instruction/input/output must be strings")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise DataError("no assistant turn: nothing to learn from")
+    return msgs
+
+
+def read_jsonl(path: str, skip_bad: bool = False) -> tuple[list[list[dict]], int]:
+    """All examples of a jsonl file; a bad line stops with file:line (or is skipped and counted)."""
+    out, bad = [], 0
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(to_messages(json.loads(line)))
+            except (json.JSONDecodeError, DataError) as e:
+                if not skip_bad:
+                    raise DataError(f"{path}:{n}: {e} (use --skip-bad to skip such lines)") from None
+                bad += 1
+    if not out:
+        raise DataError(f"{path}: no usable examples (empty file{' or all lines bad' if bad else ''})")
+    return out, bad
+
+
+def tokenize(messages: list[dict], tok) -> tuple[list[int], list[int]]:
+    """Render with Qwen3's chat template (thinking off) and label only assistant tokens (+ their <|im_end|>).
+
+    Each turn's text is tokenized on its own (turns meet at special tokens, so this equals tokenizing the
+    whole text); the empty think block Qwen3 puts before the last answer is prompt (at inference it is
+    prefilled), the answer and its <|im_end|> are targets."""
+    ids, labels = [], []
+    for i, seg in enumerate(render_turns(messages)):
+        if messages[i]["role"] != "assistant":
+            ids += tok.encode(seg)
+            labels += [IGNORE] * (len(ids) - len(labels))
+            continue
+        # seg = "<|im_start|>assistant\n" [+ "<think>\n\n</think>\n\n"] + content + "<|im_end|>\n"
+        answer_start = seg.index("\n", len("<|im_start|>assistant")) + 1
+        if seg.startswith("<think>", answer_start):
+            answer_start = seg.index("</think>\n\n", answer_start) + len("</think>\n\n")
+        answer_end = len(seg) - 1  # everything up to and including <|im_end|>, not the final "\n"
+        seg_ids, offsets = tok.encode_with_offsets(seg)
+        for t, (s, e) in zip(seg_ids, offsets):
+            ids.append(t)
+            labels.append(t if s >= answer_start and e <= answer_end else IGNORE)
+    return ids, labels
+
+
+def encode_all(examples, tok, max_len: int):
+    """Tokenize; truncate to max_len; drop examples whose supervised part is cut away. Returns (items, counts)."""
+    items, truncated, dropped = [], 0, 0
+    for msgs in examples:
+        ids, labels = tokenize(msgs, tok)
+        if len(ids) > max_len:
+            truncated += 1
+            ids, labels = ids[:max_len], labels[:max_len]
+        if all(x == IGNORE for x in labels[1:]):
+            dropped += 1
+            continue
+        items.append((ids, labels))
+    return items, {"truncated": truncated, "dropped_no_target": dropped}
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
+    """Length-bucketed batches for one epoch: shuffle, sort within windows of 50 batches, shuffle the batches.
+
+    Every rank gets the same number of batches (the remainder is dropped), each its own share."""
+    rng = random.Random(seed * 1000 + epoch)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    window = 50 * batch_size
+    idx = [i for w in range(0, len(idx), window) for i in sorted(idx[w:w + window], key=lambda i: lengths[i])]
+    batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    rng.shuffle(batches)
+    n = len(batches) // world * world
+    return batches[rank:n:world]
+
+
+def collate(items, pad_id: int):
+    """Right-pad a list of (ids, labels). Returns input_ids, labels (B, T) and the valid-token mask.
+
+    why right padding: with causal attention a real token never sees a pad that comes after it, so the
+    model needs no attention mask (the fast causal kernel) and real tokens get exactly the unpadded result."""
+    T = max(len(ids) for ids, _ in items)
+    ids = torch.full((len(items), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros(len(items), T, dtype=torch.bool)
+    for b, (x, y) in enumerate(items):
+        ids[b, :len(x)] = torch.tensor(x)
+        labels[b, :len(y)] = torch.tensor(y)
+        mask[b, :len(x)] = True
+    return ids, labels, mask
+

@@ -1,0 +1,131 @@
+"""train.py and data.py: assistant-only labels, bad input, atomic checkpoints, exact resume."""
+import json
+import os
+
+import pytest
+import torch
+
+from chat import IM_END, Tokenizer
+from data import IGNORE, DataError, collate, encode_all, read_jsonl, tokenize
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tiny_qwen import make_tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny") / "m"
+    return make_tiny_checkpoint(str(d), hidden_size=32, intermediate_size=64, head_dim=16, num_hidden_layers=2)
+
+
+def test_assistant_only_labels_golden(qwen_tok_dir):
+    tok = Tokenizer(qwen_tok_dir)
+    msgs = [{"role": "system", "content": "你是医生。"}, {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": "答案：C"}]
+    ids, labels = tokenize(msgs, tok)
+    from chat import apply_chat_template
+    assert ids == tok.encode(apply_chat_template(msgs))  # turn-by-turn tokenization == whole-text tokenization
+    supervised = tok.decode([t for t, y in zip(ids, labels) if y != IGNORE])
+    assert supervised == "A1<|im_end|>答案：C<|im_end|>"  # answers + their <|im_end|>, nothing else
+    assert all(y in (IGNORE, t) for t, y in zip(ids, labels))
+    assert labels.count(IM_END) == 2
+
+
+def test_truncation_and_padding_never_carry_loss(qwen_tok_dir):
+    tok = Tokenizer(qwen_tok_dir)
+    long_prompt = [{"role": "user", "content": "头痛" * 200}, {"role": "assistant", "content": "休息"}]
+    short = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "好的，请多喝水。"}]
+    items, counts = encode_all([long_prompt, short], tok, max_len=64)
+    assert counts == {"truncated": 1, "dropped_no_target": 1}  # the answer was cut away: dropped, counted
+    items, _ = encode_all([short, [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]], tok, 64)
+    ids, labels, mask = collate(items, tok.pad_id)
+    assert (labels[~mask] == IGNORE).all()
+    assert ((labels != IGNORE) <= mask).all()
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"', "bad.jsonl:2: "),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "bad.jsonl:2: no assistant turn"),
+    ('{"prompt": 3, "response": "x"}', "bad.jsonl:2: prompt/response"),
+    ('{"question": "x"}', "bad.jsonl:2: unknown shape"),
+    ('[1, 2]', "bad.jsonl:2: expected a JSON object"),
+])
+def test_bad_jsonl_names_file_and_line(tmp_path, content, needle):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"prompt": "q", "response": "a"}\n' + content + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        read_jsonl(str(p))
+    assert needle in str(e.value)
+    examples, bad = read_jsonl(str(p), skip_bad=True)
+    assert len(examples) == 1 and bad == 1
+
+
+def test_empty_file_and_other_shapes(tmp_path):
+    p = tmp_path / "empty.jsonl"
+    p.write_text("\n", encoding="utf-8")
+    with pytest.raises(DataError, match="empty.jsonl: no usable examples"):
+        read_jsonl(str(p))
+    p.write_text('{"instruction": "i", "input": "x", "output": "o"}\n', encoding="utf-8")
+    (msgs,), _ = read_jsonl(str(p))
+    assert msgs == [{"role": "user", "content": "i\n\nx"}, {"role": "assistant", "content": "o"}]
+
+
+def small_cfg(tiny_dir, out, **kw):
+    from train import TrainConfig
+
+    base = dict(model=tiny_dir, out=str(out), steps=6, batch_size=2, max_len=96, num_experts=4, rank=4, top_k=2,
+                queue_size=64, proj_dim=16, tokens_per_site=32, save_every=3, progress=False, warmup=2, dropout=0.1)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_loss_falls_and_metrics_are_written(tiny_dir, tmp_path):
+    from train import train
+
+    hist = train(small_cfg(tiny_dir, tmp_path / "run", steps=12, lr=5e-3, save_every=100))
+    lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(lines) == 12 and {"lm", "balance", "contrastive", "lr", "tokens_per_s", "routing"} <= set(lines[0])
+    assert all(v is not None for v in (lines[0]["balance"], lines[0]["contrastive"]))
+    assert sum(h["lm"] for h in hist[-3:]) < sum(h["lm"] for h in hist[:3])
+
+
+def test_resume_continues_exactly(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+    from train import train
+
+    full = train(small_cfg(tiny_dir, tmp_path / "a"))
+    train(small_cfg(tiny_dir, tmp_path / "b", steps=3))
+    resumed = train(small_cfg(tiny_dir, tmp_path / "b", resume=str(tmp_path / "b")))
+    assert [h["step"] for h in resumed] == [4, 5, 6]
+    for x, y in zip(full[3:], resumed):
+        for k in ("lm", "balance", "contrastive"):
+            assert x[k] == pytest.approx(y[k], abs=1e-6), k
+    a = load_file(tmp_path / "a" / "ckpt-000006" / "adapter.safetensors")
+    b = load_file(tmp_path / "b" / "ckpt-000006" / "adapter.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("queues.") for k in a)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_failed_save_leaves_last_checkpoint_loadable(tiny_dir, tmp_path):
+    from lora_moe import load_adapter
+    from model import load_model
+    from train import train
+
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(small_cfg(tiny_dir, tmp_path / "r"), fail_save_at=6)
+    assert open(tmp_path / "r" / "latest").read() == "ckpt-000003"
+    assert not os.path.exists(tmp_path / "r" / "ckpt-000006")
+    load_adapter(load_model(tiny_dir), str(tmp_path / "r" / "ckpt-000003"))  # intact and loadable
+    train(small_cfg(tiny_dir, tmp_path / "r", resume=str(tmp_path / "r")))  # and training goes on from it
+    assert open(tmp_path / "r" / "latest").read() == "ckpt-000006"
+
+
+def test_cli_reports_bad_data_clearly(tmp_path, tiny_dir):
+    import subprocess
+    import sys
+
+    p = tmp_path / "d.jsonl"
+    p.write_text("{oops\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, "train.py", "--data", str(p), "--model", tiny_dir, "--out", str(tmp_path / "o")],
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True)
+    assert r.returncode == 2 and f"error: {p}:1:" in r.stderr
