@@ -92,15 +92,30 @@ def main():
                  ["LM + balance + contrastive (K=1024, 256 tokens/site)", f"{f['time']:.2f}", f"{f['peak_mb']:.0f}",
                   f"{f['queue_bytes'] / 2**20:.1f} MiB"]], ["step", "s/step", "peak RSS MB", "queue bytes"]))
     print(f"ratio full/base: time {f['time'] / b['time']:.3f}x, peak memory {f['peak_mb'] / b['peak_mb']:.3f}x")
-    # how the contrastive cost grows with tokens_per_site and K (one process, time only)
+    # how the contrastive cost grows with tokens_per_site and K: the loss's own forward + backward, timed on
+    # one recorded forward with its inputs detached (the model's step time is the same in every row)
+    from contrastive import contrastive_loss
+    from expert_queue import ExpertQueues
+    from lora_moe import set_record_u, sites
+
     model, heads, n_sites = setup(path, a.layers)
-    base_t = timed(step_fn(model, heads, ids, False)[0], a.steps)
+    set_record_u(model, True)
+    with torch.no_grad():
+        model(ids)
+    for _, m in sites(model):  # leaves: the backward stops at the loss's inputs
+        m.u, m.probs = m.u.detach().requires_grad_(), m.probs.detach().requires_grad_()
     rows = []
     for tps, K in [(64, 1024), (256, 1024), (1024, 1024), (256, 256), (256, 4096)]:
-        t = timed(step_fn(model, heads, ids, True, K=K, tps=tps)[0], a.steps)
-        rows.append([tps, K, f"{t:.2f}", f"{t / base_t:.3f}x", f"{n_sites * K * 65 * 4 / 2**20:.1f} MiB"])
-    print(table(rows, ["tokens/site", "K", "s/step", "vs LM+balance", "queue fp32 keys+labels"]))
+        queues = ExpertQueues(n_sites, size=K, dim=64)
+        for _ in range(K // (a.batch * a.seq) + 1):  # fill the queue first: a full queue is the steady state
+            contrastive_loss(model, heads, queues, tokens_per_site=a.batch * a.seq)
 
+        def cl_step():
+            contrastive_loss(model, heads, queues, tokens_per_site=tps).backward()
+
+        t = timed(cl_step, 3)
+        rows.append([tps, K, f"{t * 1000:.0f}", f"{t / b['time']:.1%}", f"{queues.nbytes() / 2**20:.1f} MiB"])
+    print(table(rows, ["tokens/site", "K", "contrastive fwd+bwd ms", "of the LM+balance step", "queue bytes"]))
 
 if __name__ == "__main__":
     main()
