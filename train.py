@@ -125,27 +125,44 @@ class Body(nn.Module):
 # The LM loss on supervised positions only
 
 
-def lm_loss_sum(model, hidden, labels, chunk: int):
-    """Sum of next-token cross-entropy over supervised positions; the LM head runs only there, in chunks.
+class FrozenHeadCE(torch.autograd.Function):
+    """Sum of cross-entropy of ``h @ W.T`` against ``y`` for a *frozen* head W, chunk by chunk.
 
-    why: with a 151,936-token vocabulary full-sequence fp32 logits are the largest tensor of a step and
-    mostly wasted on prompt and padding. Each chunk is checkpointed, so only one chunk's logits live at once.
+    why: with Qwen3's 151,936-token vocabulary the logits are the largest tensor of a step. Each chunk's
+    logits live only inside forward: the gradient w.r.t. h (softmax - onehot) @ W is computed right there and
+    kept (N x hidden, small), so backward is one multiply. Two matmuls per chunk, no recompute, and memory
+    of one chunk of logits. W gets no gradient: the base is frozen.
     """
+
+    @staticmethod
+    def forward(ctx, h, W, y, chunk):
+        acc = torch.promote_types(h.dtype, torch.float32)  # softmax in fp32 at least (bf16 base on GPU)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h) if h.requires_grad else None
+        for i in range(0, h.shape[0], chunk):
+            logits = (h[i:i + chunk] @ W.T).to(acc)  # (n, V)
+            lse = logits.logsumexp(-1)
+            total += (lse - logits.gather(-1, y[i:i + chunk, None]).squeeze(-1)).sum()
+            if grad_h is not None:
+                p = (logits - lse[:, None]).exp_()  # softmax, in place over the chunk's logits
+                p[torch.arange(p.shape[0], device=p.device), y[i:i + chunk]] -= 1.0
+                grad_h[i:i + chunk] = (p.to(W.dtype) @ W).to(h.dtype)
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * g.to(grad_h.dtype), None, None, None
+
+
+def lm_loss_sum(model, hidden, labels, chunk: int):
+    """Sum of next-token cross-entropy over supervised positions; the LM head runs only there, in chunks."""
     h, y = hidden[:, :-1], labels[:, 1:]
     sel = y != -100
-    h, y = h[sel], y[sel]  # (N, hidden), (N,)
-    total = hidden.new_zeros((), dtype=torch.float32)
-
-    def piece(hc, yc):
-        return F.cross_entropy(model.lm_head(hc).float(), yc, reduction="sum")
-
-    for i in range(0, h.shape[0], chunk):
-        hc, yc = h[i:i + chunk], y[i:i + chunk]
-        if torch.is_grad_enabled():
-            total = total + torch.utils.checkpoint.checkpoint(piece, hc, yc, use_reentrant=False)
-        else:
-            total = total + piece(hc, yc)
-    return total
+    if model.lm_head.weight.requires_grad:
+        raise ValueError("lm_loss_sum expects a frozen LM head (the base model is frozen)")
+    return FrozenHeadCE.apply(h[sel], model.lm_head.weight, y[sel], chunk)  # h[sel]: (N, hidden), y[sel]: (N,)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -129,3 +129,18 @@ def test_cli_reports_bad_data_clearly(tmp_path, tiny_dir):
     r = subprocess.run([sys.executable, "train.py", "--data", str(p), "--model", tiny_dir, "--out", str(tmp_path / "o")],
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True)
     assert r.returncode == 2 and f"error: {p}:1:" in r.stderr
+
+
+def test_frozen_head_ce_equals_plain_cross_entropy():
+    from train import FrozenHeadCE
+
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(101, 16, dtype=torch.float64)
+    y = torch.randint(0, 101, (37,))
+    got = FrozenHeadCE.apply(h, W, y, 8)  # 37 rows in chunks of 8: a ragged last chunk
+    want = torch.nn.functional.cross_entropy(h @ W.T, y, reduction="sum")
+    assert torch.allclose(got, want, atol=1e-9)
+    (g1,) = torch.autograd.grad(got * 0.5, h)
+    (g2,) = torch.autograd.grad(want * 0.5, h)
+    assert torch.allclose(g1, g2, atol=1e-9)
