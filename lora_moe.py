@@ -196,13 +196,15 @@ def adapter_state(model: nn.Module) -> dict:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_adapter(model: nn.Module, path: str, extra_tensors: dict | None = None):
-    """Trainable tensors as ``adapter.safetensors`` + ``adapter_config.json`` (E, r, alpha, top_k, targets, base hash)."""
+def save_adapter(model: nn.Module, path: str, tensors: dict | None = None):
+    """Trainable tensors as ``adapter.safetensors`` + ``adapter_config.json`` (E, r, alpha, top_k, targets, base hash).
+
+    ``tensors`` replaces the model's own trainable tensors (train.py passes them gathered from FSDP shards,
+    plus the contrastive heads and queues)."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    state = {n: t.contiguous().cpu() for n, t in adapter_state(model).items()}
-    state.update({k: v.contiguous().cpu() for k, v in (extra_tensors or {}).items()})
+    state = {n: t.contiguous().cpu() for n, t in (adapter_state(model) if tensors is None else tensors).items()}
     save_file(state, os.path.join(path, "adapter.safetensors"))
     with open(os.path.join(path, "adapter_config.json"), "w", encoding="utf-8") as f:
         json.dump({**model.lora_moe_config, "base_config_hash": base_config_hash(model),

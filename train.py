@@ -60,6 +60,7 @@ class TrainConfig:
     no_contrastive: bool = False
     no_queue: bool = False
     grad_checkpointing: bool = False
+    fsdp: bool = False                # under torchrun: FSDP2 (fully_shard per decoder block) instead of DDP
     ce_chunk: int = 2048              # supervised positions per LM-head chunk
     save_every: int = 50
     keep: int = 2                     # checkpoints kept
@@ -111,14 +112,27 @@ def all_sum(x: float, device) -> float:
 
 
 class Body(nn.Module):
-    """What DDP wraps: the adapted model and the contrastive heads (used by the losses after forward)."""
+    """What DDP / FSDP wrap: the adapted model and the contrastive heads. Its forward returns the step's
+    three losses, so that every parameter use (LM head, routers, experts, heads) happens inside the wrapped
+    call: FSDP has the parameters unsharded there, and DDP sees them all in one backward."""
 
-    def __init__(self, model, heads):
+    def __init__(self, model, heads, queues, gen, cfg: "TrainConfig", use_bal: bool, use_cl: bool):
         super().__init__()
         self.model, self.heads = model, heads
+        self.aux = (queues, gen)  # a tuple, not submodules: the queues are synced by hand, never by DDP/FSDP
+        self.cfg, self.use_bal, self.use_cl = cfg, use_bal, use_cl
 
-    def forward(self, ids):
-        return self.model.model(ids)  # final hidden states (B, T, hidden); the LM head runs in lm_loss_sum
+    def forward(self, ids, labels, mask):
+        from contrastive import contrastive_loss
+        from lora_moe import balance_loss, set_token_mask
+
+        c, (queues, gen) = self.cfg, self.aux
+        set_token_mask(self.model, mask)
+        hidden = self.model.model(ids)  # (B, T, hidden); right padding needs no attention mask
+        lm_sum = lm_loss_sum(self.model, hidden, labels, c.ce_chunk)
+        bal = balance_loss(self.model, c.z_loss, sync=dist.is_initialized()) if self.use_bal else None
+        cl = contrastive_loss(self.model, self.heads, queues, c.tokens_per_site, c.temperature, gen) if self.use_cl else None
+        return lm_sum, bal, cl
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,26 +183,41 @@ def lm_loss_sum(model, hidden, labels, chunk: int):
 # Checkpoints: adapters + heads + queues (safetensors) and the training state, written atomically
 
 
-def save_checkpoint(out_dir, step, model, heads, queues, opt, sched, gen, cfg, fail_after_tensors=False):
-    from safetensors.torch import save_file
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a plain one or an FSDP2 shard (a DTensor; gathering it is a collective)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
-    from lora_moe import adapter_state, save_adapter
+
+def gather_state(body: Body, queues, opt):
+    """Every rank calls this (under FSDP it gathers): (adapter + head + queue tensors, optimizer state)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from lora_moe import adapter_state
+
+    tensors = {n: full_tensor(p).detach() for n, p in adapter_state(body.model).items()}
+    if body.heads is not None:
+        tensors.update({f"heads.{k}": full_tensor(v) for k, v in body.heads.state_dict().items()})
+    if queues is not None:
+        tensors.update({f"queues.{k}": v for k, v in queues.state_dict().items()})
+    # keyed by parameter name, full tensors on CPU: the same file resumes a 1-process, DDP or FSDP run
+    optim = get_optimizer_state_dict(body, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return tensors, optim
+
+
+def save_checkpoint(out_dir, step, body, tensors, optim, sched, gen, cfg, fail_after_tensors=False):
+    """Write ckpt-<step>/ via a temp dir + rename, then point ``latest`` at it; keep the last ``cfg.keep``."""
+    from lora_moe import save_adapter
 
     final = os.path.join(out_dir, f"ckpt-{step:06d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    extra = {}
-    if heads is not None:
-        extra.update({f"heads.{k}": v for k, v in heads.state_dict().items()})
-    if queues is not None:
-        extra.update({f"queues.{k}": v for k, v in queues.state_dict().items()})
-    save_adapter(model, tmp, extra_tensors=extra)
+    save_adapter(body.model, tmp, tensors=tensors)
     if fail_after_tensors:  # test hook: a crash in the middle of a save
         raise RuntimeError("injected failure during save")
-    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    torch.save({"step": step, "optimizer": optim, "scheduler": sched.state_dict(),
                 "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "python_rng": random.getstate(), "numpy_rng": np.random.get_state(), "sample_gen": gen.get_state(),
-                "trainable_names": list(adapter_state(model))}, os.path.join(tmp, "state.pt"))
+                "python_rng": random.getstate(), "numpy_rng": np.random.get_state(), "sample_gen": gen.get_state()},
+               os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "train_config.json"), "w", encoding="utf-8") as f:
         json.dump(asdict(cfg), f, indent=2)
     if os.path.exists(final):
@@ -218,11 +247,13 @@ def resolve_checkpoint(path: str) -> str:
 
 def train(cfg: TrainConfig, fail_save_at: int | None = None) -> list[dict]:
     """Run training; returns the per-step metrics (rank 0 also writes them to out/metrics.jsonl)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     from chat import load_tokenizer
-    from contrastive import contrastive_loss, make_heads
+    from contrastive import make_heads
     from data import batch_order, collate, encode_all, read_jsonl
     from expert_queue import ExpertQueues
-    from lora_moe import add_lora_moe, balance_loss, load_adapter, routing_stats, set_record_u, set_token_mask, sites
+    from lora_moe import add_lora_moe, load_adapter, routing_stats, set_record_u, sites
     from model import load_model
 
     rank, world, device = setup_distributed()
@@ -261,8 +292,31 @@ def train(cfg: TrainConfig, fail_save_at: int | None = None) -> list[dict]:
     queues = ExpertQueues(len(sites(model)), cfg.queue_size, cfg.proj_dim).to(device) if use_cl and not cfg.no_queue else None
     set_record_u(model, use_cl)
     model.train()
+    gen = torch.Generator().manual_seed(cfg.seed * 100 + rank)  # token sampling for the contrastive loss
 
-    params = [p for p in model.parameters() if p.requires_grad] + (list(heads.parameters()) if heads else [])
+    state = None
+    if cfg.resume:  # adapters, heads and queues go in before any wrapping (FSDP shards what is there)
+        ck = resolve_checkpoint(cfg.resume)
+        extra = load_adapter(model, ck)
+        if heads is not None:
+            heads.load_state_dict({k[6:]: v for k, v in extra.items() if k.startswith("heads.")})
+        if queues is not None:
+            queues.load_state_dict({k[7:]: v.to(device) for k, v in extra.items() if k.startswith("queues.")})
+        state = torch.load(os.path.join(ck, "state.pt"), weights_only=False)
+        log(f"resuming from {ck} at step {state['step']}")
+
+    # --- wrapping: one module, whose forward returns the losses ---
+    body = Body(model, heads, queues, gen, cfg, use_bal, use_cl)
+    wrapped, fsdp = body, cfg.fsdp and world > 1
+    if fsdp:  # FSDP2: each decoder block is one unit, the rest (embeddings, norm, heads) the root unit
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(body)
+    elif world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(body, device_ids=[device.index] if device.type == "cuda" else None)
+
+    params = [p for p in body.parameters() if p.requires_grad]  # after fully_shard: the sharded ones
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
 
     def lr_at(step):  # linear warmup, then cosine down to min_lr_ratio * lr
@@ -272,37 +326,22 @@ def train(cfg: TrainConfig, fail_save_at: int | None = None) -> list[dict]:
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    gen = torch.Generator().manual_seed(cfg.seed * 100 + rank)  # token sampling for the contrastive loss
-
-    # DDP wraps one module holding the adapted model and the heads; its forward gives the hidden states
-    body = Body(model, heads)
-    ddp = None
-    if world > 1:
-        ddp = nn.parallel.DistributedDataParallel(body, device_ids=[device.index] if device.type == "cuda" else None)
 
     start = 0
-    if cfg.resume:
-        ck = resolve_checkpoint(cfg.resume)
-        extra = load_adapter(model, ck)
-        if heads is not None:
-            heads.load_state_dict({k[6:]: v for k, v in extra.items() if k.startswith("heads.")})
-        if queues is not None:
-            queues.load_state_dict({k[7:]: v.to(device) for k, v in extra.items() if k.startswith("queues.")})
-        st = torch.load(os.path.join(ck, "state.pt"), weights_only=False)
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
+    if state is not None:
+        set_optimizer_state_dict(body, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        sched.load_state_dict(state["scheduler"])
         # the schedule is a function of (step, --steps): re-derive the lr, so resuming with a longer --steps
         # extends the cosine instead of keeping the lr the shorter run had reached
         for g, base in zip(opt.param_groups, sched.base_lrs):
-            g["lr"] = base * lr_at(st["step"])
-        torch.set_rng_state(st["torch_rng"])
-        if st["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(st["cuda_rng"])
-        random.setstate(st["python_rng"])
-        np.random.set_state(st["numpy_rng"])
-        gen.set_state(st["sample_gen"])
-        start = st["step"]
-        log(f"resumed from {ck} at step {start}")
+            g["lr"] = base * lr_at(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+        gen.set_state(state["sample_gen"])
+        start = state["step"]
 
     if main:
         os.makedirs(cfg.out, exist_ok=True)
@@ -329,30 +368,29 @@ def train(cfg: TrainConfig, fail_save_at: int | None = None) -> list[dict]:
         t0 = time.perf_counter()
         batches = micro_batches(step)
         # normalize the LM loss by the global number of supervised tokens of this step (all micro-batches,
-        # all ranks), so 2 ranks x B equals 1 rank x 2B exactly; DDP averages gradients, hence * world
+        # all ranks), so 2 ranks x B equals 1 rank x 2B exactly; DDP and FSDP average gradients, hence * world
         n_sup = all_sum(float(sum(int((b[1][:, 1:] != -100).sum()) for b in batches)), device)
         n_tok = all_sum(float(sum(int(b[2].sum()) for b in batches)), device)
         n_pad = all_sum(float(sum(b[2].numel() for b in batches)), device) - n_tok
         sums = {"lm": 0.0, "bal": 0.0, "cl": 0.0}
         for j, (ids, labels, mask) in enumerate(batches):
-            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-            set_token_mask(model, mask)
-            sync = ddp is None or j == cfg.grad_accum - 1
-            with ddp.no_sync() if (ddp is not None and not sync) else contextlib.nullcontext():
-                hidden = (ddp or body)(ids)  # right padding: no attention mask needed
-                lm = lm_loss_sum(model, hidden, labels, cfg.ce_chunk) / n_sup * world
+            sync = j == cfg.grad_accum - 1  # gradients are reduced over ranks on the last micro-step only
+            if fsdp:
+                body.set_requires_gradient_sync(sync)
+            no_sync = wrapped.no_sync() if (world > 1 and not fsdp and not sync) else contextlib.nullcontext()
+            with no_sync:
+                lm_sum, bal, cl = wrapped(ids.to(device), labels.to(device), mask.to(device))
+                lm = lm_sum / n_sup * world
                 loss = lm
-                bal = balance_loss(model, cfg.z_loss, sync=world > 1) if use_bal else None
                 if bal is not None:
                     loss = loss + cfg.lambda_bal * bal / cfg.grad_accum
-                cl = contrastive_loss(model, heads, queues, cfg.tokens_per_site, cfg.temperature, gen) if use_cl else None
                 if cl is not None:
                     loss = loss + cfg.lambda_cl * cl / cfg.grad_accum
                 loss.backward()
             sums["lm"] += lm.item() / world
             sums["bal"] += (bal.item() if bal is not None else 0.0) / cfg.grad_accum
             sums["cl"] += (cl.item() if cl is not None else 0.0) / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if cfg.clip > 0 else torch.tensor(0.0)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.clip)) if cfg.clip > 0 else torch.tensor(0.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -373,8 +411,9 @@ def train(cfg: TrainConfig, fail_save_at: int | None = None) -> list[dict]:
                             tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update(1)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            tensors, optim = gather_state(body, queues, opt)  # every rank: under FSDP this gathers
             if main:
-                save_checkpoint(cfg.out, step + 1, model, heads, queues, opt, sched, gen, cfg,
+                save_checkpoint(cfg.out, step + 1, body, tensors, optim, sched, gen, cfg,
                                 fail_after_tensors=fail_save_at == step + 1)
             if dist.is_initialized():
                 dist.barrier()

@@ -144,3 +144,93 @@ def test_frozen_head_ce_equals_plain_cross_entropy():
     (g1,) = torch.autograd.grad(got * 0.5, h)
     (g2,) = torch.autograd.grad(want * 0.5, h)
     assert torch.allclose(g1, g2, atol=1e-9)
+
+
+def equal_length_data(path, n=16):
+    """n examples that all truncate to exactly max_len=40 tokens, with answer tokens left in each.
+
+    why equal lengths: the balance and contrastive losses are means over each rank's tokens, and DDP/FSDP
+    average those means; only with equal token counts per rank is that the mean over the global batch."""
+    advice = "患者应注意休息，多喝水，按时服药，如有不适及时就医。"
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"问题{i}：头痛怎么办？", "response": f"第{i}条建议：" + advice * 3},
+                               ensure_ascii=False) + "\n")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process_with_the_doubled_batch(tiny_dir, tmp_path, mode):
+    """torchrun --nproc_per_node=2 (gloo) x batch 2 == 1 process x batch 4, all three losses on: the same
+    per-step losses and, after 4 AdamW steps, the same adapters, heads and queues."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data = tmp_path / "eq.jsonl"
+    equal_length_data(data)
+    common = ["--model", tiny_dir, "--data", str(data), "--max-len", "40", "--steps", "4", "--warmup", "1",
+              "--lr", "5e-3", "--num-experts", "4", "--rank", "4", "--top-k", "2", "--dropout", "0",
+              "--queue-size", "64", "--proj-dim", "16", "--tokens-per-site", "100000", "--no-progress",
+              "--save-every", "1", "--keep", "10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "train.py", *common, "--batch-size", "4", "--out", str(tmp_path / "one")],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *common, "--batch-size", "2", "--out", str(tmp_path / "two")]
+                         + (["--fsdp"] if mode == "fsdp" else []),
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1 = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl")]
+    m2 = [json.loads(l) for l in open(tmp_path / "two" / "metrics.jsonl")]
+    assert len(m1) == len(m2) == 4
+    for a, b in zip(m1, m2):
+        for k in ("lm", "balance", "contrastive", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k)
+        assert a["padding_share"] == b["padding_share"] == 0.0
+    assert m1[-1]["lm"] < m1[0]["lm"]  # the steps really trained something
+    a = load_file(tmp_path / "one" / "ckpt-000004" / "adapter.safetensors")
+    b = load_file(tmp_path / "two" / "ckpt-000004" / "adapter.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("heads.") for k in a) and any(k.startswith("queues.") for k in a)
+    for k in a:  # why lr/20: Adam's step m/sqrt(v) turns float noise in a near-zero gradient into ~lr
+        assert torch.allclose(a[k], b[k], atol=5e-3 / 20), (k, (a[k] - b[k]).abs().max())
+    # the gradients themselves: after step 1, Adam's first moment is (1 - beta1) * the (clipped) gradient
+    sa = torch.load(tmp_path / "one" / "ckpt-000001" / "state.pt", weights_only=False)["optimizer"]["state"]
+    sb = torch.load(tmp_path / "two" / "ckpt-000001" / "state.pt", weights_only=False)["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and len(sa) == len([k for k in a if not k.startswith("queues.")])
+    # why not elementwise: contrastive gradients are sums of many nearly cancelling fp32 terms (the heads of
+    # the down_proj sites sum to ~1e-7 from terms ~1e-5), so summation order alone moves those ~1e-3 relative
+    # to themselves. Bound: 1e-4 of each tensor's own norm + 1e-6 of the largest gradient's norm. A wrong
+    # gather, offset or scaling moves gradients by O(1) of their norm.
+    scale = max(s["exp_avg"].norm().item() for s in sa.values())
+    for k in sa:
+        ga, gb = sa[k]["exp_avg"], sb[k]["exp_avg"]
+        assert (ga - gb).norm() <= 1e-4 * ga.norm() + 1e-6 * scale, (k, (ga - gb).norm(), ga.norm(), scale)
+
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "loss_curve.json")
+
+
+def test_golden_loss_curve(tiny_dir, tmp_path):
+    """20 steps, fixed seed, all three losses on, the bundled data: the per-step losses match the checked-in
+    curve to 1e-4 relative. Measured: 1 vs 2 threads differ by <= 2e-7 here; at this lr the run is not
+    chaotic (at lr 2e-2 flipped top-k choices made 1 vs 2 threads differ by 20% after 13 steps). The LM loss
+    falls by ~0.1 nats and the contrastive loss by ~15% over these steps, 100x and 1000x the tolerance.
+    Regenerate (only after an intended change): SPARSEDOCTOR_REGEN_GOLDEN=1 pytest -k golden_loss_curve"""
+    from train import train
+
+    hist = train(small_cfg(tiny_dir, tmp_path / "g", steps=20, lr=5e-3, save_every=100, max_len=128, batch_size=4))
+    got = [{k: h[k] for k in ("step", "lm", "balance", "contrastive")} for h in hist]
+    if os.environ.get("SPARSEDOCTOR_REGEN_GOLDEN"):
+        with open(GOLDEN, "w", encoding="utf-8") as f:
+            json.dump({"config": "tests/test_train.py::small_cfg(steps=20, lr=5e-3, max_len=128, batch_size=4) "
+                                 "on tiny_dir (hidden 32, 2 layers, seed 0), data/med_sample.jsonl",
+                       "torch": torch.__version__, "curve": got}, f, indent=1)
+    want = json.load(open(GOLDEN, encoding="utf-8"))["curve"]
+    assert len(got) == len(want) == 20
+    for g, w in zip(got, want):
+        for k in ("lm", "balance", "contrastive"):
+            assert g[k] == pytest.approx(w[k], rel=1e-4), (g["step"], k, g[k], w[k])
+    assert want[-1]["lm"] < want[0]["lm"] - 0.05
