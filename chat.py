@@ -140,6 +140,8 @@ def generate(model, prompt, tokenizer: Tokenizer | None = None, max_new_tokens: 
 def main():
     ap = argparse.ArgumentParser(description="Chat with a Qwen3 checkpoint (thinking off).")
     ap.add_argument("--model", default=None, help="HF Qwen3 checkpoint dir (default: the tiny random demo model)")
+    ap.add_argument("--adapter", default=None, help="a SparseDoctor adapter: a train.py run dir, checkpoint dir "
+                    "or run/latest (default: the base model alone)")
     ap.add_argument("--system", default=None, help="optional system prompt")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.7)
@@ -159,6 +161,11 @@ def main():
         print("(no --model: using the tiny *random* demo model; expect gibberish)")
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
     model, tok = load_model(path, dtype=dtype, device=a.device), load_tokenizer(path)
+    if a.adapter:
+        from lora_moe import load_adapter, resolve_adapter_dir
+        load_adapter(model, a.adapter)  # adds the LoRA-MoE experts and routers, then fills them
+        model.eval()  # no adapter dropout
+        print(f"(adapter: {resolve_adapter_dir(a.adapter)})")
     messages = [{"role": "system", "content": a.system}] if a.system else []
 
     def turn(user: str):

@@ -65,8 +65,9 @@ class LoRAMoELinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
-        logits, probs, top_i, gates = self.route(x)
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., E*r): every expert's A_e x
+        xf = x.to(self.lora_A.dtype)  # why one cast: router and experts share it, so autograd keeps one fp32 copy
+        logits, probs, top_i, gates = self.route(xf)
+        h = F.linear(self.dropout(xf), self.lora_A)  # (..., E*r): every expert's A_e x
         lead = h.shape[:-1]
         u = h.view(*lead, self.E, self.r)  # (..., E, r)
         self.logits, self.probs, self.topk_idx = logits, probs, top_i
@@ -211,10 +212,23 @@ def save_adapter(model: nn.Module, path: str, tensors: dict | None = None):
                    "base_config": asdict(model.cfg)}, f, indent=2)
 
 
+def resolve_adapter_dir(path: str) -> str:
+    """An adapter/checkpoint dir, a train.py run dir, or its ``latest`` file -> the adapter dir."""
+    if os.path.isfile(path) and os.path.basename(path) == "latest":
+        path = os.path.dirname(path) or "."
+    if not os.path.exists(os.path.join(path, "adapter_config.json")) and os.path.isfile(os.path.join(path, "latest")):
+        with open(os.path.join(path, "latest")) as f:
+            path = os.path.join(path, f.read().strip())
+    return path
+
+
 def load_adapter(model: nn.Module, path: str) -> dict:
-    """Add (if needed) and fill the adapters saved by ``save_adapter``; returns any extra tensors saved with them."""
+    """Add (if needed) and fill the adapters saved by ``save_adapter``; returns any extra tensors saved with them.
+
+    ``path``: an adapter dir, a train.py checkpoint, a run dir or its ``latest`` file (the newest checkpoint)."""
     from safetensors.torch import load_file
 
+    path = resolve_adapter_dir(path)
     cfg_file = os.path.join(path, "adapter_config.json")
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"{cfg_file} not found: an adapter dir holds adapter_config.json + adapter.safetensors")

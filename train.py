@@ -75,6 +75,8 @@ def parse_args(argv=None) -> TrainConfig:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        if f.name == "progress":
+            continue  # --no-progress, below
         if f.type == "bool":
             ap.add_argument(flag, action="store_true" if not f.default else "store_false", dest=f.name,
                             default=f.default)
@@ -233,10 +235,10 @@ def save_checkpoint(out_dir, step, body, tensors, optim, sched, gen, cfg, fail_a
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A checkpoint dir, or a run dir whose ``latest`` names one."""
-    if os.path.exists(os.path.join(path, "latest")):
-        with open(os.path.join(path, "latest")) as f:
-            path = os.path.join(path, f.read().strip())
+    """A checkpoint dir, or a run dir (or its ``latest`` file) naming one."""
+    from lora_moe import resolve_adapter_dir
+
+    path = resolve_adapter_dir(path)
     if not os.path.exists(os.path.join(path, "state.pt")):
         raise FileNotFoundError(f"{path} is not a checkpoint (no state.pt) nor a run dir with a 'latest' file")
     return path
@@ -251,7 +253,7 @@ def train(cfg: TrainConfig, fail_save_at: int | None = None) -> list[dict]:
 
     from chat import load_tokenizer
     from contrastive import make_heads
-    from data import batch_order, collate, encode_all, read_jsonl
+    from data import DataError, batch_order, collate, encode_all, read_jsonl
     from expert_queue import ExpertQueues
     from lora_moe import add_lora_moe, load_adapter, routing_stats, set_record_u, sites
     from model import load_model
@@ -277,6 +279,8 @@ def train(cfg: TrainConfig, fail_save_at: int | None = None) -> list[dict]:
     items, counts = encode_all(examples, tok, cfg.max_len)
     log(f"data: {len(items)} examples from {cfg.data} ({bad} bad lines skipped, {counts['truncated']} truncated "
         f"to {cfg.max_len} tokens, {counts['dropped_no_target']} dropped with no answer left)")
+    if not items:
+        raise DataError(f"{cfg.data}: no example keeps an answer token within --max-len {cfg.max_len}")
     lengths = [len(ids) for ids, _ in items]
 
     # --- model: frozen base, fp32 adapters ---
@@ -399,7 +403,7 @@ def train(cfg: TrainConfig, fail_save_at: int | None = None) -> list[dict]:
         dt = time.perf_counter() - t0
         rec = {"step": step + 1, "loss": lm_v + cfg.lambda_bal * bal_v * use_bal + cfg.lambda_cl * cl_v * use_cl,
                "lm": lm_v, "balance": bal_v if use_bal else None, "contrastive": cl_v if use_cl else None,
-               "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": n_tok / dt,
+               "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), "step_time": dt, "tokens_per_s": n_tok / dt,
                "padding_share": n_pad / (n_pad + n_tok)}
         if main and (step + 1) % cfg.log_every == 0:
             rec["routing"] = _per_layer(routing_stats(model))

@@ -1,0 +1,389 @@
+"""A miniature ablation: do the balance loss, the expert contrastive loss and the expert memory queue make
+LoRA-MoE experts specialize, and does LoRA-MoE beat a rank-matched plain LoRA?
+
+    python bench/ablation.py                   # 5 arms x 3 seeds through train.py's loop, 23 min on 2 cores
+    python bench/ablation.py --quick           # 2 arms x 1 seed, a few steps: the CI smoke version
+    python bench/ablation.py --plots           # also draw PNGs (pip install -e ".[plots]")
+    python bench/ablation.py --arms full --seeds 0 --set lambda_cl=1.0 --out runs/abl-cl1   # probe one knob
+
+The task (synthetic, so specialization is knowable): D = 4 domains, each a different random permutation
+sigma_d of 16 letters, marked by its own prefix word. A prompt ``"<word_d>: x"`` asks for the chain
+``sigma_d(x) sigma_d(sigma_d(x)) ...`` of 6-10 letters. The next letter depends on the current letter *and*
+the domain, which only the prompt names: the 4 domains' rules conflict token by token, so one shared
+adapter must hold all 64 transitions while experts could each take a domain. The base is the frozen tiny
+random Qwen3 (real Qwen vocabulary); only adapters learn, for a fixed number of steps.
+
+Arms (same data, steps, lr, seed; E = 4 experts of rank 4, top-2):
+  lora      plain LoRA, rank 16 = E * r (parameter-matched in the experts), no router
+  moe       LoRA-MoE, LM loss only
+  moe+bal   + load balancing
+  moe+cl-b  + expert contrastive, in-batch negatives only (no queue)
+  full      + expert memory queue: full SparseDoctor
+
+Reported per arm, mean +- std over seeds, on a held-out sample of fresh prompts: LM loss on answer tokens;
+exact match (every answer token, and <|im_end|>, the argmax under teacher forcing) per domain; routing
+specialization per layer (normalized mutual information between domain and top-1 expert over answer
+positions, 0 = routing ignores the domain, 1 = the expert names the domain), expert-load entropy (nats;
+log 4 = 1.386 is uniform), mean pairwise cosine of the experts' outputs B_e A_e x on the same tokens (low =
+distinct experts); step time and peak RSS. Written to OUT/results.json and OUT/results.md.
+
+Held-out prompts are fresh samples of the same rule (a letter chain of a new length from a new start); the
+rule itself is a 64-entry lookup, so this measures how well each arm has fit it, not generalization to new
+rules.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+LETTERS = "abcdefghijklmnop"
+DOMAINS = ("north", "south", "east", "west")
+E, R, TOP_K = 4, 4, 2
+ARMS = {
+    "lora": dict(num_experts=1, top_k=1, rank=E * R, alpha=2.0 * E * R, no_balance=True),
+    "moe": dict(no_balance=True, no_contrastive=True),
+    "moe+bal": dict(no_contrastive=True),
+    "moe+cl-b": dict(no_queue=True),
+    "full": dict(),
+}
+QUICK_ARMS = ("lora", "full")
+
+
+def permutations(task_seed: int = 1234) -> list[dict]:
+    """One fixed random permutation of LETTERS per domain (the task, the same for every run)."""
+    rng = random.Random(task_seed)
+    perms = []
+    for _ in DOMAINS:
+        p = list(LETTERS)
+        rng.shuffle(p)
+        perms.append(dict(zip(LETTERS, p)))
+    return perms
+
+
+def make_examples(n: int, seed: int, perms) -> list[tuple[int, list[dict]]]:
+    """n (domain, chat messages) pairs, domains balanced: "<word_d>: x" -> "sigma_d(x) sigma_d^2(x) ..."."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        d = i % len(DOMAINS)
+        x = start = rng.choice(LETTERS)
+        chain = []
+        for _ in range(rng.randint(6, 10)):
+            x = perms[d][x]
+            chain.append(x)
+        out.append((d, [{"role": "user", "content": f"{DOMAINS[d]}: {start}"},
+                        {"role": "assistant", "content": " ".join(chain)}]))
+    rng.shuffle(out)
+    return out
+
+
+def make_base(path: str, logit_scale: float = 8.0) -> str:
+    """The ablation's frozen base: the tiny demo Qwen3 (random, real Qwen vocabulary) with its final norm's
+    weight set to ``logit_scale``.
+
+    why: with std-0.02 random embeddings as the tied LM head, a unit final norm caps every logit at about
+    sqrt(128) * 0.02 * sqrt(128) ~ 3, so no adapter can take the LM loss below ~9 nats over 151,936 tokens
+    and every arm would look equally bad. A larger final-norm weight is a sharper output temperature: the
+    base stays frozen and random, but a confident prediction becomes expressible."""
+    from model import Qwen3, Qwen3Config, init_weights, save_model
+    from tiny_qwen import TINY_CONFIG, write_qwen_tokenizer
+
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        model = init_weights(Qwen3(Qwen3Config(**TINY_CONFIG)), seed=0)
+        with torch.no_grad():
+            model.model.norm.weight.fill_(logit_scale)
+        tmp = path.rstrip("/") + ".tmp"
+        save_model(model, tmp)
+        write_qwen_tokenizer(tmp)
+        os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measuring a trained model
+
+
+@torch.no_grad()
+def measure(model, tok, examples, batch_size: int = 32) -> dict:
+    """Held-out loss / exact match per domain, and per-site routing records at answer positions."""
+    from data import IGNORE, collate, tokenize
+    from lora_moe import set_record_u, set_token_mask, sites
+
+    model.eval()
+    has_moe = bool(sites(model)) and sites(model)[0][1].E > 1
+    set_record_u(model, has_moe)
+    nll, n_tok = 0.0, 0
+    exact = np.zeros(len(DOMAINS))
+    count = np.zeros(len(DOMAINS))
+    joint = {name: np.zeros((len(DOMAINS), E)) for name, _ in sites(model)} if has_moe else {}
+    cos = {name: [] for name in joint}
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        ids, labels, mask = collate([tokenize(msgs, tok) for _, msgs in chunk], tok.pad_id)
+        set_token_mask(model, None)
+        hidden = model.model(ids)  # (B, T, hidden)
+        tgt = labels[:, 1:]  # position t predicts token t+1
+        sel = tgt != IGNORE  # (B, T-1) answer positions
+        logits = model.lm_head(hidden[:, :-1][sel]).float()  # (N, V)
+        y = tgt[sel]
+        nll += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        n_tok += y.numel()
+        right = torch.zeros_like(tgt, dtype=torch.bool)
+        right[sel] = logits.argmax(-1) == y
+        row_ok = (right | ~sel).all(1)
+        dom = torch.tensor([d for d, _ in chunk])
+        for d in range(len(DOMAINS)):
+            exact[d] += int(row_ok[dom == d].sum())
+            count[d] += int((dom == d).sum())
+        dom_tok = dom[:, None].expand_as(sel)[sel]  # (N,) domain of each answer position
+        for name, m in sites(model):
+            if name not in joint:
+                continue
+            top1 = m.topk_idx[:, :-1, 0][sel]  # (N,)
+            np.add.at(joint[name], (dom_tok.numpy(), top1.numpy()), 1)
+            u = m.u[:, :-1][sel]  # (N, E, r): every expert's A_e x
+            outs = torch.einsum("ner,oer->neo", u, m.lora_B.view(-1, m.E, m.r))  # (N, E, out): B_e A_e x
+            outs = torch.nn.functional.normalize(outs, dim=-1)
+            gram = outs @ outs.transpose(1, 2)  # (N, E, E)
+            off = gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
+            cos[name].append((off / (m.E * (m.E - 1))).mean().item())
+    set_record_u(model, False)
+    res = {"loss": nll / n_tok, "exact": (exact / count).tolist(), "exact_mean": float(exact.sum() / count.sum())}
+    if has_moe:
+        layers = sorted({int(n.split(".")[2]) for n in joint})
+        per = {L: [n for n in joint if int(n.split(".")[2]) == L] for L in layers}
+        res["nmi"] = [float(np.mean([nmi(joint[n]) for n in per[L]])) for L in layers]
+        res["load_entropy"] = [float(np.mean([entropy(joint[n].sum(0)) for n in per[L]])) for L in layers]
+        res["expert_cos"] = [float(np.mean([np.mean(cos[n]) for n in per[L]])) for L in layers]
+        # a domain x expert share table for the heat map: the last layer's sites summed
+        hm = sum(joint[n] for n in per[layers[-1]])
+        res["heatmap_last_layer"] = (hm / hm.sum(1, keepdims=True)).tolist()
+    return res
+
+
+def entropy(counts) -> float:
+    p = counts / max(counts.sum(), 1)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def nmi(joint) -> float:
+    """I(domain; expert) / H(domain) from a count table (D, E)."""
+    p = joint / joint.sum()
+    pd, pe = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+    nz = p > 0
+    mi = float((p[nz] * np.log(p[nz] / (pd @ pe)[nz])).sum())
+    return mi / entropy(joint.sum(1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One (arm, seed) run, in its own process (clean peak memory)
+
+
+def run_one(arm: str, seed: int, a) -> dict:
+    from common import peak_rss_mb
+    from chat import load_tokenizer
+    from lora_moe import load_adapter
+    from model import load_model
+    from train import TrainConfig, train
+
+    perms = permutations()
+    work = os.path.join(a.out, f"{arm}-seed{seed}")
+    os.makedirs(work, exist_ok=True)
+    data = os.path.join(work, "train.jsonl")
+    with open(data, "w", encoding="utf-8") as f:
+        for _, msgs in make_examples(a.train_size, 10_000 + seed, perms):
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    held_out = make_examples(a.eval_size, 999, perms)  # the same held-out sample for every run
+    moe = dict(num_experts=E, rank=R, alpha=2.0 * R, top_k=TOP_K)  # alpha / rank = 2 in every arm
+    cfg = TrainConfig(model=a.model, data=data, out=work, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                      warmup=max(1, a.steps // 10), max_len=64, dropout=0.0, queue_size=a.queue_size, proj_dim=32,
+                      tokens_per_site=128, seed=seed, save_every=a.eval_every, keep=10_000, progress=False,
+                      **{**moe, **ARMS[arm], **overrides(a.set)})
+    hist = train(cfg)
+    tok = load_tokenizer(a.model)
+    over_steps = []
+    for step in range(a.eval_every, a.steps + 1, a.eval_every):
+        model = load_model(a.model)
+        load_adapter(model, os.path.join(work, f"ckpt-{step:06d}"))
+        r = measure(model, tok, held_out)
+        over_steps.append({"step": step, "loss": r["loss"], "exact_mean": r["exact_mean"],
+                           "nmi_mean": float(np.mean(r["nmi"])) if "nmi" in r else None})
+    final = r  # the last checkpoint is the end of training
+    times = [h["step_time"] for h in hist[1:]] or [hist[0]["step_time"]]
+    return {"arm": arm, "seed": seed, **final, "over_steps": over_steps,
+            "train_curve": [{k: h[k] for k in ("step", "lm", "balance", "contrastive")} for h in hist],
+            "step_time_s": float(np.median(times)), "peak_rss_mb": peak_rss_mb()}
+
+
+def overrides(pairs: list[str]) -> dict:
+    """--set KEY=VALUE (a TrainConfig field, applied to every arm) -> {field: typed value}."""
+    from dataclasses import fields
+
+    from train import TrainConfig
+
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    out = {}
+    for pair in pairs or []:
+        key, _, val = pair.partition("=")
+        if key not in types:
+            raise SystemExit(f"--set {pair}: {key!r} is not a train.py setting ({', '.join(types)})")
+        out[key] = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}.get(types[key], str)(val)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The table
+
+
+def mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    return f"{np.mean(xs):.3f} ± {np.std(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+def summarize(runs: list[dict]) -> tuple[dict, str]:
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    summary = {}
+    head = (["arm", "held-out loss", "exact match"] + [f"EM {d}" for d in DOMAINS]
+            + ["NMI(domain; expert)", "load entropy", "expert cos", "s/step", "peak MB"])
+    rows = []
+    for arm in arms:
+        rs = [r for r in runs if r["arm"] == arm]
+        s = {"seeds": [r["seed"] for r in rs], "loss": [r["loss"] for r in rs], "exact_mean": [r["exact_mean"] for r in rs],
+             "exact": [r["exact"] for r in rs], "nmi": [r.get("nmi") for r in rs],
+             "load_entropy": [r.get("load_entropy") for r in rs], "expert_cos": [r.get("expert_cos") for r in rs],
+             "step_time_s": [r["step_time_s"] for r in rs], "peak_rss_mb": [r["peak_rss_mb"] for r in rs]}
+        summary[arm] = s
+        per_layer = lambda key: [float(np.mean(x)) if x else None for x in s[key]]  # noqa: E731
+        rows.append([arm, mean_std(s["loss"]), mean_std(s["exact_mean"])]
+                    + [mean_std([e[d] for e in s["exact"]]) for d in range(len(DOMAINS))]
+                    + [mean_std(per_layer("nmi")), mean_std(per_layer("load_entropy")), mean_std(per_layer("expert_cos")),
+                       f"{np.mean(s['step_time_s']):.2f}", f"{np.mean(s['peak_rss_mb']):.0f}"])
+    w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
+    md = "\n".join([line(head), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows])
+    # per-layer NMI, the specialization signal, layer by layer
+    layers = max((len(x) for s in summary.values() for x in s["nmi"] if x), default=0)
+    if layers:
+        lh = ["arm"] + [f"NMI layer {i}" for i in range(layers)]
+        lrows = [[arm] + [mean_std([x[i] for x in s["nmi"] if x]) for i in range(layers)]
+                 for arm, s in summary.items() if any(s["nmi"])]
+        md += "\n\n" + "\n".join(["| " + " | ".join(lh) + " |", "|" + "---|" * len(lh)] +
+                                 ["| " + " | ".join(r) + " |" for r in lrows])
+    return summary, md
+
+
+def plot(runs: list[dict], out: str):
+    """Heat maps (domain x expert, last layer, seed 0), NMI over steps, and training LM loss per arm."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    moe = [a for a in arms if any("heatmap_last_layer" in r for r in runs if r["arm"] == a)]
+    first = {a: next(r for r in runs if r["arm"] == a) for a in arms}
+    fig, axes = plt.subplots(1, len(moe), figsize=(3.2 * len(moe), 3.2), squeeze=False)
+    for ax, a in zip(axes[0], moe):
+        hm = np.array(first[a]["heatmap_last_layer"])
+        ax.imshow(hm, vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(f"{a} (NMI {first[a]['nmi'][-1]:.2f})", fontsize=9)
+        ax.set_xlabel("top-1 expert")
+        ax.set_yticks(range(len(DOMAINS)), DOMAINS)
+        ax.set_xticks(range(E))
+        for (i, j), v in np.ndenumerate(hm):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.5 else "k", fontsize=7)
+    fig.suptitle("share of each domain's answer tokens routed to each expert (last layer, seed 0)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "routing_heatmaps.png"), dpi=110)
+    plt.close(fig)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for a in arms:
+        rs = [r for r in runs if r["arm"] == a]
+        steps = [o["step"] for o in rs[0]["over_steps"]]
+        if rs[0]["over_steps"][0]["nmi_mean"] is not None:
+            m = np.array([[o["nmi_mean"] for o in r["over_steps"]] for r in rs])
+            a1.plot(steps, m.mean(0), marker="o", label=a)
+            a1.fill_between(steps, m.mean(0) - m.std(0), m.mean(0) + m.std(0), alpha=0.2)
+        lm = np.array([[c["lm"] for c in r["train_curve"]] for r in rs])
+        a2.plot(range(1, lm.shape[1] + 1), lm.mean(0), label=a)
+    a1.set(xlabel="step", ylabel="NMI(domain; top-1 expert), mean over layers", title="routing specialization")
+    a2.set(xlabel="step", ylabel="training LM loss (mean over seeds)", title="loss")
+    a1.legend(fontsize=8)
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "specialization_and_loss.png"), dpi=110)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/ablation")
+    ap.add_argument("--model", default=None, help="base checkpoint dir (default: make_base's tiny Qwen3)")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--queue-size", type=int, default=1024)
+    ap.add_argument("--train-size", type=int, default=2048)
+    ap.add_argument("--eval-size", type=int, default=256)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a train.py setting in every arm, e.g. --set lambda_cl=1.0 --set temperature=0.2")
+    ap.add_argument("--quick", action="store_true", help="2 arms, 1 seed, 6 steps, small data (CI smoke run)")
+    ap.add_argument("--plots", action="store_true", help="draw PNGs into --out (needs matplotlib)")
+    ap.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: ARM:SEED in this process
+    a = ap.parse_args()
+    if a.quick:
+        a.arms, a.seeds, a.steps, a.eval_every, a.train_size, a.eval_size = ",".join(QUICK_ARMS), "0", 6, 3, 64, 32
+    if a.model is None:
+        from tiny_qwen import DEFAULT_CACHE
+        a.model = make_base(os.path.join(DEFAULT_CACHE, "ablation-base"))
+    os.makedirs(a.out, exist_ok=True)
+    if a.run:
+        arm, seed = a.run.split(":")
+        print(json.dumps(run_one(arm, int(seed), a)))
+        return
+    runs = []
+    for arm in a.arms.split(","):
+        for seed in map(int, a.seeds.split(",")):
+            argv = [sys.executable, os.path.abspath(__file__), "--run", f"{arm}:{seed}", "--out", a.out,
+                    "--model", a.model, "--steps", str(a.steps), "--eval-every", str(a.eval_every),
+                    "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--queue-size", str(a.queue_size),
+                    "--train-size", str(a.train_size), "--eval-size", str(a.eval_size)] + [f"--set={p}" for p in a.set]
+            p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+            if p.returncode != 0:
+                sys.exit(f"run {arm}:{seed} failed:\n{p.stderr[-4000:]}")
+            runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+            r = runs[-1]
+            print(f"{arm:9s} seed {seed}: loss {r['loss']:.3f}, exact {r['exact_mean']:.3f}, NMI "
+                  f"{np.mean(r['nmi']) if 'nmi' in r else float('nan'):.3f}, {r['step_time_s']:.2f} s/step", flush=True)
+    summary, md = summarize(runs)
+    with open(os.path.join(a.out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({"config": {k: v for k, v in vars(a).items() if k != "run"}, "arms": ARMS, "runs": runs,
+                   "summary": summary}, f, indent=1)
+    with open(os.path.join(a.out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(md + "\n")
+    print(md)
+    if a.plots:
+        plot(runs, a.out)
+        print(f"plots in {a.out}")
+
+
+if __name__ == "__main__":
+    main()

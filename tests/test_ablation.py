@@ -1,0 +1,106 @@
+"""bench/ablation.py (the miniature ablation), plot_routing.py and chat.py --adapter."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_ablation():
+    """bench/ablation.py by path: putting bench/ on sys.path would shadow contrastive.py with bench/contrastive.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablation", os.path.join(ROOT, "bench", "ablation.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ablation = _load_ablation()
+
+
+def test_nmi_and_entropy_hand_values():
+    entropy, nmi = ablation.entropy, ablation.nmi
+
+    assert nmi(np.eye(4) * 10) == pytest.approx(1.0)  # the expert names the domain
+    assert nmi(np.ones((4, 4))) == pytest.approx(0.0, abs=1e-12)  # routing ignores the domain
+    # two domains, one always on expert 0, the other split evenly over 0 and 1: I = H(D) - H(D|X)
+    j = np.array([[2.0, 0.0], [1.0, 1.0]])
+    h_d_given_x = 0.75 * entropy(np.array([2.0, 1.0])) + 0.25 * 0.0
+    assert nmi(j) == pytest.approx((np.log(2) - h_d_given_x) / np.log(2))
+    assert entropy(np.array([1, 1, 1, 1])) == pytest.approx(np.log(4))
+
+
+def test_task_rules_are_domain_permutations():
+    DOMAINS, LETTERS, make_examples, permutations = ablation.DOMAINS, ablation.LETTERS, ablation.make_examples, ablation.permutations
+
+    perms = permutations()
+    assert all(sorted(p.values()) == list(LETTERS) for p in perms)
+    assert len({tuple(p.values()) for p in perms}) == len(DOMAINS)  # the rules conflict
+    for d, msgs in make_examples(40, 0, perms):
+        word, start = msgs[0]["content"].split(": ")
+        assert word == DOMAINS[d]
+        chain = msgs[1]["content"].split(" ")
+        assert chain[0] == perms[d][start] and all(perms[d][a] == b for a, b in zip(chain, chain[1:]))
+
+
+def test_letters_are_single_qwen_tokens(qwen_tok_dir):
+    make_examples, permutations = ablation.make_examples, ablation.permutations
+    from chat import Tokenizer
+    from data import IGNORE, tokenize
+
+    tok = Tokenizer(qwen_tok_dir)
+    (d, msgs), = make_examples(1, 3, permutations())
+    ids, labels = tokenize(msgs, tok)
+    answer = [t for t, y in zip(ids, labels) if y != IGNORE]
+    assert len(answer) == len(msgs[1]["content"].split(" ")) + 1  # one token per letter, then <|im_end|>
+
+
+def test_quick_ablation_is_reproducible(tmp_path):
+    """The same seed gives the same table: two quick runs agree on every number but the timings."""
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        subprocess.run([sys.executable, "bench/ablation.py", "--quick", "--out", str(out)], cwd=ROOT, check=True,
+                       capture_output=True, text=True, timeout=600)
+        res = json.load(open(out / "results.json"))
+        for r in res["runs"]:
+            r.pop("step_time_s"), r.pop("peak_rss_mb")
+        outs.append(res["runs"])
+    assert outs[0] == outs[1]
+    arms = {r["arm"]: r for r in outs[0]}
+    assert set(arms) == {"lora", "full"}
+    assert "nmi" not in arms["lora"] and len(arms["full"]["nmi"]) == 4  # per layer, MoE arms only
+    assert all(0 <= x <= 1 for x in arms["full"]["nmi"])
+    assert (tmp_path / "run0" / "results.md").read_text().startswith("| arm")
+
+
+def test_plot_routing_and_chat_with_adapter(tmp_path):
+    """A short train.py run -> plot_routing draws its PNGs; chat.py --adapter loads run/latest and answers."""
+    from tiny_qwen import make_tiny_checkpoint
+    from train import TrainConfig, train
+
+    model_dir = make_tiny_checkpoint(str(tmp_path / "m"), hidden_size=32, intermediate_size=64, head_dim=16,
+                                     num_hidden_layers=2)
+    run = tmp_path / "run"
+    train(TrainConfig(model=model_dir, out=str(run), steps=3, batch_size=2, max_len=256, num_experts=4, rank=4,
+                      queue_size=32, proj_dim=8, tokens_per_site=16, progress=False))
+    import plot_routing
+
+    files = plot_routing.plot_run(str(run))
+    assert [os.path.basename(f) for f in files] == ["routing_load.png", "routing_entropy.png", "routing_losses.png"]
+    for f in files:
+        with open(f, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(f) > 5000
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        plot_routing.read_metrics(str(tmp_path))
+
+    r = subprocess.run([sys.executable, "chat.py", "--model", model_dir, "--adapter", str(run / "latest"),
+                        "--prompt", "头痛怎么办？", "--max-new-tokens", "5"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(adapter: " + str(run / "ckpt-000003") + ")" in r.stdout
