@@ -48,12 +48,12 @@ def plot_run(run_dir: str, out: str | None = None) -> list[str]:
     E = load.shape[1]
     files = []
 
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * E, 1.0 + 0.35 * len(layers)))
+    fig, ax = plt.subplots(figsize=(2.8 + 0.5 * E, 1.2 + 0.35 * len(layers)))
     im = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0)
     ax.set(xlabel="expert", ylabel="layer", title=f"expert load, steps {tail[0]['step']}-{tail[-1]['step']}")
     ax.set_xticks(range(E))
     ax.set_yticks(range(len(layers)), layers)
-    fig.colorbar(im, ax=ax, label=f"share of top-k slots (uniform = {1 / E:.3f})")
+    fig.colorbar(im, ax=ax, label=f"share of slots (1/E = {1 / E:.3f})")
     fig.tight_layout()
     files.append(os.path.join(out, "routing_load.png"))
     fig.savefig(files[-1], dpi=110)

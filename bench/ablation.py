@@ -1,7 +1,7 @@
 """A miniature ablation: do the balance loss, the expert contrastive loss and the expert memory queue make
 LoRA-MoE experts specialize, and does LoRA-MoE beat a rank-matched plain LoRA?
 
-    python bench/ablation.py                   # 5 arms x 3 seeds through train.py's loop, 23 min on 2 cores
+    python bench/ablation.py                   # 5 arms x 3 seeds through train.py's loop, ~27 min on 2 cores
     python bench/ablation.py --quick           # 2 arms x 1 seed, a few steps: the CI smoke version
     python bench/ablation.py --plots           # also draw PNGs (pip install -e ".[plots]")
     python bench/ablation.py --arms full --seeds 0 --set lambda_cl=1.0 --out runs/abl-cl1   # probe one knob
@@ -339,7 +339,7 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--queue-size", type=int, default=1024)
     ap.add_argument("--train-size", type=int, default=2048)
     ap.add_argument("--eval-size", type=int, default=256)
