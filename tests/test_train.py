@@ -234,3 +234,30 @@ def test_golden_loss_curve(tiny_dir, tmp_path):
         for k in ("lm", "balance", "contrastive"):
             assert g[k] == pytest.approx(w[k], rel=1e-4), (g["step"], k, g[k], w[k])
     assert want[-1]["lm"] < want[0]["lm"] - 0.05
+
+
+def test_grad_checkpointing_changes_nothing_but_memory(tiny_dir, tmp_path):
+    """--grad-checkpointing recomputes each block in backward (dropout RNG replayed): same losses, same adapters."""
+    from safetensors.torch import load_file
+    from train import train
+
+    a = train(small_cfg(tiny_dir, tmp_path / "a", steps=3, save_every=3))
+    b = train(small_cfg(tiny_dir, tmp_path / "b", steps=3, save_every=3, grad_checkpointing=True))
+    for x, y in zip(a, b):
+        for k in ("lm", "balance", "contrastive", "grad_norm"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5), k
+    ta = load_file(tmp_path / "a" / "ckpt-000003" / "adapter.safetensors")
+    tb = load_file(tmp_path / "b" / "ckpt-000003" / "adapter.safetensors")
+    assert all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta)
+
+
+def test_bf16_base_with_fp32_adapters_trains(tiny_dir, tmp_path):
+    """The GPU configuration (bf16 frozen base, fp32 adapters and losses), run on CPU: finite, falling, fp32 adapters."""
+    from safetensors.torch import load_file
+    from train import train
+
+    hist = train(small_cfg(tiny_dir, tmp_path / "bf", steps=8, lr=5e-3, save_every=8, dtype="bfloat16"))
+    assert all(torch.isfinite(torch.tensor([h["lm"], h["balance"], h["contrastive"]])).all() for h in hist)
+    assert sum(h["lm"] for h in hist[-3:]) < sum(h["lm"] for h in hist[:3])
+    saved = load_file(tmp_path / "bf" / "ckpt-000008" / "adapter.safetensors")
+    assert all(v.dtype in (torch.float32, torch.int64) for v in saved.values())
