@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -190,12 +189,13 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def gather_state(body: Body, queues, opt):
+def gather_state(body: Body, opt):
     """Every rank calls this (under FSDP it gathers): (adapter + head + queue tensors, optimizer state)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     from lora_moe import adapter_state
 
+    queues = body.aux[0]
     tensors = {n: full_tensor(p).detach() for n, p in adapter_state(body.model).items()}
     if body.heads is not None:
         tensors.update({f"heads.{k}": full_tensor(v) for k, v in body.heads.state_dict().items()})
@@ -415,7 +415,7 @@ def train(cfg: TrainConfig, fail_save_at: int | None = None) -> list[dict]:
                             tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update(1)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            tensors, optim = gather_state(body, queues, opt)  # every rank: under FSDP this gathers
+            tensors, optim = gather_state(body, opt)  # every rank: under FSDP this gathers
             if main:
                 save_checkpoint(cfg.out, step + 1, body, tensors, optim, sched, gen, cfg,
                                 fail_after_tensors=fail_save_at == step + 1)

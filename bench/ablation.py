@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -213,10 +211,9 @@ def run_one(arm: str, seed: int, a) -> dict:
                       tokens_per_site=128, seed=seed, save_every=a.eval_every, keep=10_000, progress=False,
                       **{**moe, **ARMS[arm], **overrides(a.set)})
     hist = train(cfg)
-    tok = load_tokenizer(a.model)
+    tok, model = load_tokenizer(a.model), load_model(a.model)  # the base once; each checkpoint refills the adapters
     over_steps = []
     for step in range(a.eval_every, a.steps + 1, a.eval_every):
-        model = load_model(a.model)
         load_adapter(model, os.path.join(work, f"ckpt-{step:06d}"))
         r = measure(model, tok, held_out)
         over_steps.append({"step": step, "loss": r["loss"], "exact_mean": r["exact_mean"],
