@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from chat import render_turns
+from tokenizer import render_turns
 
 IGNORE = -100  # label of tokens without loss (prompt, template, padding)
 
@@ -137,3 +137,15 @@ def collate(items, pad_id: int):
         mask[b, :len(x)] = True
     return ids, labels, mask
 
+
+def left_pad(seqs: list[list[int]], pad_id: int):
+    """Left-pad token lists for inference: ids (B, T) and the attention mask (B, T), 1 = real token.
+
+    why left: every row's last position is then its next-token position, and generation appends in step."""
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s)
+        mask[i, T - len(s):] = 1
+    return ids, mask

@@ -25,6 +25,15 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm import tqdm
+
+import parallel
+from chat import generate
+from data import left_pad
+from lora_moe import load_adapter
+from model import load_model, resolve_dtype
+from tiny_qwen import model_dir_or_demo
+from tokenizer import apply_chat_template, load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = ("cmexam", "cmb", "cmmlu-med")
@@ -192,8 +201,6 @@ ANSWER_CUE = {"cmmlu-med": "答案是：", "cmb": "答案：", "cmexam": "答案
 def build_prompt(bench: str, item: Item, shots: list[Item], chat: bool) -> str:
     """Raw: header (CMMLU) + shots '...{cue}{X}\\n\\n' + question + cue. Chat: shots as user/assistant turns."""
     if chat:
-        from chat import apply_chat_template
-
         msgs = []
         for s in shots:
             msgs += [{"role": "user", "content": question_text(bench, s)}, {"role": "assistant", "content": s.answer}]
@@ -209,16 +216,6 @@ def build_prompt(bench: str, item: Item, shots: list[Item], chat: bool) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # Scoring
-
-
-def left_pad(seqs: list[list[int]], pad_id: int):
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        mask[i, T - len(s):] = 1
-    return ids, mask
 
 
 def letter_token_ids(tok) -> dict:
@@ -265,7 +262,6 @@ def score_logits(model, tok, prompts, items, batch_size, chat: bool):
     encoded = [tok.encode(p) for p in prompts]
     preds, probs = [None] * len(items), [None] * len(items)
     order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths batch together
-    from tqdm import tqdm
     for b in tqdm(range(0, len(order), batch_size), desc="scoring", disable=not sys.stderr.isatty()):
         idx = order[b:b + batch_size]
         lp = next_token_logprobs(model, [encoded[i] for i in idx], tok.pad_id)
@@ -294,8 +290,6 @@ def extract_answer(text: str, item: Item) -> str | None:
 
 
 def score_generate(model, tok, prompts, items, batch_size, max_new_tokens=16):
-    from chat import generate
-
     preds = [None] * len(items)
     encoded = [tok.encode(p) for p in prompts]
     order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
@@ -338,18 +332,8 @@ def summarize(bench: str, records: list[dict]) -> dict:
 
 
 def evaluate(args) -> dict:
-    import torch.distributed as dist
-
-    from chat import load_tokenizer
-    from model import load_model
-
     bench = args.benchmark
-    rank, world = 0, 1
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    rank, world, device = parallel.setup()
 
     data_dir, split = args.data_dir, args.split
     if data_dir is None:
@@ -369,15 +353,11 @@ def evaluate(args) -> dict:
     if args.limit:
         items = items[:args.limit]
 
-    model_dir = args.model
-    if model_dir is None:
-        from tiny_qwen import default_model_dir
-        model_dir = default_model_dir()
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    model, tok = load_model(model_dir, dtype=dtype, device=device), load_tokenizer(model_dir)
+    model_dir = model_dir_or_demo(args.model)
+    model = load_model(model_dir, dtype=resolve_dtype(args.dtype, device), device=device)
+    tok = load_tokenizer(model_dir)
     chat = args.chat or args.adapter is not None
     if args.adapter:
-        from lora_moe import load_adapter
         load_adapter(model, args.adapter)
         model.eval()
 
@@ -391,10 +371,7 @@ def evaluate(args) -> dict:
                 "options": it.options, "gold": it.answer, "predicted": pr, "multi": it.multi,
                 "correct": pr is not None and set(pr) == set(it.answer), "letter_probs": pb}
                for it, p, pr, pb in zip(mine, prompts, preds, probs)]
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
+    records = [r for part in parallel.all_gather_objects(records) for r in part]
     summary = summarize(bench, records)
     summary.update(split=split, shots=shots, mode=args.mode, chat=chat, model=model_dir, adapter=args.adapter,
                    data_dir=data_dir, skipped_rows_without_answer=skipped)

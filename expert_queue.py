@@ -11,23 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.distributed as dist
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_gather_varlen(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's ``x`` (first dims may differ) in rank order; no gradient."""
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    pad = x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))
-    parts = [x.new_empty((max(sizes), *x.shape[1:])) for _ in sizes]
-    dist.all_gather(parts, torch.cat([x, pad]))
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
 class ExpertQueue(nn.Module):

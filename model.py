@@ -347,6 +347,11 @@ def init_weights(model: Qwen3, std: float = 0.02, seed: int = 0):
     return model
 
 
+def resolve_dtype(name: str | None, device) -> torch.dtype:
+    """``--dtype`` -> a torch dtype; no name: bfloat16 on CUDA, float32 elsewhere."""
+    return getattr(torch, name or ("bfloat16" if torch.device(device).type == "cuda" else "float32"))
+
+
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 

@@ -140,6 +140,15 @@ def default_model_dir() -> str:
     return path
 
 
+def model_dir_or_demo(path: str | None, announce: bool = False) -> str:
+    """``--model`` as given, or (None) the tiny random demo model's dir."""
+    if path is not None:
+        return path
+    if announce:
+        print("(no --model: using the tiny *random* demo model)")
+    return default_model_dir()
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Write a tiny random Qwen3 checkpoint with the real Qwen vocabulary.")
     ap.add_argument("out_dir")

@@ -117,11 +117,11 @@ def make_base(path: str, logit_scale: float = 8.0) -> str:
 def measure(model, tok, examples, batch_size: int = 32) -> dict:
     """Held-out loss / exact match per domain, and per-site routing records at answer positions."""
     from data import IGNORE, collate, tokenize
-    from lora_moe import set_record_u, set_token_mask, sites
+    from lora_moe import record_expert_acts, sites
 
     model.eval()
     has_moe = bool(sites(model)) and sites(model)[0][1].E > 1
-    set_record_u(model, has_moe)
+    record_expert_acts(model, has_moe)
     nll, n_tok = 0.0, 0
     exact = np.zeros(len(DOMAINS))
     count = np.zeros(len(DOMAINS))
@@ -130,7 +130,6 @@ def measure(model, tok, examples, batch_size: int = 32) -> dict:
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         ids, labels, mask = collate([tokenize(msgs, tok) for _, msgs in chunk], tok.pad_id)
-        set_token_mask(model, None)
         hidden = model.model(ids)  # (B, T, hidden)
         tgt = labels[:, 1:]  # position t predicts token t+1
         sel = tgt != IGNORE  # (B, T-1) answer positions
@@ -149,15 +148,15 @@ def measure(model, tok, examples, batch_size: int = 32) -> dict:
         for name, m in sites(model):
             if name not in joint:
                 continue
-            top1 = m.topk_idx[:, :-1, 0][sel]  # (N,)
+            top1 = m.record.topk_idx[:, :-1, 0][sel]  # (N,)
             np.add.at(joint[name], (dom_tok.numpy(), top1.numpy()), 1)
-            u = m.u[:, :-1][sel]  # (N, E, r): every expert's A_e x
+            u = m.record.expert_acts[:, :-1][sel]  # (N, E, r): every expert's A_e x
             outs = torch.einsum("ner,oer->neo", u, m.lora_B.view(-1, m.E, m.r))  # (N, E, out): B_e A_e x
             outs = torch.nn.functional.normalize(outs, dim=-1)
             gram = outs @ outs.transpose(1, 2)  # (N, E, E)
             off = gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
             cos[name].append((off / (m.E * (m.E - 1))).mean().item())
-    set_record_u(model, False)
+    record_expert_acts(model, False)
     res = {"loss": nll / n_tok, "exact": (exact / count).tolist(), "exact_mean": float(exact.sum() / count.sum())}
     if has_moe:
         layers = sorted({int(n.split(".")[2]) for n in joint})
@@ -192,7 +191,7 @@ def nmi(joint) -> float:
 
 def run_one(arm: str, seed: int, a) -> dict:
     from common import peak_rss_mb
-    from chat import load_tokenizer
+    from tokenizer import load_tokenizer
     from lora_moe import load_adapter
     from model import load_model
     from train import TrainConfig, train

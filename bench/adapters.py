@@ -32,12 +32,12 @@ def build(arm, path):
         m = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
         return lambda ids: m(ids).logits, m
-    from lora_moe import LoRAMoELinear, add_lora_moe, reference_forward
+    from lora_moe import LoRAMoEConfig, LoRAMoELinear, add_lora_moe, reference_forward
     from model import load_model
 
     m = load_model(path)
     E, r, k = (1, 16, 1) if arm == "b" else (8, 8, 2)
-    add_lora_moe(m, num_experts=E, rank=r, alpha=2 * r, top_k=k, dropout=0.0, verbose=False)
+    add_lora_moe(m, LoRAMoEConfig(num_experts=E, rank=r, alpha=2 * r, top_k=k, dropout=0.0), verbose=False)
     if arm == "d":
         LoRAMoELinear.forward = reference_forward
     return lambda ids: m(ids), m

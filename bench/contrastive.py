@@ -21,31 +21,32 @@ from common import make_checkpoint, peak_rss_mb, run_isolated, table
 
 def setup(path, layers):
     from contrastive import make_heads
-    from lora_moe import add_lora_moe, set_record_u, sites
+    from lora_moe import LoRAMoEConfig, add_lora_moe, record_expert_acts, sites
     from model import load_model
 
     torch.manual_seed(0)
-    model = add_lora_moe(load_model(path), num_experts=8, rank=8, alpha=16, top_k=2, dropout=0.0, verbose=False)
+    model = add_lora_moe(load_model(path), LoRAMoEConfig(num_experts=8, rank=8, alpha=16, top_k=2, dropout=0.0), verbose=False)
     model.train()
-    set_record_u(model, True)
+    record_expert_acts(model, True)
     return model, make_heads(model, 64), len(sites(model))
 
 
 def step_fn(model, heads, ids, cl_on, K=1024, tps=256):
     from contrastive import contrastive_loss
     from expert_queue import ExpertQueues
-    from lora_moe import balance_loss, set_record_u, sites
+    from lora_moe import balance_loss, record_expert_acts, router_records, sites
 
-    set_record_u(model, cl_on)
+    record_expert_acts(model, cl_on)
     queues = ExpertQueues(len(sites(model)), size=K, dim=64)
     params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
 
     def step():
         logits = model(ids)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        loss = loss + 0.01 * balance_loss(model)
+        records = router_records(model)
+        loss = loss + 0.01 * balance_loss(records)
         if cl_on:
-            loss = loss + 0.1 * contrastive_loss(model, heads, queues, tokens_per_site=tps, temperature=0.07)
+            loss = loss + 0.1 * contrastive_loss(records, heads, queues, tokens_per_site=tps, temperature=0.07)
         loss.backward()
         for p in params:
             p.grad = None
@@ -96,22 +97,23 @@ def main():
     # one recorded forward with its inputs detached (the model's step time is the same in every row)
     from contrastive import contrastive_loss
     from expert_queue import ExpertQueues
-    from lora_moe import set_record_u, sites
+    from lora_moe import record_expert_acts, router_records
 
     model, heads, n_sites = setup(path, a.layers)
-    set_record_u(model, True)
+    record_expert_acts(model, True)
     with torch.no_grad():
         model(ids)
-    for _, m in sites(model):  # leaves: the backward stops at the loss's inputs
-        m.u, m.probs = m.u.detach().requires_grad_(), m.probs.detach().requires_grad_()
+    records = router_records(model)
+    for rec in records:  # leaves: the backward stops at the loss's inputs
+        rec.expert_acts, rec.probs = rec.expert_acts.detach().requires_grad_(), rec.probs.detach().requires_grad_()
     rows = []
     for tps, K in [(64, 1024), (256, 1024), (1024, 1024), (256, 256), (256, 4096)]:
         queues = ExpertQueues(n_sites, size=K, dim=64)
         for _ in range(K // (a.batch * a.seq) + 1):  # fill the queue first: a full queue is the steady state
-            contrastive_loss(model, heads, queues, tokens_per_site=a.batch * a.seq)
+            contrastive_loss(records, heads, queues, tokens_per_site=a.batch * a.seq)
 
         def cl_step():
-            contrastive_loss(model, heads, queues, tokens_per_site=tps).backward()
+            contrastive_loss(records, heads, queues, tokens_per_site=tps).backward()
 
         t = timed(cl_step, 3)
         rows.append([tps, K, f"{t * 1000:.0f}", f"{t / b['time']:.1%}", f"{queues.nbytes() / 2**20:.1f} MiB"])

@@ -25,7 +25,7 @@ def main():
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "sparsedoctor_bench_qwen3_06b"))
     a = ap.parse_args()
     import eval as ev
-    from chat import load_tokenizer
+    from tokenizer import load_tokenizer
     from model import load_model
     from tiny_qwen import write_qwen_tokenizer
     from transformers import Qwen3ForCausalLM

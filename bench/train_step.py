@@ -34,7 +34,7 @@ def run_arm(arm, path, a):
         hist = train(cfg)
         rates = [h["tokens_per_s"] for h in hist[1:]]
         return {"tokens_per_s": sum(rates) / len(rates), "peak_mb": peak_rss_mb()}
-    from chat import load_tokenizer
+    from tokenizer import load_tokenizer
     from data import batch_order, collate, encode_all, read_jsonl
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3ForCausalLM

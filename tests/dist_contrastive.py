@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from contrastive import contrastive_loss, make_heads  # noqa: E402
 from expert_queue import ExpertQueues  # noqa: E402
-from lora_moe import add_lora_moe, set_record_u, sites  # noqa: E402
+from lora_moe import LoRAMoEConfig, add_lora_moe, record_expert_acts, router_records, sites  # noqa: E402
 from model import Qwen3, Qwen3Config, init_weights  # noqa: E402
 
 STEPS, B, T = 4, 4, 6
@@ -23,11 +23,11 @@ def build():
                       num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
     model = init_weights(Qwen3(cfg), seed=0)
     torch.manual_seed(0)
-    add_lora_moe(model, num_experts=4, rank=4, top_k=2, dropout=0.0, verbose=False)
+    add_lora_moe(model, LoRAMoEConfig(num_experts=4, rank=4, top_k=2, dropout=0.0), verbose=False)
     with torch.no_grad():
         for _, m in sites(model):
             m.lora_B.normal_(0, 0.05)
-    set_record_u(model, True)
+    record_expert_acts(model, True)
     heads = make_heads(model, dim=16)
     queues = ExpertQueues(len(sites(model)), size=40, dim=16)  # 40: the 2 ranks' 48 keys per step wrap it
     return model, heads, queues
@@ -42,7 +42,7 @@ def run(rank=0, world=1):
         ids = data[step].chunk(world)[rank]  # each rank its share of the global batch
         logits = model(ids)
         lm = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
-        cl = contrastive_loss(model, heads, queues, tokens_per_site=10_000, temperature=0.1)
+        cl = contrastive_loss(router_records(model), heads, queues, tokens_per_site=10_000, temperature=0.1)
         loss = lm + 0.5 * cl
         loss.backward()
         with torch.no_grad():

@@ -50,7 +50,7 @@ def test_task_rules_are_domain_permutations():
 
 def test_letters_are_single_qwen_tokens(qwen_tok_dir):
     make_examples, permutations = ablation.make_examples, ablation.permutations
-    from chat import Tokenizer
+    from tokenizer import Tokenizer
     from data import IGNORE, tokenize
 
     tok = Tokenizer(qwen_tok_dir)

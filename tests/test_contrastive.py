@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from contrastive import contrastive_loss, info_nce, make_heads
 from expert_queue import ExpertQueue, ExpertQueues
-from lora_moe import add_lora_moe, set_record_u, set_token_mask, sites
+from lora_moe import LoRAMoEConfig, add_lora_moe, record_expert_acts, router_records, sites
 from model import Qwen3, Qwen3Config, init_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -82,8 +82,8 @@ def tiny_adapted(E=4, k=2):
                       num_key_value_heads=2, head_dim=8)
     model = init_weights(Qwen3(cfg), seed=0)
     torch.manual_seed(0)
-    add_lora_moe(model, num_experts=E, rank=4, top_k=k, dropout=0.0, verbose=False)
-    set_record_u(model, True)
+    add_lora_moe(model, LoRAMoEConfig(num_experts=E, rank=4, top_k=k, dropout=0.0), verbose=False)
+    record_expert_acts(model, True)
     return model
 
 
@@ -93,9 +93,9 @@ def test_gradients_reach_heads_routers_and_A_but_not_the_queue():
     queues = ExpertQueues(len(sites(model)), size=32, dim=16)
     ids = torch.randint(0, 64, (2, 10))
     model(ids)
-    contrastive_loss(model, heads, queues, temperature=0.1)  # fills the queues
+    contrastive_loss(router_records(model), heads, queues, temperature=0.1)  # fills the queues
     model(ids)
-    loss = contrastive_loss(model, heads, queues, temperature=0.1)
+    loss = contrastive_loss(router_records(model), heads, queues, temperature=0.1)
     loss.backward()
     for _, m in sites(model):
         assert m.router.weight.grad.abs().sum() > 0
@@ -111,13 +111,12 @@ def test_padding_never_enters_and_sampling_bounds_tokens():
     ids = torch.randint(0, 64, (2, 10))
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[0, :4] = False
-    set_token_mask(model, mask)
     queues = ExpertQueues(len(sites(model)), size=100, dim=16)
     model(ids, attention_mask=mask.long())
-    contrastive_loss(model, heads, queues)
+    contrastive_loss(router_records(model, mask), heads, queues)
     assert all(int((q.labels >= 0).sum()) == 16 for q in queues.queues)  # 20 tokens - 4 padding
     queues = ExpertQueues(len(sites(model)), size=100, dim=16)
-    contrastive_loss(model, heads, queues, tokens_per_site=5)
+    contrastive_loss(router_records(model, mask), heads, queues, tokens_per_site=5)
     assert all(int((q.labels >= 0).sum()) == 5 for q in queues.queues)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import eval as ev
-from chat import Tokenizer
+from tokenizer import Tokenizer
 from conftest import ROOT, require_shared
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from conftest import hf_tiny
-from lora_moe import (TARGETS, LoRAMoELinear, add_lora_moe, balance_loss, load_adapter, reference_forward,
-                      routing_stats, save_adapter, set_token_mask, sites)
+from lora_moe import (TARGETS, LoRAMoEConfig, LoRAMoELinear, RouterRecord, add_lora_moe, balance_loss, load_adapter,
+                      reference_forward, router_records, routing_stats, save_adapter, sites)
 from model import load_model
 
 
@@ -18,7 +18,7 @@ def randomize_b(model, seed=0, std=0.05):
 def test_init_equals_base_exactly(tmp_path):
     hf_tiny(tmp_path)
     base, adapted = load_model(str(tmp_path)), load_model(str(tmp_path))
-    add_lora_moe(adapted, num_experts=4, rank=4, top_k=2, dropout=0.0)
+    add_lora_moe(adapted, LoRAMoEConfig(num_experts=4, rank=4, top_k=2, dropout=0.0))
     x = torch.randint(0, 1000, (2, 9))
     with torch.no_grad():
         assert torch.equal(adapted(x), base(x))
@@ -32,7 +32,7 @@ def test_single_expert_equals_peft_lora(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     hf = hf_tiny(tmp_path, tie=False)
-    ours = add_lora_moe(load_model(str(tmp_path)), num_experts=1, rank=4, alpha=8, top_k=1, dropout=0.0)
+    ours = add_lora_moe(load_model(str(tmp_path)), LoRAMoEConfig(num_experts=1, rank=4, alpha=8, top_k=1, dropout=0.0))
     randomize_b(ours)
     peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(TARGETS)))
     n_copied = 0
@@ -59,7 +59,7 @@ def test_single_expert_equals_peft_lora(tmp_path):
 def test_dense_masked_equals_per_expert_loop(E, k):
     torch.manual_seed(0)
     base = torch.nn.Linear(24, 40)
-    layer = LoRAMoELinear(base, num_experts=E, rank=5, alpha=10, top_k=k, dropout=0.0)
+    layer = LoRAMoELinear(base, LoRAMoEConfig(num_experts=E, rank=5, alpha=10, top_k=k, dropout=0.0))
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.1)
     x = torch.randn(3, 7, 24)
@@ -74,74 +74,63 @@ def test_dense_masked_equals_per_expert_loop(E, k):
     assert g1[2].abs().sum() > 0  # the router learns through the gates
 
 
-def fake_site(logits, top_k=1, mask=None):
-    E = logits.shape[-1]
-    m = LoRAMoELinear(torch.nn.Linear(2, 2), num_experts=E, rank=1, top_k=top_k)
-    m.logits = logits
-    m.probs = logits.softmax(-1)
-    m.topk_idx = m.probs.topk(top_k, -1).indices
-    m.token_mask = mask
-    model = torch.nn.Module()
-    model.site = m
-    return model, m
+def fake_record(logits, top_k=1, topk_idx=None):
+    """A router record for given logits (the gates are not read by the balance loss)."""
+    probs = logits.softmax(-1)
+    idx = probs.topk(top_k, -1).indices if topk_idx is None else topk_idx
+    return RouterRecord(logits, probs, idx, torch.zeros_like(probs))
 
 
 def test_balance_loss_values():
     # uniform routing: exactly 1.0 (top-k slots spread evenly, P uniform)
     E = 4
     logits = torch.zeros(8, E, requires_grad=True)
-    model, m = fake_site(logits, top_k=1)
-    m.topk_idx = torch.arange(8).remainder(E)[:, None]  # ties broken evenly
-    assert balance_loss(model).item() == pytest.approx(1.0, abs=1e-6)
+    rec = fake_record(logits, topk_idx=torch.arange(8).remainder(E)[:, None])  # ties broken evenly
+    assert balance_loss([rec]).item() == pytest.approx(1.0, abs=1e-6)
     # full collapse with top-1: E
     collapse = torch.full((8, E), -1e4)
     collapse[:, 2] = 1e4
-    model, _ = fake_site(collapse, top_k=1)
-    assert balance_loss(model).item() == pytest.approx(E, abs=1e-4)
+    assert balance_loss([fake_record(collapse)]).item() == pytest.approx(E, abs=1e-4)
 
 
 def test_balance_loss_hand_value_fails_if_softmaxed_twice():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0, -2.0, 0.0]])
-    model, m = fake_site(logits, top_k=1)
     p = logits.softmax(-1)
     f = torch.tensor([2, 1, 1]) / 4.0  # top-1 picks: 0, 1, 2, 0
     expect = 3 * (f * p.mean(0)).sum()
     twice = 3 * (f * p.softmax(-1).mean(0)).sum()
     assert abs(expect - twice) > 1e-2  # the test can tell the two apart
-    assert balance_loss(model).item() == pytest.approx(expect.item(), abs=1e-6)
+    assert balance_loss([fake_record(logits)]).item() == pytest.approx(expect.item(), abs=1e-6)
 
 
 def test_balance_loss_ignores_padding(tmp_path):
     hf_tiny(tmp_path)
-    model = add_lora_moe(load_model(str(tmp_path)), num_experts=4, rank=2, top_k=2, dropout=0.0, verbose=False)
+    model = add_lora_moe(load_model(str(tmp_path)), LoRAMoEConfig(num_experts=4, rank=2, top_k=2, dropout=0.0), verbose=False)
     x = torch.randint(0, 1000, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[0, :3] = False
-    set_token_mask(model, mask)
     model(x, attention_mask=mask.long())
-    a = balance_loss(model)
+    a = balance_loss(router_records(model, mask))
     # change only the padding tokens: valid-token routing is the same (positions count from real tokens)
     x2 = x.clone()
     x2[0, :3] = (x2[0, :3] + 7) % 1000
     model(x2, attention_mask=mask.long())
-    b = balance_loss(model)
+    b = balance_loss(router_records(model, mask))
     assert torch.allclose(a, b, atol=1e-6)
-    set_token_mask(model, None)
-    model(x2, attention_mask=mask.long())
-    assert not torch.allclose(balance_loss(model), b, atol=1e-6)  # counting padding would change it
+    assert not torch.allclose(balance_loss(router_records(model)), b, atol=1e-6)  # counting padding would change it
 
 
 def test_balance_loss_gradient_reaches_only_the_router():
     # within a site the loss depends on the router alone: f carries no gradient, P = softmax(router(x))
     torch.manual_seed(0)
-    layer = LoRAMoELinear(torch.nn.Linear(16, 16), num_experts=4, rank=2, top_k=2, dropout=0.0)
+    layer = LoRAMoELinear(torch.nn.Linear(16, 16), LoRAMoEConfig(num_experts=4, rank=2, top_k=2, dropout=0.0))
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.1)
     model = torch.nn.Module()
     model.site = layer
     x = torch.randn(2, 5, 16)
     layer(x)
-    balance_loss(model, z_loss_weight=1e-3).backward()
+    balance_loss(router_records(model), z_loss_weight=1e-3).backward()
     assert layer.router.weight.grad.abs().sum() > 0
     assert layer.lora_A.grad is None and layer.lora_B.grad is None
     # and the gradient is that of E * sum(f.detach() * P): f is a constant
@@ -155,7 +144,7 @@ def test_balance_loss_gradient_reaches_only_the_router():
 
 def test_every_site_gets_gradients(tmp_path):
     hf_tiny(tmp_path, layers=2)
-    model = add_lora_moe(load_model(str(tmp_path)), num_experts=4, rank=2, top_k=2, dropout=0.0, verbose=False)
+    model = add_lora_moe(load_model(str(tmp_path)), LoRAMoEConfig(num_experts=4, rank=2, top_k=2, dropout=0.0), verbose=False)
     x = torch.randint(0, 1000, (2, 8))
     model(x)[:, :-1].log_softmax(-1).gather(-1, x[:, 1:, None]).mean().neg().backward()
     for name, m in sites(model):
@@ -172,7 +161,7 @@ def test_every_site_gets_gradients(tmp_path):
 
 def test_routing_stats(tmp_path):
     hf_tiny(tmp_path)
-    model = add_lora_moe(load_model(str(tmp_path)), num_experts=4, rank=2, top_k=2, verbose=False)
+    model = add_lora_moe(load_model(str(tmp_path)), LoRAMoEConfig(num_experts=4, rank=2, top_k=2), verbose=False)
     model(torch.randint(0, 1000, (2, 8)))
     stats = routing_stats(model)
     assert len(stats) == 14
@@ -183,7 +172,7 @@ def test_routing_stats(tmp_path):
 
 def test_save_load_adapter_roundtrip_and_mismatch(tmp_path):
     hf_tiny(tmp_path / "base")
-    a = add_lora_moe(load_model(str(tmp_path / "base")), num_experts=4, rank=2, top_k=2, dropout=0.0, verbose=False)
+    a = add_lora_moe(load_model(str(tmp_path / "base")), LoRAMoEConfig(num_experts=4, rank=2, top_k=2, dropout=0.0), verbose=False)
     randomize_b(a)
     save_adapter(a, str(tmp_path / "ad"))
     b = load_model(str(tmp_path / "base"))
@@ -194,6 +183,6 @@ def test_save_load_adapter_roundtrip_and_mismatch(tmp_path):
     hf_tiny(tmp_path / "other", hidden=32, head_dim=16)
     with pytest.raises(ValueError, match="different base model"):
         load_adapter(load_model(str(tmp_path / "other")), str(tmp_path / "ad"))
-    c = add_lora_moe(load_model(str(tmp_path / "base")), num_experts=2, rank=2, top_k=1, verbose=False)
+    c = add_lora_moe(load_model(str(tmp_path / "base")), LoRAMoEConfig(num_experts=2, rank=2, top_k=1), verbose=False)
     with pytest.raises(ValueError, match="num_experts"):
         load_adapter(c, str(tmp_path / "ad"))

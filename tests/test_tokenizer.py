@@ -5,7 +5,7 @@ import unicodedata
 
 import pytest
 
-from chat import Tokenizer, apply_chat_template
+from tokenizer import Tokenizer, apply_chat_template
 from conftest import require_shared
 
 

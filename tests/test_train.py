@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from chat import IM_END, Tokenizer
+from tokenizer import IM_END, Tokenizer
 from data import IGNORE, DataError, collate, encode_all, read_jsonl, tokenize
 
 
@@ -23,7 +23,7 @@ def test_assistant_only_labels_golden(qwen_tok_dir):
             {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
             {"role": "assistant", "content": "答案：C"}]
     ids, labels = tokenize(msgs, tok)
-    from chat import apply_chat_template
+    from tokenizer import apply_chat_template
     assert ids == tok.encode(apply_chat_template(msgs))  # turn-by-turn tokenization == whole-text tokenization
     supervised = tok.decode([t for t, y in zip(ids, labels) if y != IGNORE])
     assert supervised == "A1<|im_end|>答案：C<|im_end|>"  # answers + their <|im_end|>, nothing else
@@ -106,13 +106,23 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
-def test_failed_save_leaves_last_checkpoint_loadable(tiny_dir, tmp_path):
+def test_failed_save_leaves_last_checkpoint_loadable(tiny_dir, tmp_path, monkeypatch):
+    import checkpoint
     from lora_moe import load_adapter
     from model import load_model
     from train import train
 
+    real = checkpoint.write_training_state
+
+    def crash_at_step_6(path, state):  # a crash in the middle of the second save, after the adapter files
+        if state["step"] == 6:
+            raise RuntimeError("injected failure")
+        real(path, state)
+
+    monkeypatch.setattr(checkpoint, "write_training_state", crash_at_step_6)
     with pytest.raises(RuntimeError, match="injected failure"):
-        train(small_cfg(tiny_dir, tmp_path / "r"), fail_save_at=6)
+        train(small_cfg(tiny_dir, tmp_path / "r"))
+    monkeypatch.setattr(checkpoint, "write_training_state", real)
     assert open(tmp_path / "r" / "latest").read() == "ckpt-000003"
     assert not os.path.exists(tmp_path / "r" / "ckpt-000006")
     load_adapter(load_model(tiny_dir), str(tmp_path / "r" / "ckpt-000003"))  # intact and loadable
@@ -132,7 +142,7 @@ def test_cli_reports_bad_data_clearly(tmp_path, tiny_dir):
 
 
 def test_frozen_head_ce_equals_plain_cross_entropy():
-    from train import FrozenHeadCE
+    from objective import FrozenHeadCE
 
     torch.manual_seed(0)
     h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
@@ -197,8 +207,9 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(tiny_dir, tmp_path, 
     for k in a:  # why lr/20: Adam's step m/sqrt(v) turns float noise in a near-zero gradient into ~lr
         assert torch.allclose(a[k], b[k], atol=5e-3 / 20), (k, (a[k] - b[k]).abs().max())
     # the gradients themselves: after step 1, Adam's first moment is (1 - beta1) * the (clipped) gradient
-    sa = torch.load(tmp_path / "one" / "ckpt-000001" / "state.pt", weights_only=False)["optimizer"]["state"]
-    sb = torch.load(tmp_path / "two" / "ckpt-000001" / "state.pt", weights_only=False)["optimizer"]["state"]
+    from checkpoint import read_training_state
+    sa = read_training_state(str(tmp_path / "one" / "ckpt-000001"))["optimizer"]["state"]
+    sb = read_training_state(str(tmp_path / "two" / "ckpt-000001"))["optimizer"]["state"]
     assert sa.keys() == sb.keys() and len(sa) == len([k for k in a if not k.startswith("queues.")])
     # why not elementwise: contrastive gradients are sums of many nearly cancelling fp32 terms (the heads of
     # the down_proj sites sum to ~1e-7 from terms ~1e-5), so summation order alone moves those ~1e-3 relative

@@ -1,0 +1,104 @@
+"""The hybrid objective, in one place: what one training micro-step minimizes.
+
+    L = L_LM + lambda_bal * L_bal + lambda_cl * L_cl
+
+    L_LM  = - (1 / N_sup) * sum_{answer tokens t} log p(x_{t+1} | x_<=t)   (``lm_loss_sum`` / N_sup)
+    L_bal = E * sum_e f_e * P_e, mean over sites                           (``lora_moe.balance_loss``)
+    L_cl  = InfoNCE of routed vs fused expert views, mean over sites       (``contrastive.contrastive_loss``)
+
+N_sup counts the supervised (assistant) tokens of the whole optimizer step: all micro-batches, all ranks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from contrastive import contrastive_loss
+from data import IGNORE
+from lora_moe import balance_loss, router_records
+from parallel import is_distributed, world_size
+
+
+class FrozenHeadCE(torch.autograd.Function):
+    """Sum of cross-entropy of ``h @ W.T`` against ``y`` for a *frozen* head W, chunk by chunk.
+
+    why: with Qwen3's 151,936-token vocabulary the logits are the largest tensor of a step. Each chunk's
+    logits live only inside forward: the gradient w.r.t. h (softmax - onehot) @ W is computed right there and
+    kept (N x hidden, small), so backward is one multiply. Two matmuls per chunk, no recompute, and memory
+    of one chunk of logits. W gets no gradient: the base is frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, h, W, y, chunk):
+        acc = torch.promote_types(h.dtype, torch.float32)  # softmax in fp32 at least (bf16 base on GPU)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h) if h.requires_grad else None
+        for i in range(0, h.shape[0], chunk):
+            logits = (h[i:i + chunk] @ W.T).to(acc)  # (n, V)
+            lse = logits.logsumexp(-1)
+            total += (lse - logits.gather(-1, y[i:i + chunk, None]).squeeze(-1)).sum()
+            if grad_h is not None:
+                p = (logits - lse[:, None]).exp_()  # softmax, in place over the chunk's logits
+                p[torch.arange(p.shape[0], device=p.device), y[i:i + chunk]] -= 1.0
+                grad_h[i:i + chunk] = (p.to(W.dtype) @ W).to(h.dtype)
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * g.to(grad_h.dtype), None, None, None
+
+
+def lm_loss_sum(model, hidden, labels, chunk: int):
+    """Sum of next-token cross-entropy over supervised positions; the LM head runs only there, in chunks."""
+    h, y = hidden[:, :-1], labels[:, 1:]  # position t predicts token t+1
+    sel = y != IGNORE
+    if model.lm_head.weight.requires_grad:
+        raise ValueError("lm_loss_sum expects a frozen LM head (the base model is frozen)")
+    return FrozenHeadCE.apply(h[sel], model.lm_head.weight, y[sel], chunk)  # h[sel]: (N, hidden), y[sel]: (N,)
+
+
+class HybridLoss(nn.Module):
+    """The adapted model, the contrastive heads and the weights of the three losses; ``forward`` returns one
+    micro-batch's share of the step's loss L and its parts.
+
+    why a module: DDP / FSDP wrap *this*, so every parameter use (LM head, routers, experts, heads) happens
+    inside the wrapped call: FSDP has the parameters unsharded there, and DDP sees them all in one backward.
+    """
+
+    def __init__(self, model, heads, queues, generator, cfg):
+        super().__init__()
+        self.model, self.heads = model, heads
+        self.aux = (queues, generator)  # a tuple, not submodules: the queues are synced by hand, never by DDP/FSDP
+        self.lambda_bal = 0.0 if cfg.no_balance else cfg.lambda_bal
+        self.lambda_cl = cfg.lambda_cl if heads is not None else 0.0
+        self.cfg = cfg
+
+    @property
+    def queues(self):
+        return self.aux[0]
+
+    def forward(self, ids, labels, mask, sup_tokens: float, micro_steps: int):
+        """``sup_tokens``: supervised tokens of the whole step (N_sup); ``micro_steps``: micro-batches per step.
+
+        Returns (loss to backpropagate, {"lm", "balance", "contrastive"}: this rank's detached parts, each
+        already divided so that summing over micro-steps and averaging over ranks gives the step's value)."""
+        c, (queues, gen) = self.cfg, self.aux
+        hidden = self.model.model(ids)  # (B, T, hidden); right padding needs no attention mask
+        records = router_records(self.model, mask)  # what the routers did, real tokens only
+        world = world_size()
+        # LM: a sum over this micro-batch / N_sup of the whole step = this micro-batch's share of the global
+        # token mean. DDP and FSDP *average* gradients over ranks, hence * world. why not a per-batch mean:
+        # then 2 ranks x B would differ from 1 rank x 2B, and short answers would weigh more than long ones.
+        lm = lm_loss_sum(self.model, hidden, labels, c.ce_chunk) / sup_tokens * world
+        loss, parts = lm, {"lm": lm.detach() / world, "balance": None, "contrastive": None}
+        # balance and contrastive: per-rank means, then averaged over ranks and micro-steps. why it is exact
+        # only with equal token counts per rank: a mean of means weighs every rank alike (tests use equal lengths)
+        if self.lambda_bal > 0:
+            bal = balance_loss(records, c.z_loss, sync=is_distributed()) / micro_steps
+            loss, parts["balance"] = loss + self.lambda_bal * bal, bal.detach()
+        if self.lambda_cl > 0:
+            cl = contrastive_loss(records, self.heads, queues, c.tokens_per_site, c.temperature, gen) / micro_steps
+            loss, parts["contrastive"] = loss + self.lambda_cl * cl, cl.detach()
+        return loss, parts

@@ -1,0 +1,142 @@
+"""Everything distributed, in one place: process-group setup, sums, variable-length gathers (with and
+without gradient) and the gradient-sync switch for accumulation. train.py, eval.py, contrastive.py and
+expert_queue.py use these and never call ``torch.distributed`` themselves.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything here is the one-process identity.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup() -> tuple[int, int, torch.device]:
+    """(rank, world size, device): NCCL on CUDA, gloo on CPU; one process when not under torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    """More than one process in an initialized group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box)
+    return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    """Element-wise sum over ranks of a few floats, in one reduction (float64: exact counts)."""
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (no gradient)."""
+    if is_distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def _sizes(n: int, device) -> list[int]:
+    """Every rank's first-dimension size."""
+    mine = torch.tensor([n], device=device)
+    sizes = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, mine)
+    return [int(s) for s in sizes]
+
+
+def _padded_gather(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """all_gather needs equal shapes: pad every rank's x to the largest, gather, trim, concatenate."""
+    pad = x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))
+    parts = [x.new_empty((max(sizes), *x.shape[1:])) for _ in sizes]
+    dist.all_gather(parts, torch.cat([x, pad]).contiguous())
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def all_gather_varlen(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` (first dims may differ) concatenated in rank order; no gradient."""
+    if not is_distributed():
+        return x
+    return _padded_gather(x, _sizes(x.shape[0], x.device))
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for our slice (all_reduce: works on gloo too).
+
+    why: with it, DDP's gradient average equals the gradient of one process holding the whole batch."""
+
+    @staticmethod
+    def forward(ctx, x, sizes):
+        ctx.sizes, ctx.rank = sizes, dist.get_rank()
+        return _padded_gather(x, sizes)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        dist.all_reduce(g)
+        start = sum(ctx.sizes[:ctx.rank])
+        return g[start:start + ctx.sizes[ctx.rank]], None
+
+
+def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's ``x`` in rank order, differentiable, and the row where this rank's part starts."""
+    if not is_distributed():
+        return x, 0
+    sizes = _sizes(x.shape[0], x.device)
+    return _GatherWithGrad.apply(x, sizes), sum(sizes[:dist.get_rank()])
+
+
+def gradient_sync(wrapped, body, fsdp: bool, sync: bool):
+    """A context for one micro-step: gradients are reduced over ranks only when ``sync`` (the last one).
+
+    DDP: ``no_sync()`` on the wrapper; FSDP2: ``set_requires_gradient_sync`` on the sharded module."""
+    if fsdp:
+        body.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    if wrapped is not body and not sync:
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
