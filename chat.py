@@ -4,10 +4,11 @@
 """
 from __future__ import annotations
 
-import argparse
+import sys
 
 import torch
 
+import cli
 from lora_moe import load_adapter, resolve_adapter_dir
 from model import load_model, resolve_dtype
 from tiny_qwen import model_dir_or_demo
@@ -66,21 +67,38 @@ def generate(model, prompt, tokenizer: Tokenizer | None = None, max_new_tokens: 
     return new
 
 
-def main():
-    ap = argparse.ArgumentParser(description="Chat with a Qwen3 checkpoint (thinking off).")
+def parse_args(argv=None):
+    ap = cli.Parser(description="Chat with a Qwen3 checkpoint (thinking off).")
     ap.add_argument("--model", default=None, help="HF Qwen3 checkpoint dir (default: the tiny random demo model)")
     ap.add_argument("--adapter", default=None, help="a SparseDoctor adapter: a train.py run dir, checkpoint dir "
                     "or run/latest (default: the base model alone)")
     ap.add_argument("--system", default=None, help="optional system prompt")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--top-p", type=float, default=0.8)
+    ap.add_argument("--max-new-tokens", type=cli.at_least(1), default=256)
+    ap.add_argument("--temperature", type=cli.at_least(0.0, float), default=0.7, help="0 = greedy")
+    ap.add_argument("--top-p", type=cli.in_range(0, 1, lo_open=True), default=0.8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on GPU, fp32 on CPU")
     ap.add_argument("--prompt", default=None, help="answer this one prompt and exit (no interactive loop)")
     ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
+    ap.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+    return ap.parse_args(argv)
 
+
+def read_user() -> str | None:
+    """The next message from stdin; None at its end (Ctrl-D, a closed or exhausted stdin)."""
+    if sys.stdin is None or sys.stdin.closed:
+        return None
+    try:
+        text = input("> ").strip()
+        text.encode("utf-8")  # why: a C locale decodes bad bytes to lone surrogates instead of failing
+        return text
+    except EOFError:
+        return None
+    except UnicodeError:
+        raise ValueError("stdin is not UTF-8 text") from None
+
+
+def chat(a):
     path = model_dir_or_demo(a.model, announce=True)
     model = load_model(path, dtype=resolve_dtype(a.dtype, a.device), device=a.device)
     tok = load_tokenizer(path)
@@ -111,14 +129,13 @@ def main():
         turn(a.prompt)
         return
     print("Type a message; empty line or Ctrl-D to quit.")
-    while True:
-        try:
-            user = input("> ").strip()
-        except EOFError:
-            break
-        if not user:
-            break
+    while user := read_user():
         turn(user)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    cli.run(lambda: chat(a), a.debug)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
-"""Checkpoints: a run directory of ``ckpt-NNNNNN/`` folders and a ``latest`` file naming the newest.
+"""Run directories and checkpoints.
 
-A checkpoint holds ``adapter.safetensors`` (adapters, contrastive heads, queues), ``adapter_config.json``,
-``state.safetensors`` + ``state.json`` (optimizer, schedule, every RNG: tensors and plain JSON, so reading a
-checkpoint can never run code) and ``train_config.json``. It is written into ``ckpt-N.tmp/`` and renamed:
-a kill at any moment leaves the previous checkpoint and ``latest`` intact.
+A run directory belongs to one run at a time (``RunLock``) and holds ``config.json``, ``metrics.jsonl``,
+``ckpt-NNNNNN/`` checkpoints and a ``latest`` file naming the newest. A checkpoint holds
+``adapter.safetensors`` (adapters, contrastive heads, queues), ``adapter_config.json``, ``state.safetensors`` +
+``state.json`` (optimizer, schedule, every RNG: tensors and plain JSON, so reading a checkpoint can never run
+code), ``train_config.json`` and ``manifest.json`` (the sha256 of each file, checked on every load). It is
+written into ``ckpt-N.tmp/``, flushed to disk and renamed: a kill at any moment leaves the previous
+checkpoint and ``latest`` intact.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict
 
@@ -18,7 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-from lora_moe import adapter_state, load_adapter, resolve_adapter_dir, save_adapter
+from lora_moe import adapter_state, load_adapter, resolve_adapter_dir, save_adapter, verify_manifest, write_manifest
+
+CKPT = re.compile(r"ckpt-(\d+)")
+
+
+class RunDirError(ValueError):
+    pass
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -110,8 +121,28 @@ def restore_rng(rng: dict, gen: torch.Generator):
 # Writing, finding and pruning checkpoints
 
 
+def _fsync(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(tmp: str, final: str):
+    """Rename ``tmp`` to ``final`` after its bytes (every file of a dir) are on disk; then the rename itself."""
+    for f in (os.listdir(tmp) if os.path.isdir(tmp) else []):
+        _fsync(os.path.join(tmp, f))
+    _fsync(tmp)
+    os.replace(tmp, final)  # why: a rename is atomic; a kill before it leaves the last good checkpoint intact
+    _fsync(os.path.dirname(final) or ".")
+
+
 def save_checkpoint(out_dir, step, model, tensors, optim, sched, gen, cfg, keep: int):
-    """Write ckpt-<step>/ via a temp dir + rename, then point ``latest`` at it; keep the newest ``keep``."""
+    """Write ckpt-<step>/ via a temp dir + rename, point ``latest`` at it, keep the newest ``keep``."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # why: a non-finite checkpoint would replace good ones when pruning
+        raise FloatingPointError(f"step {step}: non-finite values in {bad[:4]}; checkpoint not written")
     final = os.path.join(out_dir, f"ckpt-{step:06d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -119,16 +150,107 @@ def save_checkpoint(out_dir, step, model, tensors, optim, sched, gen, cfg, keep:
     write_training_state(tmp, {"step": step, "optimizer": optim, "scheduler": sched.state_dict(), "rng": rng_state(gen)})
     with open(os.path.join(tmp, "train_config.json"), "w", encoding="utf-8") as f:
         json.dump(asdict(cfg), f, indent=2)
+    write_manifest(tmp)
     if os.path.exists(final):
         shutil.rmtree(final)
-    os.replace(tmp, final)  # why: a rename is atomic; a kill before it leaves the last good checkpoint intact
-    with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
+    _replace_durably(tmp, final)
+    with open(os.path.join(out_dir, "latest.tmp"), "w", encoding="utf-8") as f:
         f.write(os.path.basename(final))
-    os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
-    ckpts = sorted(d for d in os.listdir(out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
-    for old in ckpts[:-keep]:
-        shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+    _replace_durably(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
+    prune(out_dir, keep, protect={os.path.basename(final)})
     return final
+
+
+def checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the finished checkpoints in a run dir, oldest first (by parsed step, not by name)."""
+    if not os.path.isdir(out_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(out_dir, d)) for d in os.listdir(out_dir) if (m := CKPT.fullmatch(d))]
+    return sorted(found)
+
+
+def prune(out_dir: str, keep: int, protect: set):
+    """Delete all but the newest ``keep`` checkpoints; never one in ``protect`` nor the one ``latest`` names."""
+    latest = os.path.join(out_dir, "latest")
+    if os.path.isfile(latest):
+        protect = protect | {open(latest, encoding="utf-8").read().strip()}
+    for _, path in checkpoints(out_dir)[:-keep]:
+        if os.path.basename(path) not in protect:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def is_valid_checkpoint(path: str) -> bool:
+    try:
+        verify_manifest(path)
+    except (OSError, ValueError):
+        return False
+    return all(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "state.safetensors", "adapter.safetensors"))
+
+
+def find_resume(path: str) -> str | None:
+    """What ``--resume PATH`` continues: a checkpoint dir; or in a run dir the one ``latest`` names, else (latest
+    missing, dangling or corrupted) the newest valid checkpoint; None for an empty or new dir (start fresh)."""
+    if os.path.isfile(os.path.join(path, "state.json")):
+        return path
+    if os.path.isfile(path) and os.path.basename(path) == "latest":
+        path = os.path.dirname(path) or "."
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RunDirError(f"--resume {path}: not a run dir or checkpoint dir")
+    try:
+        named = resolve_adapter_dir(path)
+    except ValueError:
+        named = None
+    if named and named != path and is_valid_checkpoint(named):
+        return named
+    found = [p for _, p in checkpoints(path)]
+    valid = [p for p in found if is_valid_checkpoint(p)]
+    if valid:
+        return valid[-1]
+    if any(os.path.isfile(os.path.join(p, "state.pt")) for p in found + [path]):
+        raise RunDirError(f"{path}: an old-format checkpoint (state.pt, a pickle); it is not read, since loading "
+                          "a pickle can run code")
+    if found:
+        raise RunDirError(f"--resume {path}: no valid checkpoint among {[os.path.basename(p) for p in found]} "
+                          "(incomplete or corrupted)")
+    return None
+
+
+class RunLock:
+    """An exclusive lock on a run dir (``OUT/.lock``): a second run into the same dir stops at once."""
+
+    def __init__(self, out_dir: str):
+        os.makedirs(out_dir, exist_ok=True)
+        self.file = open(os.path.join(out_dir, ".lock"), "w")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise RunDirError(f"{out_dir} is in use by another run (it holds {out_dir}/.lock)") from None
+
+    def release(self):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+def trim_metrics(out_dir: str, step: int):
+    """Keep only the metrics.jsonl lines of steps <= ``step`` (a resume re-logs the steps after it)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def clear_run(out_dir: str):
+    """``--overwrite``: remove an earlier run's checkpoints, latest, metrics and config."""
+    for _, path in checkpoints(out_dir):
+        shutil.rmtree(path)
+    for name in ("latest", "metrics.jsonl", "config.json"):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -140,7 +262,7 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def load_checkpoint(path: str, model, heads, queues, device) -> dict:
-    """Fill adapters, heads and queues from checkpoint ``path``; return its training state."""
+    """Fill adapters, heads and queues from checkpoint ``path`` (checksums verified); return its training state."""
     extra = load_adapter(model, path)
     if heads is not None:
         heads.load_state_dict({k[6:]: v for k, v in extra.items() if k.startswith("heads.")})

@@ -33,30 +33,54 @@ def to_messages(obj) -> list[dict]:
                     or not isinstance(m.get("content"), str):
                 raise DataError(f"each message needs role system/user/assistant and a string content, got {m!r:.80}")
     elif "prompt" in obj and "response" in obj:
+        _strings(obj, "prompt", "response")
         msgs = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
     elif "instruction" in obj and "output" in obj:
+        _strings(obj, "instruction", "output", *(["input"] if obj.get("input") is not None else []))
         user = obj["instruction"] + ("\n\n" + obj["input"] if obj.get("input") else "")
         msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
     else:
         raise DataError(f"unknown shape with keys {sorted(obj)}: expected 'messages', 'prompt'+'response' "
                         "or 'instruction'(+'input')+'output'")
-    if not all(isinstance(m["content"], str) for m in msgs):
-        raise DataError("prompt/response/instruction/input/output must be strings")
+    for m in msgs:
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:  # why: JSON may spell a lone surrogate (\ud800) that no tokenizer can take
+            raise DataError("text holds a lone UTF-16 surrogate (invalid Unicode)") from None
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError("no assistant turn: nothing to learn from")
     return msgs
 
 
+def _strings(obj: dict, *keys):
+    wrong = [k for k in keys if not isinstance(obj.get(k), str)]
+    if wrong:
+        got = ", ".join(f"{k} is {type(obj.get(k)).__name__}" for k in wrong)
+        raise DataError(f"{'/'.join(keys)} must be strings ({got})")
+
+
+def parse_line(raw: bytes) -> list[dict]:
+    """One jsonl line (bytes) -> chat messages, or DataError saying what is wrong with it."""
+    try:
+        return to_messages(json.loads(raw.decode("utf-8")))
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply") from None
+
+
 def read_jsonl(path: str, skip_bad: bool = False) -> tuple[list[list[dict]], int]:
     """All examples of a jsonl file; a bad line stops with file:line (or is skipped and counted)."""
     out, bad = [], 0
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a non-UTF-8 line is reported with its line number
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                out.append(to_messages(json.loads(line)))
-            except (json.JSONDecodeError, DataError) as e:
+                out.append(parse_line(line))
+            except DataError as e:
                 if not skip_bad:
                     raise DataError(f"{path}:{n}: {e} (use --skip-bad to skip such lines)") from None
                 bad += 1

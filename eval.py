@@ -1,315 +1,54 @@
-"""Medical benchmark evaluation: CMExam, CMB (CMB-Exam) and CMMLU-Med.
+"""Medical benchmark evaluation: CMExam, CMB (CMB-Exam) and CMMLU-Med; paired comparison of two runs.
 
     python eval.py cmexam --model DIR --data-dir CMExam/data --split test
     python eval.py cmb --model DIR --adapter runs/sparsedoctor/latest --data-dir CMB/data
     python eval.py cmmlu-med --model DIR --data-dir CMMLU/data --shots 5
     python eval.py cmexam                        # no --data-dir: bundled dev/val sample + demo model (not scores!)
+    python eval.py compare runs/eval/base/predictions.jsonl runs/eval/sd/predictions.jsonl
 
-Scoring (--mode logits, default): one forward per batch; the next-token logits at the answer position,
-restricted to the question's option letters; argmax. A multi-answer question is scored by the most
-probable *answer string*: every non-empty subset of the options, written as sorted letters and followed
-by the answer terminator, is scored by its total log-probability, and the best one is the prediction
-(exact MAP over well-formed answers). Both are compared with the gold answer as letter sets.
---mode generate: greedy decoding and official-style letter extraction; unparsable outputs are counted.
+Predictions depend on the question only (benchmarks.py says how for each benchmark); scoring.py scores
+them (--mode logits: letter argmax or the exact MAP over option subsets; --mode generate: greedy decoding
+and letter extraction). summary.json reports micro accuracy with its 95% Wilson interval, macro accuracy
+(the mean of per-subject accuracies) and breakdowns; ``compare`` gives the paired difference of two runs
+with a 95% paired-bootstrap interval and an exact McNemar p-value, overall and per subject.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import itertools
 import json
+import math
 import os
-import re
 import sys
-from dataclasses import asdict, dataclass, field
 
-import torch
-from tqdm import tqdm
+import numpy as np
 
+import cli
 import parallel
-from chat import generate
-from data import left_pad
+from benchmarks import (BENCHMARKS, CMMLU_MED, DEFAULT_SHOTS, HERE, SAMPLE_DIRS, SAMPLE_SPLITS, SPLITS, EvalDataError,
+                        build_prompt, load, pick_shots, shot_pool)
 from lora_moe import load_adapter
 from model import load_model, resolve_dtype
+from scoring import score_generate, score_logits
 from tiny_qwen import model_dir_or_demo
-from tokenizer import apply_chat_template, load_tokenizer
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ("cmexam", "cmb", "cmmlu-med")
-# CMMLU-Med as defined by Apollo's XMedBench; names as in CMMLU's own subject table
-CMMLU_MED = {"anatomy": "解剖学", "clinical_knowledge": "临床知识", "college_medicine": "大学医学",
-             "genetics": "遗传学", "nutrition": "营养学", "traditional_chinese_medicine": "中医中药", "virology": "病毒学"}
-DEFAULT_SHOTS = {"cmexam": 0, "cmb": 0, "cmmlu-med": 5}
-SOURCES = {"cmexam": "github williamliujl/CMExam (data/train.csv, val.csv, test_with_annotations.csv)",
-           "cmb": "github FreedomIntelligence/CMB (data/CMB.zip -> CMB-Exam/..., data/CMB-test-choice-answer.json)",
-           "cmmlu-med": "github haonan-li/CMMLU (data/dev/<subject>.csv, data/test/<subject>.csv)"}
-
-
-@dataclass
-class Item:
-    id: str
-    subject: str          # per-subject breakdown key: CMMLU subject, CMB exam_class, CMExam department
-    question: str
-    options: dict         # letter -> text, in letter order
-    answer: str           # gold letters, sorted
-    multi: bool           # multi-answer question
-    meta: dict = field(default_factory=dict)
-
-
-class EvalDataError(ValueError):
-    pass
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loaders for the official files
-
-
-def find_file(data_dir: str, name: str, bench: str) -> str:
-    """``name`` (a path tail like 'dev/anatomy.csv') under ``data_dir`` at any depth, or a clear error."""
-    for root, _, files in os.walk(data_dir):
-        path = os.path.join(root, os.path.basename(name))
-        if os.path.basename(name) in files and path.replace(os.sep, "/").endswith(name):
-            return path
-    raise EvalDataError(f"{bench}: {name} not found under {data_dir}. Expected the official files from "
-                        f"{SOURCES[bench]}; --data-dir may point at the folder holding them or at the repo's data/.")
-
-
-def read_csv(path: str) -> list[dict]:
-    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: tolerate a BOM; csv handles CRLF
-        return list(csv.DictReader(f))
-
-
-def load_cmexam(data_dir: str, split: str) -> tuple[list[Item], int]:
-    name = {"test": "test_with_annotations.csv", "val": "val.csv", "train": "train.csv"}[split]
-    path = find_file(data_dir, name, "cmexam")
-    items, skipped = [], 0
-    for n, r in enumerate(read_csv(path)):
-        row = n + 2  # header is line 1
-        if not {"Question", "Options", "Answer"} <= r.keys():
-            raise EvalDataError(f"{path}: header must have Question,Options,Answer; got {list(r)}")
-        answer = (r["Answer"] or "").strip()
-        if not answer:  # one val row has no answer: skip, counted
-            skipped += 1
-            continue
-        options = {}
-        for line in r["Options"].strip().splitlines():  # "A 原发病": letter, space, text
-            m = re.match(r"\s*([A-F])\s+(.*)", line)
-            if not m:
-                raise EvalDataError(f"{path}: row {row}: option line {line!r} is not 'LETTER text'")
-            options[m.group(1)] = m.group(2).strip()
-        if not set(answer) <= options.keys():
-            raise EvalDataError(f"{path}: row {row}: answer {answer!r} not among options {sorted(options)}")
-        items.append(Item(f"cmexam-{split}-{n}", r.get("Clinical Department") or "all", r["Question"].strip(),
-                          options, "".join(sorted(answer)), len(answer) > 1))
-    return items, skipped
-
-
-def load_cmb(data_dir: str, split: str) -> tuple[list[Item], int]:
-    if split == "test":
-        qpath = find_file(data_dir, "CMB-test-choice-question-merge.json", "cmb")
-        apath = find_file(data_dir, "CMB-test-choice-answer.json", "cmb")
-        rows = json.load(open(qpath, encoding="utf-8"))
-        answers = {str(a["id"]): a["answer"] for a in json.load(open(apath, encoding="utf-8"))}
-        for r in rows:
-            if str(r.get("id")) not in answers:
-                raise EvalDataError(f"{apath}: no answer for question id {r.get('id')!r}")
-            r["answer"] = answers[str(r["id"])]
-    else:
-        qpath = find_file(data_dir, f"CMB-{split}-merge.json", "cmb")
-        rows = json.load(open(qpath, encoding="utf-8"))
-    items = []
-    for n, r in enumerate(rows):
-        missing = {"exam_type", "exam_class", "question", "question_type", "option", "answer"} - r.keys()
-        if missing:
-            raise EvalDataError(f"{qpath}: record {n}: missing {sorted(missing)}")
-        options = {k: v.strip() for k, v in sorted(r["option"].items()) if v and v.strip()}  # drop unused keys
-        answer = "".join(sorted(set(r["answer"].strip())))  # compare as letter sets: some are unsorted
-        if not answer or not set(answer) <= options.keys():
-            raise EvalDataError(f"{qpath}: record {n}: answer {r['answer']!r} not among options {sorted(options)}")
-        items.append(Item(f"cmb-{split}-{r.get('id', n)}", r["exam_class"], r["question"].strip(), options, answer,
-                          r["question_type"] == "多项选择题",
-                          {"exam_type": r["exam_type"], "exam_class": r["exam_class"], "question_type": r["question_type"]}))
-    return items, 0
-
-
-def load_cmmlu(data_dir: str, split: str, subjects) -> tuple[list[Item], int]:
-    items = []
-    for subject in subjects:
-        path = find_file(data_dir, f"{split}/{subject}.csv", "cmmlu-med")
-        for n, r in enumerate(read_csv(path)):
-            if not {"Question", "A", "B", "C", "D", "Answer"} <= r.keys():
-                raise EvalDataError(f"{path}: header must be ',Question,A,B,C,D,Answer'; got {list(r)}")
-            if r["Answer"].strip() not in "ABCD" or not r["Answer"].strip():
-                raise EvalDataError(f"{path}: row {n + 2}: answer {r['Answer']!r} is not one of A-D")
-            items.append(Item(f"cmmlu-{subject}-{split}-{n}", subject, r["Question"].strip(),
-                              {k: r[k].strip() for k in "ABCD"}, r["Answer"].strip(), False))
-    return items, 0
-
-
-def load(bench, data_dir, split, subjects=None):
-    if bench == "cmexam":
-        return load_cmexam(data_dir, split)
-    if bench == "cmb":
-        return load_cmb(data_dir, split)
-    return load_cmmlu(data_dir, split, subjects or list(CMMLU_MED))
-
-
-def shot_pool(bench, data_dir, split, subjects=None) -> list[Item]:
-    """Few-shot exemplars come from the dev/val split (CMMLU dev, CMB val, CMExam val or, for val, train)."""
-    pool_split = {"cmmlu-med": "dev", "cmb": "val", "cmexam": "val" if split != "val" else "train"}[bench]
-    return load(bench, data_dir, pool_split, subjects)[0]
-
-
-def pick_shots(bench, item: Item, pool: list[Item], k: int) -> list[Item]:
-    """The first k pool items of the same subject (CMMLU), exam_type+exam_class (CMB), or any (CMExam); never the item."""
-    if k <= 0:
-        return []
-    if bench == "cmmlu-med":
-        same = [p for p in pool if p.subject == item.subject]
-    elif bench == "cmb":
-        same = [p for p in pool if p.meta["exam_type"] == item.meta["exam_type"] and p.subject == item.subject]
-    else:
-        same = pool
-    return [p for p in same if p.id != item.id][:k]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Prompts
-
-
-def options_text(item: Item) -> str:
-    return "\n".join(f"{k}. {v}" for k, v in item.options.items())
-
-
-def question_text(bench: str, item: Item) -> str:
-    """The question part of a prompt, without the answer cue."""
-    if bench == "cmmlu-med":  # CMMLU's official per-question format
-        return f"题目：{item.question}\n{options_text(item)}"
-    if bench == "cmb":  # CMB's official answer-only (no-CoT) template
-        m = item.meta
-        return (f"以下是中国{m['exam_type']}中{m['exam_class']}考试的一道{m['question_type']}，"
-                f"不需要做任何分析和解释，直接输出答案选项。\n{item.question}\n{options_text(item)}")
-    # CMExam publishes no prompt; ours mirrors CMB's, stating single/multi as CMB does
-    kind = "多项选择题" if item.multi else "单项选择题"
-    return f"以下是中国医学考试的一道{kind}，不需要做任何分析和解释，直接输出答案选项。\n{item.question}\n{options_text(item)}"
-
-
-ANSWER_CUE = {"cmmlu-med": "答案是：", "cmb": "答案：", "cmexam": "答案："}
-
-
-def build_prompt(bench: str, item: Item, shots: list[Item], chat: bool) -> str:
-    """Raw: header (CMMLU) + shots '...{cue}{X}\\n\\n' + question + cue. Chat: shots as user/assistant turns."""
-    if chat:
-        msgs = []
-        for s in shots:
-            msgs += [{"role": "user", "content": question_text(bench, s)}, {"role": "assistant", "content": s.answer}]
-        msgs.append({"role": "user", "content": question_text(bench, item)})
-        if bench == "cmmlu-med":
-            msgs[0]["content"] = f"以下是关于{CMMLU_MED[item.subject]}的单项选择题，请直接给出正确答案的选项。\n\n" + msgs[0]["content"]
-        return apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False)
-    cue = ANSWER_CUE[bench]
-    head = f"以下是关于{CMMLU_MED[item.subject]}的单项选择题，请直接给出正确答案的选项。\n\n" if bench == "cmmlu-med" else ""
-    body = "".join(f"{question_text(bench, s)}\n{cue}{s.answer}\n\n" for s in shots)
-    return f"{head}{body}{question_text(bench, item)}\n{cue}"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Scoring
-
-
-def letter_token_ids(tok) -> dict:
-    out = {}
-    for c in "ABCDEF":
-        ids = tok.encode(c)
-        if len(ids) != 1:
-            raise ValueError(f"option letter {c!r} is not a single token in this vocabulary: {ids}")
-        out[c] = ids[0]
-    return out
-
-
-@torch.inference_mode()
-def next_token_logprobs(model, seqs: list[list[int]], pad_id: int):
-    """log-softmax of the next-token logits after each sequence (batched, left-padded): (B, V) fp32."""
-    device = model.lm_head.weight.device
-    ids, mask = left_pad(seqs, pad_id)
-    logits = model(ids.to(device), attention_mask=mask.to(device), last_only=True)[:, -1]
-    return logits.float().log_softmax(-1).cpu()
-
-
-@torch.inference_mode()
-def answer_string_logprob(model, prompt: list[int], conts: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Total log-probability of each continuation after ``prompt`` (one batched forward; head only where needed)."""
-    device = model.lm_head.weight.device
-    seqs = [prompt + c for c in conts]
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)  # right padding: real tokens never see the pads after them
-    hidden = model.model(ids.to(device))
-    scores = torch.zeros(len(seqs))
-    for i, c in enumerate(conts):
-        pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c), device=device)  # positions predicting c
-        lp = model.lm_head(hidden[i, pos]).float().log_softmax(-1)
-        scores[i] = lp.gather(-1, torch.tensor(c, device=device)[:, None]).sum().cpu()
-    return scores
-
-
-def score_logits(model, tok, prompts, items, batch_size, chat: bool):
-    """Predictions and the letter distributions (softmax over the item's letters) for every item."""
-    letters = letter_token_ids(tok)
-    terminator = tok.encode("<|im_end|>") if chat else tok.encode("\n\n")
-    encoded = [tok.encode(p) for p in prompts]
-    preds, probs = [None] * len(items), [None] * len(items)
-    order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths batch together
-    for b in tqdm(range(0, len(order), batch_size), desc="scoring", disable=not sys.stderr.isatty()):
-        idx = order[b:b + batch_size]
-        lp = next_token_logprobs(model, [encoded[i] for i in idx], tok.pad_id)
-        for row, i in enumerate(idx):
-            opts = list(items[i].options)
-            sel = lp[row, [letters[c] for c in opts]]
-            probs[i] = dict(zip(opts, [round(x, 6) for x in sel.softmax(-1).tolist()]))
-            preds[i] = opts[int(sel.argmax())]
-            if items[i].multi:  # exact MAP over every non-empty subset, written sorted + terminator
-                cands = ["".join(c) for n in range(1, len(opts) + 1) for c in itertools.combinations(opts, n)]
-                s = answer_string_logprob(model, encoded[i], [tok.encode(c) + terminator for c in cands], tok.pad_id)
-                preds[i] = cands[int(s.argmax())]
-    return preds, probs
-
-
-ANSWER_RUN = re.compile(r"[A-F](?:[\s,，、和及]*[A-F])*")
-
-
-def extract_answer(text: str, item: Item) -> str | None:
-    """Official-style extraction: the first run of option letters in the output (e.g. 'A', 'ABD', 'A、C')."""
-    for m in ANSWER_RUN.finditer(text):
-        found = sorted({c for c in m.group(0) if c in item.options})
-        if found:
-            return "".join(found) if item.multi else found[0]
-    return None
-
-
-def score_generate(model, tok, prompts, items, batch_size, max_new_tokens=16):
-    preds = [None] * len(items)
-    encoded = [tok.encode(p) for p in prompts]
-    order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
-    device = model.lm_head.weight.device
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        ids, mask = left_pad([encoded[i] for i in idx], tok.pad_id)
-        out = generate(model, ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                       eos_id=tok.eos_id, pad_id=tok.pad_id)
-        for row, i in enumerate(idx):
-            text = tok.decode([t for t in out[row].tolist() if t not in (tok.eos_id, tok.pad_id)])
-            preds[i] = extract_answer(text, items[i])
-    return preds, [None] * len(items)
+from tokenizer import load_tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Metrics
 
 
+def wilson_interval(k: int, n: int, z: float = 1.96) -> list[float] | None:
+    """95% Wilson score interval of a proportion k / n."""
+    if n == 0:
+        return None
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [round((centre - half) / (1 + z * z / n), 4), round((centre + half) / (1 + z * z / n), 4)]
+
+
 def summarize(bench: str, records: list[dict]) -> dict:
+    """Micro accuracy (+ 95% interval), macro = mean of per-subject accuracies, and breakdowns."""
     def acc(rs):
         return round(sum(r["correct"] for r in rs) / len(rs), 4) if rs else None
 
@@ -317,42 +56,105 @@ def summarize(bench: str, records: list[dict]) -> dict:
     for r in records:
         by_subject.setdefault(r["subject"], []).append(r)
     per_subject = {s: {"n": len(rs), "accuracy": acc(rs)} for s, rs in sorted(by_subject.items())}
+    single, multi = [r for r in records if not r["multi"]], [r for r in records if r["multi"]]
     return {
         "benchmark": bench, "n": len(records),
         "accuracy_micro": acc(records),
+        "accuracy_micro_ci95": wilson_interval(sum(r["correct"] for r in records), len(records)),
         "accuracy_macro": round(sum(v["accuracy"] for v in per_subject.values()) / len(per_subject), 4) if per_subject else None,
-        "single_answer": {"n": sum(not r["multi"] for r in records), "accuracy": acc([r for r in records if not r["multi"]])},
-        "multi_answer": {"n": sum(r["multi"] for r in records), "accuracy": acc([r for r in records if r["multi"]])},
+        # by the gold answer's arity: reporting only, the predictions never saw it
+        "single_answer": {"n": len(single), "accuracy": acc(single)},
+        "multi_answer": {"n": len(multi), "accuracy": acc(multi)},
         "unparsable": sum(r["predicted"] is None for r in records),
         "per_subject": per_subject,
     }
 
 
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts (b: only A right, c: only B right)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed: int = 0) -> dict:
+    """B - A accuracy on the same questions: the difference, its 95% paired-bootstrap interval, McNemar."""
+    rng = np.random.default_rng(seed)
+    d = b.astype(float) - a.astype(float)
+    boots = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    only_a, only_b = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+    return {"n": len(d), "accuracy_a": round(float(a.mean()), 4), "accuracy_b": round(float(b.mean()), 4),
+            "difference": round(float(d.mean()), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)],
+            "only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": round(mcnemar_exact(only_a, only_b), 6)}
+
+
+def read_predictions(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvalDataError(f"{path}: cannot read predictions ({e})") from None
+    if not rows or not all(isinstance(r, dict) and {"id", "subject", "gold", "correct"} <= r.keys() for r in rows):
+        raise EvalDataError(f"{path}: not an eval.py predictions.jsonl (each line needs id, subject, gold, correct)")
+    return {r["id"]: r for r in rows}
+
+
+def compare(path_a: str, path_b: str) -> dict:
+    """Paired comparison of two runs over the same questions, overall and per subject."""
+    a, b = read_predictions(path_a), read_predictions(path_b)
+    if a.keys() != b.keys():
+        raise EvalDataError(f"{path_a} and {path_b} do not hold the same questions "
+                            f"({len(a.keys() - b.keys())} only in A, {len(b.keys() - a.keys())} only in B)")
+    differ = [i for i in a if a[i]["gold"] != b[i]["gold"]]
+    if differ:
+        raise EvalDataError(f"the two runs disagree on the gold answer of {len(differ)} questions, e.g. {differ[0]}")
+    ids = sorted(a)
+    out = {"overall": paired_difference(np.array([a[i]["correct"] for i in ids]), np.array([b[i]["correct"] for i in ids]))}
+    for s in sorted({a[i]["subject"] for i in ids}):
+        sub = [i for i in ids if a[i]["subject"] == s]
+        out[s] = paired_difference(np.array([a[i]["correct"] for i in sub]), np.array([b[i]["correct"] for i in sub]))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
+# Evaluating one benchmark
 
 
-def evaluate(args) -> dict:
-    bench = args.benchmark
-    rank, world, device = parallel.setup()
+def resolve_data(args, rank: int):
+    """(data dir, split): the user's, or the bundled sample (loudly not a benchmark score)."""
+    if args.data_dir is not None:
+        return args.data_dir, args.split
+    split = SAMPLE_SPLITS[args.benchmark] if args.split == "test" else args.split
+    if rank == 0:
+        print("=" * 78 + f"\nNO --data-dir: scoring the small bundled {split} sample. THESE ARE NOT BENCHMARK "
+              "NUMBERS.\n" + ("(the CMB sample is written by us in CMB's format, not CMB items)\n"
+                              if args.benchmark == "cmb" else "") + "=" * 78, file=sys.stderr)
+    return os.path.join(HERE, "data", "bench_sample", SAMPLE_DIRS[args.benchmark]), split
 
-    data_dir, split = args.data_dir, args.split
-    if data_dir is None:
-        data_dir = os.path.join(HERE, "data", "bench_sample", {"cmexam": "cmexam", "cmb": "cmb", "cmmlu-med": "cmmlu"}[bench])
-        split = {"cmexam": "val", "cmb": "val", "cmmlu-med": "dev"}[bench] if split == "test" else split
-        if rank == 0:
-            print("=" * 78 + f"\nNO --data-dir: scoring the small bundled {split} sample. THESE ARE NOT BENCHMARK "
-                  "NUMBERS.\n" + ("(the CMB sample is written by us in CMB's format, not CMB items)\n" if bench == "cmb" else "")
-                  + "=" * 78, file=sys.stderr)
-    subjects = args.subjects.split(",") if args.subjects else list(CMMLU_MED)
+
+def load_questions(args, data_dir: str, split: str):
+    """(items, few-shot prompts as (prefix, rest), shots, rows skipped) for every question of the split."""
+    bench, subjects = args.benchmark, args.subjects.split(",") if args.subjects else list(CMMLU_MED)
     unknown = [s for s in subjects if s not in CMMLU_MED]
     if bench == "cmmlu-med" and unknown:
         raise EvalDataError(f"unknown CMMLU-Med subject(s) {unknown}: valid are {list(CMMLU_MED)}")
     items, skipped = load(bench, data_dir, split, subjects)
+    items = items[:args.limit] if args.limit else items
+    if not items:
+        raise EvalDataError(f"{bench} {split} under {data_dir}: no questions to score")
     shots = DEFAULT_SHOTS[bench] if args.shots is None else args.shots
     pool = shot_pool(bench, data_dir, split, subjects) if shots > 0 else []
-    if args.limit:
-        items = items[:args.limit]
+    return items, shots, pool, skipped
 
+
+def evaluate(args) -> dict:
+    rank, world, device = parallel.setup()
+    bench = args.benchmark
+    data_dir, split = resolve_data(args, rank)
+    items, shots, pool, skipped = load_questions(args, data_dir, split)
     model_dir = model_dir_or_demo(args.model)
     model = load_model(model_dir, dtype=resolve_dtype(args.dtype, device), device=device)
     tok = load_tokenizer(model_dir)
@@ -367,58 +169,86 @@ def evaluate(args) -> dict:
         preds, probs = score_logits(model, tok, prompts, mine, args.batch_size, chat)
     else:
         preds, probs = score_generate(model, tok, prompts, mine, args.batch_size)
-    records = [{"id": it.id, "subject": it.subject, "prompt_sha1": hashlib.sha1(p.encode()).hexdigest()[:12],
-                "options": it.options, "gold": it.answer, "predicted": pr, "multi": it.multi,
-                "correct": pr is not None and set(pr) == set(it.answer), "letter_probs": pb}
-               for it, p, pr, pb in zip(mine, prompts, preds, probs)]
+    records = [{"id": it.id, "subject": it.subject, "prompt_sha1": hashlib.sha1((p + r).encode()).hexdigest()[:12],
+                "options": it.options, "pick_many": it.pick_many, "gold": it.answer, "predicted": pr,
+                "multi": it.multi, "correct": pr is not None and set(pr) == set(it.answer), "letter_probs": pb}
+               for it, (p, r), pr, pb in zip(mine, prompts, preds, probs)]
     records = [r for part in parallel.all_gather_objects(records) for r in part]
     summary = summarize(bench, records)
     summary.update(split=split, shots=shots, mode=args.mode, chat=chat, model=model_dir, adapter=args.adapter,
                    data_dir=data_dir, skipped_rows_without_answer=skipped)
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "predictions.jsonl"), "w", encoding="utf-8") as f:
-            for r in sorted(records, key=lambda r: r["id"]):
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, ensure_ascii=False, indent=2)
-        print(f"{bench} {split} ({summary['n']} questions, {shots}-shot, {args.mode}{', chat' if chat else ''}): "
-              f"micro {summary['accuracy_micro']}, macro {summary['accuracy_macro']}, single "
-              f"{summary['single_answer']['accuracy']}, multi {summary['multi_answer']['accuracy']}; "
-              f"{summary['unparsable']} unparsable -> {args.out}/summary.json")
+        write_results(args.out, records, summary)
     return summary
 
 
+def write_results(out: str, records: list[dict], summary: dict):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "predictions.jsonl"), "w", encoding="utf-8") as f:
+        for r in sorted(records, key=lambda r: r["id"]):
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, ensure_ascii=False, indent=2)
+    s = summary
+    print(f"{s['benchmark']} {s['split']} ({s['n']} questions, {s['shots']}-shot, {s['mode']}{', chat' if s['chat'] else ''}): "
+          f"micro {s['accuracy_micro']} (95% CI {s['accuracy_micro_ci95']}), macro {s['accuracy_macro']}, "
+          f"gold single {s['single_answer']['accuracy']}, gold multi {s['multi_answer']['accuracy']}; "
+          f"{s['unparsable']} unparsable -> {out}/summary.json")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("benchmark", help=f"one of {', '.join(BENCHMARKS)}")
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("benchmark", help=f"one of {', '.join(BENCHMARKS)} (or 'compare A B')")
     ap.add_argument("--model", default=None, help="Qwen3 HF checkpoint dir (default: the tiny random demo model)")
     ap.add_argument("--adapter", default=None, help="a SparseDoctor adapter/checkpoint dir (implies --chat)")
     ap.add_argument("--data-dir", default=None, help="folder with the official files (default: bundled sample)")
-    ap.add_argument("--split", default="test", choices=["test", "val", "dev", "train"])
-    ap.add_argument("--shots", type=int, default=None, help="few-shot exemplars (default: 0 CMExam/CMB, 5 CMMLU-Med)")
+    ap.add_argument("--split", default="test", choices=["test", "val", "dev", "train"],
+                    help="cmexam: test/val/train, cmb: test/val, cmmlu-med: test/dev")
+    ap.add_argument("--shots", type=cli.at_least(0), default=None, help="few-shot exemplars (default: 0 CMExam/CMB, 5 CMMLU-Med)")
     ap.add_argument("--mode", default="logits", choices=["logits", "generate"])
     ap.add_argument("--chat", action="store_true", help="wrap prompts in the Qwen3 chat template (thinking off)")
     ap.add_argument("--subjects", default=None, help=f"CMMLU-Med subjects, comma-separated (default: {','.join(CMMLU_MED)})")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--limit", type=cli.at_least(1), default=None, help="only the first N questions (N >= 1)")
+    ap.add_argument("--batch-size", type=cli.at_least(1), default=8)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-    ap.add_argument("--out", default="runs/eval")
+    ap.add_argument("--out", default=None, help="output dir (default: runs/eval/<benchmark>)")
+    ap.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     args = ap.parse_args(argv)
     if args.benchmark not in BENCHMARKS:
         ap.error(f"unknown benchmark {args.benchmark!r}: valid names are {', '.join(BENCHMARKS)}")
-    if args.out == "runs/eval":
-        args.out = os.path.join("runs", "eval", args.benchmark)
+    if args.data_dir is not None and args.split not in SPLITS[args.benchmark]:
+        ap.error(f"--split {args.split}: {args.benchmark} has {', '.join(SPLITS[args.benchmark])}")
+    args.out = args.out or os.path.join("runs", "eval", args.benchmark)
     return args
 
 
+def compare_main(argv):
+    ap = cli.Parser(prog="eval.py compare", description="Paired comparison of two eval runs (B - A).")
+    ap.add_argument("a", help="predictions.jsonl of run A (e.g. the base model)")
+    ap.add_argument("b", help="predictions.jsonl of run B (e.g. with the adapter)")
+    a = ap.parse_args(argv)
+    res = compare(a.a, a.b)
+    print(f"{'subject':32s} {'n':>6s} {'acc A':>7s} {'acc B':>7s} {'B - A':>7s} {'95% CI':>18s} {'McNemar p':>10s}")
+    for name, r in res.items():
+        print(f"{name:32s} {r['n']:6d} {r['accuracy_a']:7.4f} {r['accuracy_b']:7.4f} {r['difference']:+7.4f} "
+              f"{'[%+.4f, %+.4f]' % tuple(r['ci95']):>18s} {r['mcnemar_p']:10.4g}")
+    return res
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        evaluate(args)
-    except EvalDataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if argv[:1] == ["compare"]:
+            cli.run(lambda: compare_main(argv[1:]), "--debug" in argv)
+        else:
+            args = parse_args(argv)
+            cli.run(lambda: evaluate(args), args.debug)  # user mistakes: one line, exit 2
+    finally:
+        parallel.shutdown()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -270,13 +271,47 @@ def save_adapter(model: nn.Module, path: str, tensors: dict | None = None):
                    "base_config": asdict(model.cfg)}, f, indent=2)
 
 
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(path: str):
+    """``manifest.json``: the sha256 of every file in the dir (a checkpoint), so corruption is caught on load."""
+    files = sorted(f for f in os.listdir(path) if f != "manifest.json" and os.path.isfile(os.path.join(path, f)))
+    with open(os.path.join(path, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump({name: file_sha256(os.path.join(path, name)) for name in files}, f, indent=1)
+
+
+def verify_manifest(path: str):
+    """Check every file named in ``manifest.json`` (if the dir has one) against its sha256."""
+    manifest = os.path.join(path, "manifest.json")
+    if not os.path.exists(manifest):
+        return
+    with open(manifest, encoding="utf-8") as f:
+        sums = json.load(f)
+    for name, digest in sums.items():
+        file = os.path.join(path, os.path.basename(name))
+        if not os.path.isfile(file) or file_sha256(file) != digest:
+            raise ValueError(f"{file} is missing or does not match the checkpoint's manifest.json: corrupted or edited")
+
+
+LATEST = re.compile(r"ckpt-\d+")
+
+
 def resolve_adapter_dir(path: str) -> str:
     """An adapter/checkpoint dir, a train.py run dir, or its ``latest`` file -> the adapter dir."""
     if os.path.isfile(path) and os.path.basename(path) == "latest":
         path = os.path.dirname(path) or "."
     if not os.path.exists(os.path.join(path, "adapter_config.json")) and os.path.isfile(os.path.join(path, "latest")):
-        with open(os.path.join(path, "latest")) as f:
-            path = os.path.join(path, f.read().strip())
+        with open(os.path.join(path, "latest"), encoding="utf-8") as f:
+            name = f.read().strip()
+        if not LATEST.fullmatch(name):  # why: a hand-edited latest must not point outside the run dir
+            raise ValueError(f"{path}/latest names {name[:40]!r}, not a ckpt-NNNNNN checkpoint of this run")
+        path = os.path.join(path, name)
     return path
 
 
@@ -288,8 +323,12 @@ def load_adapter(model: nn.Module, path: str) -> dict:
     cfg_file = os.path.join(path, "adapter_config.json")
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"{cfg_file} not found: an adapter dir holds adapter_config.json + adapter.safetensors")
+    verify_manifest(path)
     with open(cfg_file, encoding="utf-8") as f:
         cfg = json.load(f)
+    missing = [k for k in ("base_config_hash", *(f.name for f in fields(LoRAMoEConfig))) if k not in cfg]
+    if missing:
+        raise ValueError(f"{cfg_file} is not a SparseDoctor adapter config: missing {missing}")
     if cfg["base_config_hash"] != base_config_hash(model):
         theirs, ours = cfg.get("base_config", {}), asdict(model.cfg)
         diff = {k: (theirs.get(k), ours[k]) for k in ours if theirs.get(k) != ours[k]}

@@ -191,6 +191,17 @@ class KVCache:
         self.v[layer, :, :, self.pos:self.pos + T] = v
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
 
+    def repeat(self, batch: int, max_len: int) -> "KVCache":
+        """A new cache of ``batch`` rows that each start with this (1-row) cache's contents: a shared prefix."""
+        new = KVCache.__new__(KVCache)
+        L, _, H, _, D = self.k.shape
+        new.k = self.k.new_zeros(L, batch, H, max_len, D)
+        new.v = self.v.new_zeros(L, batch, H, max_len, D)
+        new.k[:, :, :, :self.pos] = self.k[:, :1, :, :self.pos]
+        new.v[:, :, :, :self.pos] = self.v[:, :1, :, :self.pos]
+        new.pos = self.pos
+        return new
+
 
 # ----------------------------------------------------------------------------------------------------------
 # The model
@@ -207,22 +218,18 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                attn_mask=None):
+        """``attention_mask`` (B, past + T): 1 = real token, 0 = left padding, as in HF. ``attn_mask``
+        (B, T, past + T) bool, with ``position_ids``: exactly which keys each query sees (tree-shaped
+        continuations, eval.py's shared-prefix scoring); it replaces the causal and padding masks."""
         B, T = input_ids.shape
         past = cache.pos if cache is not None else 0
         x = self.embed_tokens(input_ids)
-        if attention_mask is not None and bool((attention_mask == 0).any()):
-            # attention_mask (B, past + T): 1 = real token, 0 = padding (left padding), as in HF.
-            keep = attention_mask.bool()
-            if position_ids is None:
-                # real tokens count from 0 whatever the padding, so a padded row equals the same row unpadded
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            S = past + T
-            causal = torch.arange(S, device=x.device)[None, :] <= (past + torch.arange(T, device=x.device))[:, None]
-            mask = causal[None] & keep[:, None, :]  # (B, T, S)
-            # why: a padding query sees no key at all and SDPA would return NaN; let it see itself (output unused).
-            mask = mask | (torch.arange(S, device=x.device)[None, None, :] == past + torch.arange(T, device=x.device)[None, :, None])
-            mask = mask[:, None]  # (B, 1, T, S), broadcast over heads
+        if attn_mask is not None:
+            mask = attn_mask[:, None]  # (B, 1, T, S), broadcast over heads
+        elif attention_mask is not None and bool((attention_mask == 0).any()):
+            mask, position_ids = self.padding_mask(attention_mask, position_ids, past, T)
         else:
             mask = None
             if T > 1 and past > 0:  # a multi-token chunk after a prefix: causal mask with an offset
@@ -239,6 +246,21 @@ class Qwen3Model(nn.Module):
         if cache is not None:
             cache.pos += T
         return self.norm(x)
+
+
+    @staticmethod
+    def padding_mask(attention_mask, position_ids, past: int, T: int):
+        """Left padding: the (B, 1, T, S) causal mask without padding keys, and positions counted from each
+        row's first real token, so a padded row equals the same row unpadded."""
+        keep, dev = attention_mask.bool(), attention_mask.device
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        S = past + T
+        q = past + torch.arange(T, device=dev)
+        mask = (torch.arange(S, device=dev)[None, :] <= q[:, None])[None] & keep[:, None, :]  # (B, T, S)
+        # why: a padding query sees no key at all and SDPA would return NaN; let it see itself (output unused).
+        mask = mask | (torch.arange(S, device=dev)[None, None, :] == q[None, :, None])
+        return mask[:, None], position_ids
 
 
 class Qwen3(nn.Module):

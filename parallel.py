@@ -56,6 +56,23 @@ def broadcast_object(obj):
     return box[0]
 
 
+def broadcast_outcome(fn):
+    """Rank 0 runs ``fn``; every rank gets its result, or raises its error (so no rank waits forever)."""
+    if not is_distributed():
+        return fn()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            box = [("error", e)]
+    dist.broadcast_object_list(box)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
 def all_gather_objects(obj) -> list:
     """Every rank's picklable ``obj``, in rank order."""
     if not is_distributed():

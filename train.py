@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -25,13 +24,15 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimi
 from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
+import cli
 import parallel
-from checkpoint import full_tensor, gather_state, load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint
+from checkpoint import (RunDirError, RunLock, checkpoints, clear_run, find_resume, full_tensor, gather_state,
+                        load_checkpoint, restore_rng, save_checkpoint, trim_metrics)
 from contrastive import make_heads
 from data import IGNORE, DataError, batch_order, collate, encode_all, read_jsonl
 from expert_queue import ExpertQueues
 from lora_moe import TARGETS, LoRAMoEConfig, add_lora_moe, record_expert_acts, routing_stats, sites
-from model import load_model, resolve_dtype
+from model import Qwen3Config, load_model, resolve_dtype
 from objective import HybridLoss
 from tiny_qwen import model_dir_or_demo
 from tokenizer import load_tokenizer
@@ -79,26 +80,65 @@ class TrainConfig(LoRAMoEConfig):
     out: str = "runs/sparsedoctor"
     save_every: int = 50
     keep: int = 2                     # checkpoints kept
-    resume: str | None = None         # a run dir, its latest file, or a checkpoint dir
+    resume: str | None = None         # a run dir (its newest valid checkpoint), or a checkpoint dir; empty: fresh
+    overwrite: bool = False           # start over in an --out that holds an earlier run
     log_every: int = 1                # steps between per-layer routing stats in metrics.jsonl
     progress: bool = True             # --no-progress: no progress bar
+    debug: bool = False               # tracebacks instead of one-line errors
+
+
+INF = float("inf")
+CHECKS = {  # each numeric flag's parser, which states its valid range
+    "num_experts": cli.at_least(1), "rank": cli.at_least(1), "top_k": cli.at_least(1),
+    "alpha": cli.in_range(0, INF, lo_open=True), "dropout": cli.in_range(0, 1, hi_open=True),
+    "max_len": cli.at_least(2), "batch_size": cli.at_least(1), "grad_accum": cli.at_least(1), "steps": cli.at_least(1),
+    "lr": cli.in_range(0, INF, lo_open=True), "warmup": cli.at_least(0), "min_lr_ratio": cli.in_range(0, 1),
+    "weight_decay": cli.at_least(0, float), "clip": cli.at_least(0, float), "seed": cli.at_least(0),
+    "lambda_bal": cli.at_least(0, float), "z_loss": cli.at_least(0, float), "lambda_cl": cli.at_least(0, float),
+    "temperature": cli.in_range(0, INF, lo_open=True), "queue_size": cli.at_least(1), "proj_dim": cli.at_least(1),
+    "tokens_per_site": cli.at_least(1), "ce_chunk": cli.at_least(1), "save_every": cli.at_least(1),
+    "keep": cli.at_least(1), "log_every": cli.at_least(1)}
+# adapter and loss shapes a checkpoint was trained with: a resume must use the same ones
+FIXED_ON_RESUME = ("num_experts", "rank", "alpha", "top_k", "targets", "proj_dim", "queue_size", "no_queue")
+
+
+def parse_targets(s: str) -> tuple:
+    names = tuple(t.strip() for t in s.split(",") if t.strip())
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{unknown or s!r} not projection names; valid: {','.join(TARGETS)}")
+    return names
 
 
 def parse_args(argv=None) -> TrainConfig:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Flags -> TrainConfig; every value checked here, before anything is loaded."""
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
         if f.name == "progress":
             ap.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
         elif f.type == "bool":
-            ap.add_argument("--" + f.name.replace("_", "-"), action="store_true", dest=f.name)
+            ap.add_argument(flag, action="store_true", dest=f.name)
         elif f.name == "targets":
-            ap.add_argument("--targets", type=lambda s: tuple(t.strip() for t in s.split(",")), default=TARGETS,
-                            help=f"comma-separated projections (default: {','.join(TARGETS)})")
+            ap.add_argument(flag, type=parse_targets, default=TARGETS, help=f"default: {','.join(TARGETS)}")
         else:
-            typ = {"int": int, "float": float}.get(f.type, str)
-            ap.add_argument("--" + f.name.replace("_", "-"), type=typ, default=f.default, dest=f.name,
-                            help=f"default: {f.default}")
-    return TrainConfig(**vars(ap.parse_args(argv)))
+            ap.add_argument(flag, type=CHECKS.get(f.name, str), default=f.default, dest=f.name, help=f"default: {f.default}")
+    ns = ap.parse_args(argv)
+    if ns.top_k > ns.num_experts:
+        ap.error(f"argument --top-k: {ns.top_k} must be <= --num-experts {ns.num_experts}")
+    cfg = TrainConfig(**vars(ns))
+    if not os.path.isfile(cfg.data):
+        ap.error(f"argument --data: {cfg.data} is {'a directory' if os.path.isdir(cfg.data) else 'not found'}, "
+                 "expected a jsonl file")
+    if cfg.model is not None:
+        for name in ("config.json", "tokenizer.json"):
+            if not os.path.isfile(os.path.join(cfg.model, name)):
+                ap.error(f"argument --model: {cfg.model} has no {name}: expected a Hugging Face Qwen3 checkpoint dir")
+        try:
+            Qwen3Config.from_json(os.path.join(cfg.model, "config.json"))
+        except (ValueError, KeyError, TypeError, UnicodeError) as e:
+            ap.error(f"argument --model: {cfg.model}/config.json: {cli.message(e)}")
+    return cfg
 
 
 def seed_everything(seed: int):
@@ -117,6 +157,34 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 # ----------------------------------------------------------------------------------------------------------
 # Building the run
+
+
+def plan_run(cfg: TrainConfig, log) -> str | None:
+    """Rank 0, before anything is loaded: the checkpoint to resume (None = a fresh run), after checking that
+    --out is free to use and that the flags fit the checkpoint. Flags that differ are applied and logged."""
+    ckpt = find_resume(cfg.resume) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        log(f"--resume {cfg.resume}: no checkpoint there yet, starting a fresh run")
+    if ckpt is None:
+        earlier = checkpoints(cfg.out) or os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))
+        if earlier and not cfg.overwrite:
+            raise RunDirError(f"{cfg.out} holds an earlier run: --resume {cfg.out} continues it, --overwrite starts over")
+        if earlier:
+            clear_run(cfg.out)
+        return None
+    with open(os.path.join(ckpt, "train_config.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    now = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+    use_cl = {k: not c.get("no_contrastive") and c.get("lambda_cl", 0) > 0 for k, c in (("saved", saved), ("now", now))}
+    fixed = {k: (saved.get(k), now[k]) for k in FIXED_ON_RESUME if saved.get(k) != now[k]}
+    if use_cl["saved"] != use_cl["now"]:
+        fixed["contrastive loss on"] = (use_cl["saved"], use_cl["now"])
+    if fixed:
+        raise RunDirError(f"--resume {ckpt}: these differ from the checkpoint (saved, now): {fixed}")
+    for k in sorted(now.keys() - {"resume", "overwrite", "progress", "debug", "out"}):
+        if k in saved and saved[k] != now[k]:
+            log(f"resume: --{k.replace('_', '-')} {saved[k]} -> {now[k]} (applied)")
+    return ckpt
 
 
 def load_data(cfg: TrainConfig, tok, log):
@@ -166,10 +234,11 @@ def restore_optimizer(body, opt, sched, gen, state: dict, cfg: TrainConfig) -> i
     """Optimizer, schedule and RNG from a checkpoint's state; returns the step to continue from."""
     set_optimizer_state_dict(body, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     sched.load_state_dict(state["scheduler"])
-    # the schedule is a function of (step, --steps): re-derive the lr, so resuming with a longer --steps
-    # extends the cosine instead of keeping the lr the shorter run had reached
-    for g, base in zip(opt.param_groups, sched.base_lrs):
-        g["lr"] = base * lr_at(state["step"], cfg)
+    # the schedule is a function of (step, --lr, --steps, ...) of *this* run: re-derive it, so a resume with a
+    # longer --steps extends the cosine and a new --lr or --weight-decay really applies (plan_run logs it)
+    sched.base_lrs = [cfg.lr for _ in opt.param_groups]
+    for g in opt.param_groups:
+        g.update(initial_lr=cfg.lr, lr=cfg.lr * lr_at(state["step"], cfg), weight_decay=cfg.weight_decay)
     restore_rng(state["rng"], gen)
     return state["step"]
 
@@ -211,15 +280,20 @@ def train_step(wrapped, body, batches, params, opt, sched, cfg: TrainConfig, fsd
             loss.backward()
         for k, v in parts.items():
             sums[k] += v.item() if v is not None else 0.0
-    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.clip)) if cfg.clip > 0 else torch.tensor(0.0)
+    grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else INF)))
+    world = parallel.world_size()
+    lm, bal, cl = parallel.all_sum([sums["lm"], sums["balance"] / world, sums["contrastive"] / world], device)
+    if not all(math.isfinite(x) for x in (lm, bal, cl, grad_norm)):  # the same global values on every rank
+        raise FloatingPointError(f"non-finite loss (lm {lm}, balance {bal}, contrastive {cl}) or gradient norm "
+                                 f"({grad_norm}): stopped before the update; the last checkpoint is untouched "
+                                 "(try a lower --lr or a larger --temperature)")
+    lr = opt.param_groups[0]["lr"]  # the lr this step used
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    world = parallel.world_size()
-    lm, bal, cl = parallel.all_sum([sums["lm"], sums["balance"] / world, sums["contrastive"] / world], device)
     bal, cl = (bal if body.lambda_bal > 0 else None), (cl if body.lambda_cl > 0 else None)
     return {"loss": lm + body.lambda_bal * (bal or 0.0) + body.lambda_cl * (cl or 0.0), "lm": lm, "balance": bal,
-            "contrastive": cl, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": n_tok,
+            "contrastive": cl, "lr": lr, "grad_norm": grad_norm, "tokens": n_tok,
             "padding_share": (n_all - n_tok) / n_all}
 
 
@@ -241,22 +315,28 @@ def per_layer(stats: dict) -> dict:
 def train(cfg: TrainConfig) -> list[dict]:
     """Run training; returns the per-step metrics (rank 0 also writes them to out/metrics.jsonl)."""
     rank, world, device = parallel.setup()
+    lock = RunLock(cfg.out) if rank == 0 else None  # one run per --out
+    try:
+        return run(cfg, rank, world, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
     main = rank == 0
     log = print if main else (lambda *a, **k: None)
     seed_everything(cfg.seed)
 
-    # 1. data, model and adapters (rank 0 creates the demo model once; the others wait for its path)
-    model_dir = parallel.broadcast_object(model_dir_or_demo(cfg.model) if main else None)
+    # 1. what to resume (rank 0 decides, before anything is loaded), data, model and adapters
+    ckpt = parallel.broadcast_outcome(lambda: plan_run(cfg, log) if main else None)
+    model_dir = parallel.broadcast_object(model_dir_or_demo(cfg.model) if main else None)  # demo made once
     tok = load_tokenizer(model_dir)
     batches = Batches(load_data(cfg, tok, log), cfg, tok.pad_id, rank, world)
     model, heads, queues, gen = build_model(cfg, model_dir, device, rank, verbose=main)
 
     # 2. resume: adapters, heads and queues go in before any wrapping (FSDP shards what is there)
-    state = None
-    if cfg.resume:
-        ckpt = resolve_checkpoint(cfg.resume)
-        state = load_checkpoint(ckpt, model, heads, queues, device)
-        log(f"resuming from {ckpt} at step {state['step']}")
+    state = load_checkpoint(ckpt, model, heads, queues, device) if ckpt else None
 
     # 3. one module whose forward returns the loss, wrapped for DDP / FSDP; the optimizer over its shards
     body = HybridLoss(model, heads, queues, gen, cfg)
@@ -264,6 +344,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     params, opt, sched = make_optimizer(body, cfg, device)
     start = restore_optimizer(body, opt, sched, gen, state, cfg) if state else 0
     if main:
+        if ckpt:
+            log(f"resuming from {ckpt} at step {start}")
+        trim_metrics(cfg.out, start)  # the steps after the checkpoint are logged again below
         write_run_config(cfg, model_dir, world)
 
     bar = tqdm(total=cfg.steps, initial=start, disable=not (main and cfg.progress), dynamic_ncols=True)
@@ -311,10 +394,7 @@ def append_metrics(out: str, rec: dict):
 def main(argv=None):
     cfg = parse_args(argv)
     try:
-        train(cfg)
-    except DataError as e:  # a clear one-line error for data problems; a traceback for everything else
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.run(lambda: train(cfg), cfg.debug)  # user mistakes: one line, exit 2; our bugs: a traceback
     finally:
         parallel.shutdown()
 

@@ -32,6 +32,22 @@ def hf_tiny(path, tie=False, head_dim=32, heads=4, kv_heads=2, layers=2, hidden=
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from tiny_qwen import make_tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny") / "m"
+    return make_tiny_checkpoint(str(d), hidden_size=32, intermediate_size=64, head_dim=16, num_hidden_layers=2)
+
+
+def small_cfg(tiny_dir, out, **kw):
+    from train import TrainConfig
+
+    base = dict(model=tiny_dir, out=str(out), steps=6, batch_size=2, max_len=96, num_experts=4, rank=4, top_k=2,
+                queue_size=64, proj_dim=16, tokens_per_site=32, save_every=3, progress=False, warmup=2, dropout=0.1)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
 def qwen_tok_dir(tmp_path_factory):
     """A dir holding tokenizer.json with the real Qwen vocabulary (built once per test session)."""
     from tiny_qwen import write_qwen_tokenizer

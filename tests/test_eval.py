@@ -1,25 +1,33 @@
-"""eval.py: official file formats, golden prompts, scoring parity with transformers, errors, two processes."""
+"""Evaluation: official file formats, golden prompts, predictions that never see the gold answer, the
+shared-prefix scorer against the plain path and against transformers, metrics, compare, errors, 2 processes."""
+import csv
+import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+import benchmarks as bm
 import eval as ev
-from tokenizer import Tokenizer
+import scoring as sc
 from conftest import ROOT, require_shared
+from tokenizer import Tokenizer
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 SAMPLE = os.path.join(ROOT, "data", "bench_sample")
 
 
 def test_cmexam_loader_on_shared_sample():
-    items, skipped = ev.load_cmexam(os.path.join(require_shared(), "cmexam"), "val")
+    items, skipped = bm.load_cmexam(os.path.join(require_shared(), "cmexam"), "val")
     assert len(items) == 39 and skipped == 1  # 40 rows, one with an empty answer
     multi = [it for it in items if it.multi]
     assert len(multi) == 8 and all(len(it.answer) > 1 for it in multi)
+    assert all(it.pick_many for it in items)  # CMExam has no question type: every item may have several answers
     assert sorted({len(it.options) for it in items}) == [4, 5]
     noncontig = [it for it in items if list(it.options) in (list("BCDE"), list("ABDE"))]
     assert len(noncontig) == 3  # letters taken from the lines, not assumed A..E
@@ -28,69 +36,95 @@ def test_cmexam_loader_on_shared_sample():
 
 
 def test_cmexam_full_val_counts():
-    import shutil
     import tempfile
 
-    d = tempfile.mkdtemp()
-    shutil.copy(os.path.join(require_shared(), "cmexam", "val_full.csv"), os.path.join(d, "val.csv"))
-    items, skipped = ev.load_cmexam(d, "val")
+    tmp = tempfile.mkdtemp()
+    shutil.copy(os.path.join(require_shared(), "cmexam", "val_full.csv"), os.path.join(tmp, "val.csv"))
+    items, skipped = bm.load_cmexam(tmp, "val")
     assert (len(items), skipped) == (6810, 1)
     assert sum(it.multi for it in items) == 210
 
 
 def test_cmmlu_loader_on_shared_dev():
-    items, _ = ev.load_cmmlu(os.path.join(require_shared(), "cmmlu"), "dev", list(ev.CMMLU_MED))
-    assert len(items) == 35 and all(len(it.options) == 4 and not it.multi for it in items)
-    assert {it.subject for it in items} == set(ev.CMMLU_MED)
+    items, _ = bm.load_cmmlu(os.path.join(require_shared(), "cmmlu"), "dev", list(bm.CMMLU_MED))
+    assert len(items) == 35 and all(len(it.options) == 4 and not it.multi and not it.pick_many for it in items)
+    assert {it.subject for it in items} == set(bm.CMMLU_MED)
     anat = [it for it in items if it.subject == "anatomy"]
     assert anat[0].question == "壁胸膜的分部不包括" and anat[0].answer == "B" and anat[0].options["B"] == "肺胸膜"
 
 
 def test_cmb_loaders_val_and_test_join():
-    items, _ = ev.load_cmb(os.path.join(SAMPLE, "cmb"), "val")
+    items, _ = bm.load_cmb(os.path.join(SAMPLE, "cmb"), "val")
     assert len(items) == 6
-    assert [it.multi for it in items] == [False, True, False, True, False, False]
+    assert [it.pick_many for it in items] == [False, True, False, True, False, False]  # from question_type
     assert list(items[1].options) == ["A", "B", "C", "D"]  # the empty E is dropped
     assert list(items[3].options) == list("ABCDEF") and items[3].answer == "ACDF"
-    test, _ = ev.load_cmb(os.path.join(FIX, "cmb_test"), "test")
+    test, _ = bm.load_cmb(os.path.join(FIX, "cmb_test"), "test")
     assert [t.answer for t in test] == ["A", "BE", "A"]  # joined on id; unsorted answer sorted as a set
-    assert test[2].multi and len(test[2].answer) == 1  # a 多项选择题 with a one-letter answer stays multi
+    assert test[2].pick_many and not test[2].multi  # a 多项选择题 with a one-letter answer: scored as 多项
+
+
+def item(id, subject, q, options, answer, pick_many=False, meta=None):
+    return bm.Item(id, subject, q, options, pick_many, answer, len(answer) > 1, meta or {})
 
 
 def test_golden_prompts():
-    it = ev.Item("x", "anatomy", "Q?", {"A": "a", "B": "b", "C": "c", "D": "d"}, "B", False)
-    shot = ev.Item("s", "anatomy", "S?", {"A": "1", "B": "2", "C": "3", "D": "4"}, "C", False)
+    it = item("x", "anatomy", "Q?", {"A": "a", "B": "b", "C": "c", "D": "d"}, "B")
+    shot = item("s", "anatomy", "S?", {"A": "1", "B": "2", "C": "3", "D": "4"}, "C")
     head = "以下是关于解剖学的单项选择题，请直接给出正确答案的选项。\n\n"
-    assert ev.build_prompt("cmmlu-med", it, [], chat=False) == head + "题目：Q?\nA. a\nB. b\nC. c\nD. d\n答案是："
-    assert ev.build_prompt("cmmlu-med", it, [shot], chat=False) == (
-        head + "题目：S?\nA. 1\nB. 2\nC. 3\nD. 4\n答案是：C\n\n题目：Q?\nA. a\nB. b\nC. c\nD. d\n答案是：")
-    assert ev.build_prompt("cmmlu-med", it, [shot], chat=True) == (
-        "<|im_start|>user\n" + head + "题目：S?\nA. 1\nB. 2\nC. 3\nD. 4<|im_end|>\n<|im_start|>assistant\nC<|im_end|>\n"
+    assert "".join(bm.build_prompt("cmmlu-med", it, [], chat=False)) == head + "题目：Q?\nA. a\nB. b\nC. c\nD. d\n答案是："
+    assert bm.build_prompt("cmmlu-med", it, [shot], chat=False) == (
+        head + "题目：S?\nA. 1\nB. 2\nC. 3\nD. 4\n答案是：C\n\n", "题目：Q?\nA. a\nB. b\nC. c\nD. d\n答案是：")
+    assert bm.build_prompt("cmmlu-med", it, [shot], chat=True) == (
+        "<|im_start|>user\n" + head + "题目：S?\nA. 1\nB. 2\nC. 3\nD. 4<|im_end|>\n<|im_start|>assistant\nC<|im_end|>\n",
         "<|im_start|>user\n题目：Q?\nA. a\nB. b\nC. c\nD. d<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    cmb = ev.Item("c", "护士", "题干", {"A": "甲", "B": "乙"}, "AB", True,
-                  {"exam_type": "护理考试", "exam_class": "护士", "question_type": "多项选择题"})
-    assert ev.build_prompt("cmb", cmb, [], chat=False) == (
+    cmb = item("c", "护士", "题干", {"A": "甲", "B": "乙"}, "AB", True,
+               {"exam_type": "护理考试", "exam_class": "护士", "question_type": "多项选择题"})
+    assert "".join(bm.build_prompt("cmb", cmb, [], chat=False)) == (
         "以下是中国护理考试中护士考试的一道多项选择题，不需要做任何分析和解释，直接输出答案选项。\n题干\nA. 甲\nB. 乙\n答案：")
-    assert ev.build_prompt("cmb", cmb, [], chat=True) == (
+    assert "".join(bm.build_prompt("cmb", cmb, [], chat=True)) == (
         "<|im_start|>user\n以下是中国护理考试中护士考试的一道多项选择题，不需要做任何分析和解释，直接输出答案选项。\n题干\nA. 甲\nB. 乙"
         "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    cx = ev.Item("e", "all", "题干", {"A": "甲", "B": "乙"}, "A", False)
-    assert ev.build_prompt("cmexam", cx, [cx.__class__("f", "all", "例", {"A": "x", "B": "y"}, "B", False)], chat=False) == (
-        "以下是中国医学考试的一道单项选择题，不需要做任何分析和解释，直接输出答案选项。\n例\nA. x\nB. y\n答案：B\n\n"
-        "以下是中国医学考试的一道单项选择题，不需要做任何分析和解释，直接输出答案选项。\n题干\nA. 甲\nB. 乙\n答案：")
+    cx, ex = item("e", "all", "题干", {"A": "甲", "B": "乙"}, "A", True), item("f", "all", "例", {"A": "x", "B": "y"}, "AB", True)
+    intro = "以下是中国医学考试的一道选择题，正确答案可能有一个或多个，不需要做任何分析和解释，直接输出答案选项。\n"
+    assert bm.build_prompt("cmexam", cx, [ex], chat=False) == (
+        f"{intro}例\nA. x\nB. y\n答案：AB\n\n", f"{intro}题干\nA. 甲\nB. 乙\n答案：")
 
 
-def test_option_letters_are_single_qwen_tokens(qwen_tok_dir):
-    ids = ev.letter_token_ids(Tokenizer(qwen_tok_dir))
-    assert len(set(ids.values())) == 6
+def test_few_shot_exemplars_share_subject_and_never_the_item():
+    pool = [item(f"p{i}", s, f"q{i}{s}", dict.fromkeys("ABCD", "t"), "A") for i in range(7) for s in ("anatomy", "virology")]
+    it = pool[2]  # an anatomy pool item evaluated against its own pool
+    shots = bm.pick_shots("cmmlu-med", it, pool, 5)
+    assert len(shots) == 5 and all(s.subject == "anatomy" for s in shots) and it not in shots
+    meta = lambda t, c: {"exam_type": t, "exam_class": c, "question_type": "单项选择题"}  # noqa: E731
+    cpool = [item(f"c{i}", c, f"cq{i}", dict.fromkeys("AB", "t"), "A", meta=meta(t, c))
+             for i, (t, c) in enumerate([("医师考试", "执业医师"), ("护理考试", "执业医师"), ("医师考试", "护士")] * 3)]
+    target = item("t", "执业医师", "tq", dict.fromkeys("AB", "t"), "A", meta=meta("医师考试", "执业医师"))
+    got = bm.pick_shots("cmb", target, cpool, 5)
+    assert len(got) == 3 and all(g.meta["exam_type"] == "医师考试" and g.subject == "执业医师" for g in got)
+
+
+def test_option_letters_are_the_qwen_ids_after_the_cue(qwen_tok_dir):
+    tok = Tokenizer(qwen_tok_dir)
+    assert sc.letter_token_ids(tok) == dict(zip("ABCDEF", range(32, 38)))  # Qwen's own ids, no leading space
+    cue = tok.encode("答案：")
+    for c, i in sc.letter_token_ids(tok).items():  # the answer cue followed by the letter tokenizes that way
+        assert tok.encode("答案：" + c) == cue + [i]
 
 
 def test_extract_answer():
-    it = ev.Item("x", "s", "q", dict.fromkeys("ABCDE", "t"), "ABD", True)
-    assert ev.extract_answer("答案：A、B、D。解析：C错", it) == "ABD"
-    one = ev.Item("x", "s", "q", dict.fromkeys("ABCD", "t"), "C", False)
-    assert ev.extract_answer("C. 某某", one) == "C"
-    assert ev.extract_answer("无法判断", one) is None
+    many = item("x", "s", "q", dict.fromkeys("ABCDE", "t"), "C", True)
+    assert sc.extract_answer("答案：A、B、D。解析：C错", many) == "ABD"
+    one = item("x", "s", "q", dict.fromkeys("ABCD", "t"), "C")
+    assert sc.extract_answer("B、D。", one) == "B"
+    assert sc.extract_answer("C. 某某", one) == "C"
+    assert sc.extract_answer("无法判断", one) is None
+
+
+def test_candidate_trie_feeds_each_prefix_once():
+    tokens, parents, depths, paths = sc.candidate_trie([[1, 9], [1, 2, 9], [2, 9], [1, 2, 3, 9]])
+    assert tokens == [1, 2, 2, 3] and parents == [-1, 0, -1, 1] and depths == [0, 1, 0, 2]
+    assert paths[1] == [(-1, 1), (0, 2), (1, 9)] and paths[3][-1] == (3, 9)
 
 
 @pytest.fixture(scope="module")
@@ -101,57 +135,219 @@ def tiny_ckpt(tmp_path_factory):
                                 head_dim=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
-def test_predictions_equal_transformers(tiny_ckpt, tmp_path):
-    import shutil
-
+def test_single_answer_predictions_equal_transformers(tiny_ckpt):
     from model import load_model
     from transformers import Qwen3ForCausalLM
 
-    shutil.copy(os.path.join(require_shared(), "cmexam", "val_full.csv"), tmp_path / "val.csv")
-    items = ev.load_cmexam(str(tmp_path), "val")[0][:240]
-    items += ev.load_cmmlu(os.path.join(require_shared(), "cmmlu"), "dev", list(ev.CMMLU_MED))[0]
-    single = [it for it in items if not it.multi]
-    assert len(single) >= 200
+    items = bm.load_cmmlu(os.path.join(require_shared(), "cmmlu"), "dev", list(bm.CMMLU_MED))[0]
+    items += [it for it in bm.load_cmb(os.path.join(SAMPLE, "cmb"), "val")[0] if not it.pick_many]
     tok = Tokenizer(tiny_ckpt)
-    prompts = [ev.build_prompt("cmexam" if it.id.startswith("cmexam") else "cmmlu-med", it, [], chat=False) for it in single]
-    ours, _ = ev.score_logits(load_model(tiny_ckpt), tok, prompts, single, batch_size=16, chat=False)
+    prompts = [bm.build_prompt("cmb" if it.id.startswith("cmb") else "cmmlu-med", it, [], chat=False) for it in items]
+    ours, _ = sc.score_logits(load_model(tiny_ckpt), tok, prompts, items, batch_size=8, chat=False)
     hf = Qwen3ForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
-    letters = ev.letter_token_ids(tok)
     ref = []
     with torch.no_grad():
-        for p, it in zip(prompts, single):  # one question at a time, no padding
-            logits = hf(torch.tensor([tok.encode(p)])).logits[0, -1]
+        for (p, r), it in zip(prompts, items):  # one question at a time, no padding; Qwen letter ids A-F = 32-37
+            logits = hf(torch.tensor([tok.encode(p + r)])).logits[0, -1]
             opts = list(it.options)
-            ref.append(opts[int(logits[[letters[c] for c in opts]].argmax())])
-    assert ours == ref
-    assert len(set(ours)) > 1  # not a constant predictor
-    # multi-answer: our subset scores equal transformers' full-sequence log-probabilities
-    multi = [it for it in items if it.multi][:2]
-    model = load_model(tiny_ckpt)
-    for it in multi:
-        prompt = tok.encode(ev.build_prompt("cmexam", it, [], chat=False))
-        conts = [tok.encode(c) + tok.encode("\n\n") for c in ("A", "AB", "BCE")]
-        got = ev.answer_string_logprob(model, prompt, conts, tok.pad_id)
-        with torch.no_grad():
-            for g, c in zip(got, conts):
-                lp = hf(torch.tensor([prompt + c])).logits[0].log_softmax(-1)
-                want = sum(lp[len(prompt) - 1 + j, t] for j, t in enumerate(c))
-                assert abs(g.item() - want.item()) < 1e-3
+            ref.append(opts[int(logits[[32 + "ABCDEF".index(c) for c in opts]].argmax())])
+    assert ours == ref and len(set(ours)) > 1
+
+
+def test_subset_map_equals_transformers_over_terminated_answers(tiny_ckpt, tmp_path):
+    """The subset MAP of score_logits (trie, shared prompt) = the best of every terminated answer string
+    scored by transformers in full: sorted letters + '\\n\\n' (raw) or '<|im_end|>' (chat)."""
+    from model import load_model
+    from transformers import Qwen3ForCausalLM
+
+    items = bm.load_cmexam(os.path.join(require_shared(), "cmexam"), "val")[0][:6]
+    tok, model = Tokenizer(tiny_ckpt), load_model(tiny_ckpt)
+    hf = Qwen3ForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    for chat, term in ((False, "\n\n"), (True, "<|im_end|>")):
+        prompts = [bm.build_prompt("cmexam", it, [], chat=chat) for it in items]
+        ours, _ = sc.score_logits(model, tok, prompts, items, batch_size=4, chat=chat)
+        for (p, r), it, got in zip(prompts, items, ours):
+            prompt = tok.encode(p + r)
+            best, best_s = None, -float("inf")
+            for n in range(1, len(it.options) + 1):
+                for c in itertools.combinations(sorted(it.options), n):
+                    cont = tok.encode("".join(c) + term)
+                    with torch.no_grad():
+                        lp = hf(torch.tensor([prompt + cont])).logits[0].log_softmax(-1)
+                    s = sum(lp[len(prompt) - 1 + j, t].item() for j, t in enumerate(cont))
+                    if s > best_s + 1e-6:
+                        best, best_s = "".join(c), s
+            assert got == best, (it.id, chat)
+
+
+def cmmlu_test_dir(tmp_path):
+    """dev = the shared dev files; test = the same questions reworded, so all 5 dev items are exemplars."""
+    root = tmp_path / "cmmlu"
+    shutil.copytree(os.path.join(require_shared(), "cmmlu", "dev"), root / "dev")
+    (root / "test").mkdir()
+    for f in os.listdir(root / "dev"):
+        rows = list(csv.reader(open(root / "dev" / f, encoding="utf-8")))
+        with open(root / "test" / f, "w", encoding="utf-8", newline="") as out:
+            w = csv.writer(out)
+            w.writerow(rows[0])
+            w.writerows([r[:1] + [r[1] + "（测试）"] + r[2:] for r in rows[1:]])
+    return str(root)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_shared_prefix_scoring_equals_the_plain_path(tiny_ckpt, tmp_path, chat):
+    """5-shot CMMLU (one prefix per subject) and 0-shot CMExam subset MAP: the same predictions and letter
+    distributions as reading every prompt and candidate in full."""
+    from model import load_model
+
+    tok, model = Tokenizer(tiny_ckpt), load_model(tiny_ckpt)
+    d = cmmlu_test_dir(tmp_path)
+    items = bm.load_cmmlu(d, "test", list(bm.CMMLU_MED))[0]
+    pool = bm.shot_pool("cmmlu-med", d, "test")
+    prompts = [bm.build_prompt("cmmlu-med", it, bm.pick_shots("cmmlu-med", it, pool, 5), chat) for it in items]
+    assert len({p for p, _ in prompts}) == 7  # one shared prefix per subject
+    groups = sc.prompt_groups(tok, prompts)
+    assert len(groups) == 7 and "" not in groups  # every prompt split cleanly at its prefix
+    cx = bm.load_cmexam(os.path.join(require_shared(), "cmexam"), "val")[0]
+    items += cx
+    prompts += [bm.build_prompt("cmexam", it, [], chat) for it in cx]
+    fast, fast_p = sc.score_logits(model, tok, prompts, items, batch_size=4, chat=chat)
+    slow, slow_p = sc.score_logits_full(model, tok, prompts, items, batch_size=4, chat=chat)
+    assert fast == slow
+    for a, b in zip(fast_p, slow_p):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
+    assert len(set(fast)) > 2 and any(len(p) > 1 for p in fast[35:])  # varied, and some multi-letter answers
+
+
+def run_eval(bench, data_dir, split, out, model, extra=()):
+    args = ev.parse_args([bench, "--model", model, "--data-dir", data_dir, "--split", split, "--out", str(out),
+                          "--batch-size", "4", *extra])
+    ev.evaluate(args)
+    return [json.loads(l) for l in open(out / "predictions.jsonl", encoding="utf-8")]
+
+
+def test_swapping_gold_answers_changes_no_prediction(tiny_ckpt, tmp_path):
+    """Rewrite only the answers (single <-> multi for CMExam and CMB, another letter for CMMLU): every
+    prompt and prediction stays the same, for all three benchmarks, in logits and generate mode."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(os.path.join(require_shared(), "cmexam"), a / "cmexam")
+    shutil.copytree(os.path.join(SAMPLE, "cmb"), a / "cmb")
+    shutil.copytree(cmmlu_test_dir(tmp_path), a / "cmmlu")
+    shutil.copytree(a, b)
+    rows = list(csv.DictReader(open(b / "cmexam" / "val.csv", encoding="utf-8")))
+    for r in rows:
+        opts = [l.split()[0] for l in r["Options"].strip().splitlines()]
+        r["Answer"] = r["Answer"] and ("".join(opts[:2]) if len(r["Answer"]) == 1 else opts[-1])
+    with open(b / "cmexam" / "val.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    path = b / "cmb" / "CMB-val" / "CMB-val-merge.json"
+    recs = json.load(open(path, encoding="utf-8"))
+    for r in recs:
+        r["answer"] = "AB" if len(r["answer"]) == 1 else "C"
+    json.dump(recs, open(path, "w", encoding="utf-8"), ensure_ascii=False)
+    for f in os.listdir(b / "cmmlu" / "test"):
+        rows = list(csv.reader(open(b / "cmmlu" / "test" / f, encoding="utf-8")))
+        rows = rows[:1] + [r[:-1] + ["ABCD"[("ABCD".index(r[-1]) + 1) % 4]] for r in rows[1:]]
+        csv.writer(open(b / "cmmlu" / "test" / f, "w", encoding="utf-8", newline="")).writerows(rows)
+    for bench, sub, split, extra in [("cmexam", "cmexam", "val", ()), ("cmb", "cmb", "val", ()),
+                                     ("cmmlu-med", "cmmlu", "test", ()), ("cmexam", "cmexam", "val", ("--mode", "generate"))]:
+        pa = run_eval(bench, str(a / sub), split, tmp_path / "oa", tiny_ckpt, extra)
+        pb = run_eval(bench, str(b / sub), split, tmp_path / "ob", tiny_ckpt, extra)
+        assert [r["gold"] for r in pa] != [r["gold"] for r in pb], bench  # the gold really changed
+        for x, y in zip(pa, pb):
+            assert (x["id"], x["prompt_sha1"], x["predicted"], x["letter_probs"]) == \
+                   (y["id"], y["prompt_sha1"], y["predicted"], y["letter_probs"]), (bench, extra)
+
+
+def test_summary_macro_is_the_mean_of_subjects_and_has_an_interval():
+    recs = [{"subject": "a", "correct": c, "multi": False, "predicted": "A"} for c in (1, 1, 1, 0)]
+    recs += [{"subject": "b", "correct": 0, "multi": True, "predicted": "AB"}, {"subject": "b", "correct": 1, "multi": False, "predicted": None}]
+    s = ev.summarize("x", recs)
+    assert s["accuracy_micro"] == round(4 / 6, 4) and s["accuracy_macro"] == round((0.75 + 0.5) / 2, 4)
+    assert s["multi_answer"] == {"n": 1, "accuracy": 0.0} and s["unparsable"] == 1
+    assert ev.wilson_interval(8, 10) == [0.4902, 0.9433]  # Wilson (1927), z = 1.96, by hand
+    lo, hi = s["accuracy_micro_ci95"]
+    assert lo < 4 / 6 < hi
+
+
+def test_mcnemar_and_paired_bootstrap():
+    assert ev.mcnemar_exact(0, 5) == pytest.approx(2 / 32)  # all 5 discordant pairs one way: 2 * 0.5^5
+    assert ev.mcnemar_exact(3, 3) == 1.0
+    assert ev.mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)  # 2 * (C(10,0) + C(10,1)) / 2^10
+    a = np.array([1] * 50 + [0] * 50)
+    b = np.array([1] * 50 + [1] * 20 + [0] * 30)
+    r = ev.paired_difference(a, b)
+    assert r["difference"] == 0.2 and r["only_b_right"] == 20 and r["only_a_right"] == 0
+    assert r["ci95"][0] > 0.1 and r["ci95"][1] < 0.3
+
+
+def test_compare_cli_and_refusals(tmp_path):
+    def write(path, rows):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    rows = [{"id": f"q{i}", "subject": "s1" if i < 6 else "s2", "gold": "A", "correct": i % 2 == 0} for i in range(10)]
+    write(tmp_path / "a.jsonl", rows)
+    write(tmp_path / "b.jsonl", [{**r, "correct": True} for r in rows])
+    r = subprocess.run([sys.executable, "eval.py", "compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "overall" in r.stdout and "s2" in r.stdout and "+0.5000" in r.stdout
+    write(tmp_path / "c.jsonl", rows[:-1])
+    r = subprocess.run([sys.executable, "eval.py", "compare", str(tmp_path / "a.jsonl"), str(tmp_path / "c.jsonl")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "do not hold the same questions" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_errors_are_clear(tmp_path):
-    with pytest.raises(ev.EvalDataError, match="test_with_annotations.csv not found .* williamliujl/CMExam"):
-        ev.load_cmexam(str(tmp_path), "test")
+    with pytest.raises(bm.EvalDataError, match="test_with_annotations.csv not found .* williamliujl/CMExam"):
+        bm.load_cmexam(str(tmp_path), "test")
     (tmp_path / "val.csv").write_text("Question,Options,Answer\nQ,\"A x\nB y\",C\n", encoding="utf-8")
-    with pytest.raises(ev.EvalDataError, match=r"val.csv: row 2: answer 'C' not among options"):
-        ev.load_cmexam(str(tmp_path), "val")
+    with pytest.raises(bm.EvalDataError, match=r"val.csv: row 2: answer 'C' not among options"):
+        bm.load_cmexam(str(tmp_path), "val")
     (tmp_path / "val.csv").write_text("Question,Options,Answer\nQ,\"A x\n-- y\",A\n", encoding="utf-8")
-    with pytest.raises(ev.EvalDataError, match="row 2: option line '-- y'"):
-        ev.load_cmexam(str(tmp_path), "val")
+    with pytest.raises(bm.EvalDataError, match="row 2: option line '-- y'"):
+        bm.load_cmexam(str(tmp_path), "val")
     r = subprocess.run([sys.executable, "eval.py", "medqa"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "valid names are cmexam, cmb, cmmlu-med" in r.stderr
     r = subprocess.run([sys.executable, "eval.py", "cmb", "--data-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "CMB-test-choice-question-merge.json not found" in r.stderr
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--limit", "0"], "--limit: must be >= 1"), (["--limit", "-1"], "--limit: must be >= 1"),
+    (["--batch-size", "0"], "--batch-size: must be >= 1"), (["--shots", "-2"], "--shots: must be >= 0"),
+    (["--split", "dev", "--data-dir", "."], "cmexam has test, val, train"),
+])
+def test_bad_flags_are_one_line_errors(flags, needle):
+    r = cli("cmexam", *flags)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_benchmark_files_are_one_line_errors(tmp_path, tiny_ckpt):
+    (tmp_path / "val.csv").write_text("Question,Options,Answer\n", encoding="utf-8")
+    r = cli("cmexam", "--data-dir", str(tmp_path), "--split", "val", "--model", tiny_ckpt, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "no questions to score" in r.stderr and not (tmp_path / "o").exists()
+    d = tmp_path / "cm" / "test"
+    d.mkdir(parents=True)
+    (d / "anatomy.csv").write_text(",Question,A,B,C,D,Answer\n0,q,a,b,c,d,AB\n", encoding="utf-8")
+    r = cli("cmmlu-med", "--data-dir", str(tmp_path / "cm"), "--subjects", "anatomy", "--shots", "0", "--model", tiny_ckpt)
+    assert r.returncode == 2 and "answer 'AB' is not one of A-D" in r.stderr
+    cmb = tmp_path / "cmb"
+    cmb.mkdir()
+    rec = {"exam_type": "t", "exam_class": "c", "question": "q", "question_type": "单项选择题", "answer": "A"}
+    (cmb / "CMB-val-merge.json").write_text(json.dumps([{**rec, "option": ["x", "y"]}]), encoding="utf-8")
+    r = cli("cmb", "--data-dir", str(cmb), "--split", "val", "--model", tiny_ckpt)
+    assert r.returncode == 2 and "'option' must be a letter -> text object" in r.stderr
+    (cmb / "CMB-val-merge.json").write_text(json.dumps([{**rec, "option": {"A": "x"}}])[:-5], encoding="utf-8")
+    r = cli("cmb", "--data-dir", str(cmb), "--split", "val", "--model", tiny_ckpt)
+    assert r.returncode == 2 and "CMB-val-merge.json: not a valid UTF-8 JSON file" in r.stderr
+    for res in (r,):
+        assert "Traceback" not in res.stderr
 
 
 def test_two_process_eval_equals_one(tiny_ckpt, tmp_path):

@@ -5,16 +5,10 @@ import os
 import pytest
 import torch
 
+from conftest import small_cfg
+
 from tokenizer import IM_END, Tokenizer
 from data import IGNORE, DataError, collate, encode_all, read_jsonl, tokenize
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from tiny_qwen import make_tiny_checkpoint
-
-    d = tmp_path_factory.mktemp("tiny") / "m"
-    return make_tiny_checkpoint(str(d), hidden_size=32, intermediate_size=64, head_dim=16, num_hidden_layers=2)
 
 
 def test_assistant_only_labels_golden(qwen_tok_dir):
@@ -68,14 +62,6 @@ def test_empty_file_and_other_shapes(tmp_path):
     p.write_text('{"instruction": "i", "input": "x", "output": "o"}\n', encoding="utf-8")
     (msgs,), _ = read_jsonl(str(p))
     assert msgs == [{"role": "user", "content": "i\n\nx"}, {"role": "assistant", "content": "o"}]
-
-
-def small_cfg(tiny_dir, out, **kw):
-    from train import TrainConfig
-
-    base = dict(model=tiny_dir, out=str(out), steps=6, batch_size=2, max_len=96, num_experts=4, rank=4, top_k=2,
-                queue_size=64, proj_dim=16, tokens_per_site=32, save_every=3, progress=False, warmup=2, dropout=0.1)
-    return TrainConfig(**{**base, **kw})
 
 
 def test_loss_falls_and_metrics_are_written(tiny_dir, tmp_path):

@@ -1,0 +1,239 @@
+"""The three medical benchmarks: loaders for their official files, few-shot pools and prompts.
+
+Nothing that decides a prediction may read the gold answer. Each ``Item`` separates what the question
+files say (question, options, ``pick_many``, metadata) from the answer (``answer``, and ``multi``, the gold
+arity, used only to break down the report):
+
+- CMExam publishes no question type, so every CMExam question is posed and scored the same way: the prompt
+  says there may be one or more correct options, and the prediction is the best non-empty option subset.
+- CMB's question files carry ``question_type`` (单项选择题 / 多项选择题): its prompt and rule follow it.
+- CMMLU is single-answer by construction: one letter of A-D.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from tokenizer import apply_chat_template, render_turns
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCHMARKS = ("cmexam", "cmb", "cmmlu-med")
+# CMMLU-Med as defined by Apollo's XMedBench; names as in CMMLU's own subject table
+CMMLU_MED = {"anatomy": "解剖学", "clinical_knowledge": "临床知识", "college_medicine": "大学医学",
+             "genetics": "遗传学", "nutrition": "营养学", "traditional_chinese_medicine": "中医中药", "virology": "病毒学"}
+SPLITS = {"cmexam": ("test", "val", "train"), "cmb": ("test", "val"), "cmmlu-med": ("test", "dev")}
+DEFAULT_SHOTS = {"cmexam": 0, "cmb": 0, "cmmlu-med": 5}
+SOURCES = {"cmexam": "github williamliujl/CMExam (data/train.csv, val.csv, test_with_annotations.csv)",
+           "cmb": "github FreedomIntelligence/CMB (data/CMB.zip -> CMB-Exam/..., data/CMB-test-choice-answer.json)",
+           "cmmlu-med": "github haonan-li/CMMLU (data/dev/<subject>.csv, data/test/<subject>.csv)"}
+SAMPLE_DIRS = {"cmexam": "cmexam", "cmb": "cmb", "cmmlu-med": "cmmlu"}  # under data/bench_sample/
+SAMPLE_SPLITS = {"cmexam": "val", "cmb": "val", "cmmlu-med": "dev"}
+
+
+@dataclass
+class Item:
+    id: str
+    subject: str          # per-subject breakdown key: CMMLU subject, CMB exam_class, CMExam department
+    question: str
+    options: dict         # letter -> text, in letter order
+    pick_many: bool       # from the question side only: the answer may be any non-empty subset of options
+    answer: str           # gold letters, sorted (scoring compares with it; nothing before that reads it)
+    multi: bool           # gold arity > 1: for the report's breakdown only
+    meta: dict = field(default_factory=dict)
+
+
+class EvalDataError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loaders for the official files
+
+
+def find_file(data_dir: str, name: str, bench: str) -> str:
+    """``name`` (a path tail like 'dev/anatomy.csv') under ``data_dir`` at any depth, or a clear error."""
+    for root, _, files in os.walk(data_dir):
+        path = os.path.join(root, os.path.basename(name))
+        if os.path.basename(name) in files and path.replace(os.sep, "/").endswith(name):
+            return path
+    raise EvalDataError(f"{bench}: {name} not found under {data_dir}. Expected the official files from "
+                        f"{SOURCES[bench]}; --data-dir may point at the folder holding them or at the repo's data/.")
+
+
+def read_csv(path: str) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: tolerate a BOM; csv handles CRLF
+            return list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise EvalDataError(f"{path}: not a UTF-8 CSV file ({e})") from None
+
+
+def read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvalDataError(f"{path}: not a valid UTF-8 JSON file ({e})") from None
+
+
+def load_cmexam(data_dir: str, split: str) -> tuple[list[Item], int]:
+    name = {"test": "test_with_annotations.csv", "val": "val.csv", "train": "train.csv"}[split]
+    path = find_file(data_dir, name, "cmexam")
+    items, skipped = [], 0
+    for n, r in enumerate(read_csv(path)):
+        row = n + 2  # header is line 1
+        if not {"Question", "Options", "Answer"} <= r.keys():
+            raise EvalDataError(f"{path}: header must have Question,Options,Answer; got {list(r)}")
+        answer = (r["Answer"] or "").strip()
+        if not answer:  # one val row has no answer: skip, counted
+            skipped += 1
+            continue
+        options = {}
+        for line in (r["Options"] or "").strip().splitlines():  # "A 原发病": letter, space, text
+            m = re.match(r"\s*([A-F])\s+(.*)", line)
+            if not m:
+                raise EvalDataError(f"{path}: row {row}: option line {line!r} is not 'LETTER text'")
+            options[m.group(1)] = m.group(2).strip()
+        if not set(answer) <= options.keys():
+            raise EvalDataError(f"{path}: row {row}: answer {answer!r} not among options {sorted(options)}")
+        items.append(Item(f"cmexam-{split}-{n}", r.get("Clinical Department") or "all", r["Question"].strip(),
+                          options, True, "".join(sorted(set(answer))), len(set(answer)) > 1))
+    return items, skipped
+
+
+def cmb_rows(data_dir: str, split: str) -> tuple[str, list]:
+    """CMB's question records (test: joined with the separate answer file on ``id``)."""
+    if split == "val":
+        qpath = find_file(data_dir, "CMB-val-merge.json", "cmb")
+        return qpath, read_json(qpath)
+    qpath = find_file(data_dir, "CMB-test-choice-question-merge.json", "cmb")
+    apath = find_file(data_dir, "CMB-test-choice-answer.json", "cmb")
+    rows, answers = read_json(qpath), read_json(apath)
+    if not isinstance(answers, list) or not all(isinstance(a, dict) and {"id", "answer"} <= a.keys() for a in answers):
+        raise EvalDataError(f"{apath}: expected a JSON array of {{'id', 'answer'}} records")
+    answers = {str(a["id"]): a["answer"] for a in answers}
+    for r in rows if isinstance(rows, list) else []:
+        if isinstance(r, dict):
+            if str(r.get("id")) not in answers:
+                raise EvalDataError(f"{apath}: no answer for question id {r.get('id')!r}")
+            r["answer"] = answers[str(r["id"])]
+    return qpath, rows
+
+
+def load_cmb(data_dir: str, split: str) -> tuple[list[Item], int]:
+    qpath, rows = cmb_rows(data_dir, split)
+    if not isinstance(rows, list):
+        raise EvalDataError(f"{qpath}: expected a JSON array of question records")
+    items = []
+    for n, r in enumerate(rows):
+        missing = {"exam_type", "exam_class", "question", "question_type", "option", "answer"} - set(r if isinstance(r, dict) else {})
+        if missing:
+            raise EvalDataError(f"{qpath}: record {n}: missing {sorted(missing)}")
+        if not isinstance(r["option"], dict) or not all(isinstance(v, (str, type(None))) for v in r["option"].values()) \
+                or not all(isinstance(r[k], str) for k in ("question", "question_type", "answer", "exam_type", "exam_class")):
+            raise EvalDataError(f"{qpath}: record {n}: 'option' must be a letter -> text object and the other fields strings")
+        options = {k: v.strip() for k, v in sorted(r["option"].items()) if v and v.strip()}  # drop unused keys
+        answer = "".join(sorted(set(r["answer"].strip())))  # compare as letter sets: some are unsorted
+        if not answer or not set(answer) <= options.keys():
+            raise EvalDataError(f"{qpath}: record {n}: answer {r['answer']!r} not among options {sorted(options)}")
+        items.append(Item(f"cmb-{split}-{r.get('id', n)}", r["exam_class"], r["question"].strip(), options,
+                          r["question_type"] == "多项选择题", answer, len(answer) > 1,
+                          {"exam_type": r["exam_type"], "exam_class": r["exam_class"], "question_type": r["question_type"]}))
+    return items, 0
+
+
+def load_cmmlu(data_dir: str, split: str, subjects) -> tuple[list[Item], int]:
+    items = []
+    for subject in subjects:
+        path = find_file(data_dir, f"{split}/{subject}.csv", "cmmlu-med")
+        for n, r in enumerate(read_csv(path)):
+            if not {"Question", "A", "B", "C", "D", "Answer"} <= r.keys():
+                raise EvalDataError(f"{path}: header must be ',Question,A,B,C,D,Answer'; got {list(r)}")
+            answer = (r["Answer"] or "").strip()
+            if answer not in ("A", "B", "C", "D"):
+                raise EvalDataError(f"{path}: row {n + 2}: answer {r['Answer']!r} is not one of A-D")
+            items.append(Item(f"cmmlu-{subject}-{split}-{n}", subject, r["Question"].strip(),
+                              {k: (r[k] or "").strip() for k in "ABCD"}, False, answer, False))
+    return items, 0
+
+
+def load(bench, data_dir, split, subjects=None) -> tuple[list[Item], int]:
+    """(items, rows skipped for having no answer) of one benchmark split."""
+    if split not in SPLITS[bench]:
+        raise EvalDataError(f"{bench} has no {split!r} split: valid are {', '.join(SPLITS[bench])}")
+    if bench == "cmexam":
+        return load_cmexam(data_dir, split)
+    if bench == "cmb":
+        return load_cmb(data_dir, split)
+    return load_cmmlu(data_dir, split, subjects or list(CMMLU_MED))
+
+
+def shot_pool(bench, data_dir, split, subjects=None) -> list[Item]:
+    """Few-shot exemplars come from the dev/val split (CMMLU dev, CMB val, CMExam val or, for val, train)."""
+    pool_split = {"cmmlu-med": "dev", "cmb": "val", "cmexam": "val" if split != "val" else "train"}[bench]
+    return load(bench, data_dir, pool_split, subjects)[0]
+
+
+def pick_shots(bench, item: Item, pool: list[Item], k: int) -> list[Item]:
+    """The first k pool items of the same subject (CMMLU), exam_type+exam_class (CMB), or any (CMExam); never the item."""
+    if k <= 0:
+        return []
+    if bench == "cmmlu-med":
+        same = [p for p in pool if p.subject == item.subject]
+    elif bench == "cmb":
+        same = [p for p in pool if p.meta["exam_type"] == item.meta["exam_type"] and p.subject == item.subject]
+    else:
+        same = pool
+    return [p for p in same if p.id != item.id and p.question != item.question][:k]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts: (shared prefix, question part); the prompt is their concatenation
+
+
+def options_text(item: Item) -> str:
+    return "\n".join(f"{k}. {v}" for k, v in item.options.items())
+
+
+def question_text(bench: str, item: Item) -> str:
+    """The question part of a prompt, without the answer cue."""
+    if bench == "cmmlu-med":  # CMMLU's official per-question format
+        return f"题目：{item.question}\n{options_text(item)}"
+    if bench == "cmb":  # CMB's official answer-only (no-CoT) template; question_type is a question-file field
+        m = item.meta
+        return (f"以下是中国{m['exam_type']}中{m['exam_class']}考试的一道{m['question_type']}，"
+                f"不需要做任何分析和解释，直接输出答案选项。\n{item.question}\n{options_text(item)}")
+    # CMExam publishes no prompt and no question type: ours mirrors CMB's and is the same for every question
+    return (f"以下是中国医学考试的一道选择题，正确答案可能有一个或多个，不需要做任何分析和解释，直接输出答案选项。\n"
+            f"{item.question}\n{options_text(item)}")
+
+
+ANSWER_CUE = {"cmmlu-med": "答案是：", "cmb": "答案：", "cmexam": "答案："}
+
+
+def cmmlu_header(item: Item) -> str:
+    return f"以下是关于{CMMLU_MED[item.subject]}的单项选择题，请直接给出正确答案的选项。\n\n"
+
+
+def build_prompt(bench: str, item: Item, shots: list[Item], chat: bool) -> tuple[str, str]:
+    """(prefix, rest): the part shared by every question with the same shots, and the question's own part.
+
+    Raw: header (CMMLU) + shots '...{cue}{X}\\n\\n' | question + cue. Chat (Qwen3 template, thinking off): shots as
+    user/assistant turns | the question's user turn + the generation prompt."""
+    head = cmmlu_header(item) if bench == "cmmlu-med" else ""
+    if chat:
+        turns = []
+        for s in shots:
+            turns += [{"role": "user", "content": question_text(bench, s)}, {"role": "assistant", "content": s.answer}]
+        turns.append({"role": "user", "content": question_text(bench, item)})
+        turns[0] = {**turns[0], "content": head + turns[0]["content"]}
+        prefix = "".join(render_turns(turns)[:-1])
+        return prefix, apply_chat_template(turns, add_generation_prompt=True, enable_thinking=False)[len(prefix):]
+    cue = ANSWER_CUE[bench]
+    body = "".join(f"{question_text(bench, s)}\n{cue}{s.answer}\n\n" for s in shots)
+    if not shots:  # no shared part: the header (if any) goes with the question
+        return "", f"{head}{question_text(bench, item)}\n{cue}"
+    return f"{head}{body}", f"{question_text(bench, item)}\n{cue}"
