@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import hf_tiny
 from model import Qwen3Config, load_model
@@ -67,11 +66,9 @@ def test_bf16_agrees_with_transformers(tmp_path):
     x = ids_batch(2000, B=4, T=64)
     with torch.no_grad():
         ref, got = hf(x).logits.float(), ours(x).float()
-    top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
-    kl = F.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean").item() / x.shape[1]
-    # stated tolerance: bf16 rounding may flip near-ties: >= 99% top-1 agreement, mean KL per token < 1e-4
-    assert top1 >= 0.99, top1
-    assert kl < 1e-4, kl
+    # as tight as it holds: measured exactly equal (torch 2.13, transformers 5.24); 2e-3 leaves one bf16 step
+    # of slack for other versions, while multiplying the RMSNorm weight in fp32 moves logits by 8.8e-3
+    assert (ref - got).abs().max().item() <= 2e-3, (ref - got).abs().max().item()
 
 
 def test_kv_cache_equals_full_forward(tmp_path):
@@ -135,6 +132,8 @@ def test_missing_and_extra_keys_are_listed(tmp_path):
     ("use_sliding_window", True, "use_sliding_window"),
     ("hidden_act", "gelu", "hidden_act"),
     ("model_type", "llama", "model_type"),
+    ("attention_dropout", 0.1, "attention_dropout"),
+    ("layer_types", ["full_attention", "sliding_attention"], "layer_types"),
 ])
 def test_unsupported_config_is_refused(tmp_path, field, value, needle):
     hf_tiny(tmp_path)
@@ -173,3 +172,19 @@ def test_base_is_frozen_and_loads_on_meta_free(tmp_path):
     ours = load_model(str(tmp_path))
     assert not any(p.requires_grad for p in ours.parameters())
     assert not any(p.is_meta for p in ours.parameters())
+
+
+def test_chunked_prefill_with_left_padding_equals_full_forward(tmp_path):
+    hf_tiny(tmp_path, tie=False)
+    ours = load_model(str(tmp_path))
+    x = ids_batch(1000, B=3, T=14)
+    mask = torch.ones_like(x)
+    mask[0, :4], mask[2, :7] = 0, 0
+    with torch.no_grad():
+        full = ours(x, attention_mask=mask)
+        cache = ours.new_cache(3, 14)
+        parts = [ours(x[:, :5], attention_mask=mask[:, :5], cache=cache),  # chunks of 5, 6 and 3 tokens
+                 ours(x[:, 5:11], attention_mask=mask[:, :11], cache=cache),
+                 ours(x[:, 11:], attention_mask=mask, cache=cache)]
+    got = torch.cat(parts, dim=1)
+    assert (got[mask.bool()] - full[mask.bool()]).abs().max().item() <= 1e-5

@@ -154,10 +154,11 @@ def equal_length_data(path, n=16):
                                ensure_ascii=False) + "\n")
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-accum"])
 def test_two_ranks_equal_one_process_with_the_doubled_batch(tiny_dir, tmp_path, mode):
     """torchrun --nproc_per_node=2 (gloo) x batch 2 == 1 process x batch 4, all three losses on: the same
-    per-step losses and, after 4 AdamW steps, the same adapters, heads and queues."""
+    per-step losses and, after 4 AdamW steps, the same adapters, heads and queues. ddp-accum: 2 micro-batches
+    a step (DDP's no_sync on the first). ddp also resumes the 1-process run at step 2 on 2 ranks."""
     import subprocess
     import sys
 
@@ -170,13 +171,14 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(tiny_dir, tmp_path, 
               "--lr", "5e-3", "--num-experts", "4", "--rank", "4", "--top-k", "2", "--dropout", "0",
               "--queue-size", "64", "--proj-dim", "16", "--tokens-per-site", "100000", "--no-progress",
               "--save-every", "1", "--keep", "10"]
+    b1, b2 = (["--batch-size", "2", "--grad-accum", "2"], ["--batch-size", "1", "--grad-accum", "2"]) \
+        if mode == "ddp-accum" else (["--batch-size", "4"], ["--batch-size", "2"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "train.py", *common, "--batch-size", "4", "--out", str(tmp_path / "one")],
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    one = subprocess.run([sys.executable, "train.py", *common, *b1, "--out", str(tmp_path / "one")],
                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train.py", *common, "--batch-size", "2", "--out", str(tmp_path / "two")]
-                         + (["--fsdp"] if mode == "fsdp" else []),
+    two = subprocess.run(torchrun + [*common, *b2, "--out", str(tmp_path / "two")] + (["--fsdp"] if mode == "fsdp" else []),
                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     m1 = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl")]
@@ -205,6 +207,17 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(tiny_dir, tmp_path, 
     for k in sa:
         ga, gb = sa[k]["exp_avg"], sb[k]["exp_avg"]
         assert (ga - gb).norm() <= 1e-4 * ga.norm() + 1e-6 * scale, (k, (ga - gb).norm(), ga.norm(), scale)
+    if mode == "ddp":  # the 1-process checkpoint at step 2 resumed on 2 ranks continues the same run
+        import shutil
+        shutil.copytree(tmp_path / "one" / "ckpt-000002", tmp_path / "mixed" / "ckpt-000002")
+        r = subprocess.run(torchrun + [*common, *b2, "--out", str(tmp_path / "mixed"), "--resume", str(tmp_path / "mixed")],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        m3 = [json.loads(l) for l in open(tmp_path / "mixed" / "metrics.jsonl")]
+        assert [x["step"] for x in m3] == [3, 4]
+        for x, y in zip(m1[2:], m3):
+            for k in ("lm", "balance", "contrastive"):
+                assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), (x["step"], k)
 
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "loss_curve.json")
@@ -222,9 +235,10 @@ def test_golden_loss_curve(tiny_dir, tmp_path):
     got = [{k: h[k] for k in ("step", "lm", "balance", "contrastive")} for h in hist]
     if os.environ.get("SPARSEDOCTOR_REGEN_GOLDEN"):
         with open(GOLDEN, "w", encoding="utf-8") as f:
-            json.dump({"config": "tests/test_train.py::small_cfg(steps=20, lr=5e-3, max_len=128, batch_size=4) "
+            json.dump({"config": "tests/conftest.py::small_cfg(steps=20, lr=5e-3, max_len=128, batch_size=4) "
                                  "on tiny_dir (hidden 32, 2 layers, seed 0), data/med_sample.jsonl",
                        "torch": torch.__version__, "curve": got}, f, indent=1)
+        pytest.skip("golden curve regenerated: nothing to compare it with in this run")
     want = json.load(open(GOLDEN, encoding="utf-8"))["curve"]
     assert len(got) == len(want) == 20
     for g, w in zip(got, want):
