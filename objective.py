@@ -99,6 +99,7 @@ class HybridLoss(nn.Module):
             bal = balance_loss(records, c.z_loss, sync=is_distributed()) / micro_steps
             loss, parts["balance"] = loss + self.lambda_bal * bal, bal.detach()
         if self.lambda_cl > 0:
-            cl = contrastive_loss(records, self.heads, queues, c.tokens_per_site, c.temperature, gen) / micro_steps
+            cl = contrastive_loss(records, self.heads, queues, c.tokens_per_site, c.temperature, gen,
+                                  views=c.cl_views) / micro_steps
             loss, parts["contrastive"] = loss + self.lambda_cl * cl, cl.detach()
         return loss, parts

@@ -57,6 +57,8 @@ class TrainConfig(LoRAMoEConfig):
     z_loss: float = 0.0               # router z-loss weight (inside the balance term)
     lambda_cl: float = 0.1            # expert contrastive weight
     temperature: float = 0.07         # InfoNCE tau
+    cl_views: str = "mixture"         # the contrastive reading: mixture (routed vs fused) or expert (contrastive.py)
+    queue_momentum: float = 0.0       # EMA momentum of the key heads (MoCo); 0 = keys from the heads themselves
     queue_size: int = 1024            # expert memory queue entries per site (K)
     proj_dim: int = 64                # projection head output (d)
     tokens_per_site: int = 256        # tokens sampled per site for the contrastive loss
@@ -95,11 +97,11 @@ CHECKS = {  # each numeric flag's parser, which states its valid range
     "lr": cli.in_range(0, INF, lo_open=True), "warmup": cli.at_least(0), "min_lr_ratio": cli.in_range(0, 1),
     "weight_decay": cli.at_least(0, float), "clip": cli.at_least(0, float), "seed": cli.at_least(0),
     "lambda_bal": cli.at_least(0, float), "z_loss": cli.at_least(0, float), "lambda_cl": cli.at_least(0, float),
-    "temperature": cli.in_range(0, INF, lo_open=True), "queue_size": cli.at_least(1), "proj_dim": cli.at_least(1),
+    "temperature": cli.in_range(0, INF, lo_open=True), "queue_momentum": cli.in_range(0, 1, hi_open=True), "queue_size": cli.at_least(1), "proj_dim": cli.at_least(1),
     "tokens_per_site": cli.at_least(1), "ce_chunk": cli.at_least(1), "save_every": cli.at_least(1),
     "keep": cli.at_least(1), "log_every": cli.at_least(1)}
 # adapter and loss shapes a checkpoint was trained with: a resume must use the same ones
-FIXED_ON_RESUME = ("num_experts", "rank", "alpha", "top_k", "targets", "proj_dim", "queue_size", "no_queue")
+FIXED_ON_RESUME = ("num_experts", "rank", "alpha", "top_k", "targets", "proj_dim", "queue_size", "no_queue", "cl_views")
 
 
 def parse_targets(s: str) -> tuple:
@@ -119,6 +121,8 @@ def parse_args(argv=None) -> TrainConfig:
             ap.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
         elif f.type == "bool":
             ap.add_argument(flag, action="store_true", dest=f.name)
+        elif f.name == "cl_views":
+            ap.add_argument(flag, choices=("mixture", "expert"), default=f.default, help=f"default: {f.default}")
         elif f.name == "targets":
             ap.add_argument(flag, type=parse_targets, default=TARGETS, help=f"default: {','.join(TARGETS)}")
         else:
@@ -179,6 +183,8 @@ def plan_run(cfg: TrainConfig, log) -> str | None:
     fixed = {k: (saved.get(k), now[k]) for k in FIXED_ON_RESUME if saved.get(k) != now[k]}
     if use_cl["saved"] != use_cl["now"]:
         fixed["contrastive loss on"] = (use_cl["saved"], use_cl["now"])
+    if (saved.get("queue_momentum", 0) > 0) != (now["queue_momentum"] > 0):
+        fixed["momentum key heads"] = (saved.get("queue_momentum", 0) > 0, now["queue_momentum"] > 0)
     if fixed:
         raise RunDirError(f"--resume {ckpt}: these differ from the checkpoint (saved, now): {fixed}")
     for k in sorted(now.keys() - {"resume", "overwrite", "progress", "debug", "out"}):
@@ -205,7 +211,7 @@ def build_model(cfg: TrainConfig, model_dir: str, device, rank: int, verbose: bo
     torch.manual_seed(cfg.seed)  # adapters start identical on every rank
     add_lora_moe(model, LoRAMoEConfig(**{f.name: getattr(cfg, f.name) for f in fields(LoRAMoEConfig)}), verbose)
     use_cl = not cfg.no_contrastive and cfg.lambda_cl > 0 and cfg.num_experts > 1
-    heads = make_heads(model, cfg.proj_dim) if use_cl else None
+    heads = make_heads(model, cfg.proj_dim, cfg.queue_momentum) if use_cl else None
     queues = ExpertQueues(len(sites(model)), cfg.queue_size, cfg.proj_dim).to(device) if use_cl and not cfg.no_queue else None
     record_expert_acts(model, use_cl)
     gen = torch.Generator().manual_seed(cfg.seed * 100 + rank)  # token sampling for the contrastive loss
@@ -289,6 +295,8 @@ def train_step(wrapped, body, batches, params, opt, sched, cfg: TrainConfig, fsd
                                  "(try a lower --lr or a larger --temperature)")
     lr = opt.param_groups[0]["lr"]  # the lr this step used
     opt.step()
+    if body.heads is not None:
+        body.heads.update_keys()  # the EMA key heads follow (momentum > 0 only)
     sched.step()
     opt.zero_grad(set_to_none=True)
     bal, cl = (bal if body.lambda_bal > 0 else None), (cl if body.lambda_cl > 0 else None)

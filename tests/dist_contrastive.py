@@ -18,7 +18,7 @@ from model import Qwen3, Qwen3Config, init_weights  # noqa: E402
 STEPS, B, T = 4, 4, 6
 
 
-def build():
+def build(momentum=0.0):
     cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
     model = init_weights(Qwen3(cfg), seed=0)
@@ -28,21 +28,22 @@ def build():
         for _, m in sites(model):
             m.lora_B.normal_(0, 0.05)
     record_expert_acts(model, True)
-    heads = make_heads(model, dim=16)
+    heads = make_heads(model, dim=16, momentum=momentum)
     queues = ExpertQueues(len(sites(model)), size=40, dim=16)  # 40: the 2 ranks' 48 keys per step wrap it
     return model, heads, queues
 
 
-def run(rank=0, world=1):
-    model, heads, queues = build()
-    params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
+def run(rank=0, world=1, views="mixture", momentum=0.0):
+    model, heads, queues = build(momentum)
+    params = [p for p in model.parameters() if p.requires_grad] + list(heads.query.parameters())
     data = torch.randint(0, 64, (STEPS, B, T), generator=torch.Generator().manual_seed(1))
     losses = []
     for step in range(STEPS):
         ids = data[step].chunk(world)[rank]  # each rank its share of the global batch
         logits = model(ids)
         lm = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
-        cl = contrastive_loss(router_records(model), heads, queues, tokens_per_site=10_000, temperature=0.1)
+        cl = contrastive_loss(router_records(model), heads, queues, tokens_per_site=10_000, temperature=0.1,
+                              views=views)
         loss = lm + 0.5 * cl
         loss.backward()
         with torch.no_grad():
@@ -52,17 +53,18 @@ def run(rank=0, world=1):
                     p.grad /= world
                 p -= 0.5 * p.grad
                 p.grad = None
+            heads.update_keys()
             if world > 1:
                 for t in (lm, cl):
                     dist.all_reduce(t)
                     t /= world
         losses.append([lm.item(), cl.item()])
-    return losses, queues.state_dict()
+    return losses, {**queues.state_dict(), **{f"heads.{k}": v for k, v in heads.state_dict().items()}}
 
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     r, w = dist.get_rank(), dist.get_world_size()
-    losses, q = run(r, w)
+    losses, q = run(r, w, sys.argv[2], float(sys.argv[3]))
     torch.save({"losses": losses, "queues": q}, os.path.join(sys.argv[1], f"rank{r}.pt"))
     dist.destroy_process_group()

@@ -120,17 +120,112 @@ def test_padding_never_enters_and_sampling_bounds_tokens():
     assert all(int((q.labels >= 0).sum()) == 5 for q in queues.queues)
 
 
-def test_two_process_gloo_equals_one_process(tmp_path):
+@pytest.mark.parametrize("views, momentum", [("mixture", 0.0), ("expert", 0.9)])
+def test_two_process_gloo_equals_one_process(tmp_path, views, momentum):
     sys.path.insert(0, HERE)
     import dist_contrastive
 
-    single_losses, single_q = dist_contrastive.run()
+    single_losses, single_q = dist_contrastive.run(views=views, momentum=momentum)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-                    os.path.join(HERE, "dist_contrastive.py"), str(tmp_path)], check=True, env=env, timeout=300)
+                    os.path.join(HERE, "dist_contrastive.py"), str(tmp_path), views, str(momentum)],
+                   check=True, env=env, timeout=300)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for k in single_q:
         assert torch.equal(r0["queues"][k], r1["queues"][k]), k  # identical on both ranks
         assert torch.allclose(r0["queues"][k].float(), single_q[k].float(), atol=1e-5), k
     assert torch.allclose(torch.tensor(r0["losses"]), torch.tensor(single_losses), atol=1e-5)
     assert single_losses[-1][1] != single_losses[0][1]  # the steps really changed something
+
+
+def reference_expert_info_nce(z_f, z_e, labels, qk, ql, tau):
+    """Hand-written from the formula, one token at a time: positive z_e[t, e*], then the token's other
+    experts' views, then queue keys of other experts."""
+    losses = []
+    for t in range(z_f.shape[0]):
+        e_star = int(labels[t])
+        cols = [z_f[t] @ z_e[t, e_star] / tau]
+        cols += [z_f[t] @ z_e[t, e] / tau for e in range(z_e.shape[1]) if e != e_star]
+        cols += [z_f[t] @ qk[j] / tau for j in range(qk.shape[0]) if ql[j] != e_star]
+        logits = torch.stack(cols)
+        losses.append(-(logits[0] - logits.logsumexp(0)))
+    return torch.stack(losses).mean()
+
+
+def test_expert_info_nce_equals_hand_reference():
+    from contrastive import expert_info_nce
+
+    g = torch.Generator().manual_seed(0)
+    z_f = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    z_e = F.normalize(torch.randn(5, 4, 8, generator=g), dim=-1)
+    labels = torch.tensor([0, 3, 1, 1, 2])
+    qk = F.normalize(torch.randn(7, 8, generator=g), dim=-1)
+    ql = torch.tensor([0, 1, 1, 2, 3, 3, 0])
+    got = expert_info_nce(z_f, z_e, labels, qk, ql, temperature=0.1)
+    assert torch.allclose(got, reference_expert_info_nce(z_f, z_e, labels, qk, ql, 0.1), atol=1e-5)
+
+
+@pytest.mark.parametrize("views, momentum", [("mixture", 0.0), ("mixture", 0.9), ("expert", 0.0), ("expert", 0.9)])
+def test_contrastive_loss_equals_the_formula_end_to_end(views, momentum):
+    """contrastive_loss over a real forward = the docstring's formula computed by hand from u_e, p, g and the
+    heads (the EMA key heads for the keys when momentum > 0), with a queue holding other labels."""
+    model = tiny_adapted()
+    heads = make_heads(model, dim=16, momentum=momentum)
+    if momentum:
+        with torch.no_grad():  # key heads != query heads, so using the wrong one shows
+            for p in heads.key.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    queues = ExpertQueues(len(sites(model)), size=8, dim=16)
+    g = torch.Generator().manual_seed(3)
+    for q in queues.queues:
+        q.enqueue(F.normalize(torch.randn(8, 16, generator=g), dim=-1), torch.randint(0, 4, (8,), generator=g))
+    model(torch.randint(0, 64, (2, 6)))
+    recs = router_records(model)
+    got = contrastive_loss(recs, heads, queues, tokens_per_site=1000, temperature=0.1, enqueue=False, views=views)
+    key_head = heads.key if momentum else heads.query
+    want = []
+    for i, rec in enumerate(recs):
+        u, p, gates, top1 = rec.expert_acts, rec.probs, rec.gates, rec.topk_idx[:, 0]
+        qk, ql = queues[i].contents()
+        fused = (p[:, :, None] * u).sum(1)
+        if views == "expert":
+            want.append(reference_expert_info_nce(heads.query[i](fused), key_head[i](u), top1, qk, ql, 0.1))
+        else:
+            z_r, z_f = heads.query[i]((gates[:, :, None] * u).sum(1)), key_head[i](fused)
+            want.append(reference_info_nce(z_r, top1, z_f, top1, qk, ql, 0.1))
+    assert torch.allclose(got, torch.stack(want).mean(), atol=1e-5)
+
+
+def test_expert_reading_sharpens_the_router_toward_its_choice():
+    """Gradient descent on the expert reading alone, routers only: the top-1 probability rises."""
+    model = tiny_adapted(E=4, k=1)
+    heads = make_heads(model, dim=16)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    routers = [m.router.weight for _, m in sites(model)]
+    opt = torch.optim.SGD(routers, lr=0.5)
+
+    def top1_prob():
+        model(ids)
+        return torch.stack([r.probs.max(-1).values.mean() for r in router_records(model)]).mean()
+
+    before = top1_prob().item()
+    for _ in range(20):
+        opt.zero_grad()
+        model(ids)
+        contrastive_loss(router_records(model), heads, None, temperature=0.1, views="expert").backward()
+        opt.step()
+    assert top1_prob().item() > before + 0.05
+
+
+def test_momentum_update_of_the_key_heads():
+    model = tiny_adapted()
+    heads = make_heads(model, dim=16, momentum=0.9)
+    assert all(not p.requires_grad for p in heads.key.parameters())
+    old = [p.clone() for p in heads.key.parameters()]
+    with torch.no_grad():
+        for p in heads.query.parameters():
+            p.add_(1.0)
+    heads.update_keys()
+    for k, o, q in zip(heads.key.parameters(), old, heads.query.parameters()):
+        assert torch.allclose(k, 0.9 * o + 0.1 * q, atol=1e-6)
+    assert make_heads(model, dim=16).key is None  # momentum 0: no copy, keys from the heads themselves

@@ -74,13 +74,14 @@ def test_loss_falls_and_metrics_are_written(tiny_dir, tmp_path):
     assert sum(h["lm"] for h in hist[-3:]) < sum(h["lm"] for h in hist[:3])
 
 
-def test_resume_continues_exactly(tiny_dir, tmp_path):
+@pytest.mark.parametrize("kw", [{}, {"cl_views": "expert", "queue_momentum": 0.9}])
+def test_resume_continues_exactly(tiny_dir, tmp_path, kw):
     from safetensors.torch import load_file
     from train import train
 
-    full = train(small_cfg(tiny_dir, tmp_path / "a"))
-    train(small_cfg(tiny_dir, tmp_path / "b", steps=3))
-    resumed = train(small_cfg(tiny_dir, tmp_path / "b", resume=str(tmp_path / "b")))
+    full = train(small_cfg(tiny_dir, tmp_path / "a", **kw))
+    train(small_cfg(tiny_dir, tmp_path / "b", steps=3, **kw))
+    resumed = train(small_cfg(tiny_dir, tmp_path / "b", resume=str(tmp_path / "b"), **kw))
     assert [h["step"] for h in resumed] == [4, 5, 6]
     for x, y in zip(full[3:], resumed):
         for k in ("lm", "balance", "contrastive"):
@@ -88,6 +89,7 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
     a = load_file(tmp_path / "a" / "ckpt-000006" / "adapter.safetensors")
     b = load_file(tmp_path / "b" / "ckpt-000006" / "adapter.safetensors")
     assert a.keys() == b.keys() and any(k.startswith("queues.") for k in a)
+    assert any(k.startswith("heads.key.") for k in a) == bool(kw)  # the EMA key heads are saved and restored
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
