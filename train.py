@@ -57,7 +57,7 @@ class TrainConfig(LoRAMoEConfig):
     z_loss: float = 0.0               # router z-loss weight (inside the balance term)
     lambda_cl: float = 0.1            # expert contrastive weight
     temperature: float = 0.07         # InfoNCE tau
-    cl_views: str = "mixture"         # the contrastive reading: mixture (routed vs fused) or expert (contrastive.py)
+    cl_views: str = "mixture"         # contrastive reading: mixture (routed vs fused) or expert (contrastive.py)
     queue_momentum: float = 0.0       # EMA momentum of the key heads (MoCo); 0 = keys from the heads themselves
     queue_size: int = 1024            # expert memory queue entries per site (K)
     proj_dim: int = 64                # projection head output (d)
@@ -93,15 +93,17 @@ INF = float("inf")
 CHECKS = {  # each numeric flag's parser, which states its valid range
     "num_experts": cli.at_least(1), "rank": cli.at_least(1), "top_k": cli.at_least(1),
     "alpha": cli.in_range(0, INF, lo_open=True), "dropout": cli.in_range(0, 1, hi_open=True),
-    "max_len": cli.at_least(2), "batch_size": cli.at_least(1), "grad_accum": cli.at_least(1), "steps": cli.at_least(1),
-    "lr": cli.in_range(0, INF, lo_open=True), "warmup": cli.at_least(0), "min_lr_ratio": cli.in_range(0, 1),
-    "weight_decay": cli.at_least(0, float), "clip": cli.at_least(0, float), "seed": cli.at_least(0),
-    "lambda_bal": cli.at_least(0, float), "z_loss": cli.at_least(0, float), "lambda_cl": cli.at_least(0, float),
-    "temperature": cli.in_range(0, INF, lo_open=True), "queue_momentum": cli.in_range(0, 1, hi_open=True), "queue_size": cli.at_least(1), "proj_dim": cli.at_least(1),
-    "tokens_per_site": cli.at_least(1), "ce_chunk": cli.at_least(1), "save_every": cli.at_least(1),
-    "keep": cli.at_least(1), "log_every": cli.at_least(1)}
+    "max_len": cli.at_least(2), "batch_size": cli.at_least(1), "grad_accum": cli.at_least(1),
+    "steps": cli.at_least(1), "lr": cli.in_range(0, INF, lo_open=True), "warmup": cli.at_least(0),
+    "min_lr_ratio": cli.in_range(0, 1), "weight_decay": cli.at_least(0, float), "clip": cli.at_least(0, float),
+    "seed": cli.at_least(0), "lambda_bal": cli.at_least(0, float), "z_loss": cli.at_least(0, float),
+    "lambda_cl": cli.at_least(0, float), "temperature": cli.in_range(0, INF, lo_open=True),
+    "queue_momentum": cli.in_range(0, 1, hi_open=True), "queue_size": cli.at_least(1),
+    "proj_dim": cli.at_least(1), "tokens_per_site": cli.at_least(1), "ce_chunk": cli.at_least(1),
+    "save_every": cli.at_least(1), "keep": cli.at_least(1), "log_every": cli.at_least(1)}
 # adapter and loss shapes a checkpoint was trained with: a resume must use the same ones
-FIXED_ON_RESUME = ("num_experts", "rank", "alpha", "top_k", "targets", "proj_dim", "queue_size", "no_queue", "cl_views")
+FIXED_ON_RESUME = ("num_experts", "rank", "alpha", "top_k", "targets", "proj_dim", "queue_size", "no_queue",
+                   "cl_views")
 
 
 def parse_targets(s: str) -> tuple:
@@ -126,7 +128,8 @@ def parse_args(argv=None) -> TrainConfig:
         elif f.name == "targets":
             ap.add_argument(flag, type=parse_targets, default=TARGETS, help=f"default: {','.join(TARGETS)}")
         else:
-            ap.add_argument(flag, type=CHECKS.get(f.name, str), default=f.default, dest=f.name, help=f"default: {f.default}")
+            ap.add_argument(flag, type=CHECKS.get(f.name, str), default=f.default, dest=f.name,
+                            help=f"default: {f.default}")
     ns = ap.parse_args(argv)
     if ns.top_k > ns.num_experts:
         ap.error(f"argument --top-k: {ns.top_k} must be <= --num-experts {ns.num_experts}")
@@ -137,7 +140,7 @@ def parse_args(argv=None) -> TrainConfig:
     if cfg.model is not None:
         for name in ("config.json", "tokenizer.json"):
             if not os.path.isfile(os.path.join(cfg.model, name)):
-                ap.error(f"argument --model: {cfg.model} has no {name}: expected a Hugging Face Qwen3 checkpoint dir")
+                ap.error(f"argument --model: {cfg.model} has no {name}: expected a Hugging Face Qwen3 checkpoint")
         try:
             Qwen3Config.from_json(os.path.join(cfg.model, "config.json"))
         except (ValueError, KeyError, TypeError, UnicodeError) as e:
@@ -172,14 +175,16 @@ def plan_run(cfg: TrainConfig, log) -> str | None:
     if ckpt is None:
         earlier = checkpoints(cfg.out) or os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))
         if earlier and not cfg.overwrite:
-            raise RunDirError(f"{cfg.out} holds an earlier run: --resume {cfg.out} continues it, --overwrite starts over")
+            raise RunDirError(f"{cfg.out} holds an earlier run: --resume {cfg.out} continues it, "
+                              "--overwrite starts over")
         if earlier:
             clear_run(cfg.out)
         return None
     with open(os.path.join(ckpt, "train_config.json"), encoding="utf-8") as f:
         saved = json.load(f)
     now = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
-    use_cl = {k: not c.get("no_contrastive") and c.get("lambda_cl", 0) > 0 for k, c in (("saved", saved), ("now", now))}
+    use_cl = {k: not c.get("no_contrastive") and c.get("lambda_cl", 0) > 0
+              for k, c in (("saved", saved), ("now", now))}
     fixed = {k: (saved.get(k), now[k]) for k in FIXED_ON_RESUME if saved.get(k) != now[k]}
     if use_cl["saved"] != use_cl["now"]:
         fixed["contrastive loss on"] = (use_cl["saved"], use_cl["now"])
@@ -212,7 +217,9 @@ def build_model(cfg: TrainConfig, model_dir: str, device, rank: int, verbose: bo
     add_lora_moe(model, LoRAMoEConfig(**{f.name: getattr(cfg, f.name) for f in fields(LoRAMoEConfig)}), verbose)
     use_cl = not cfg.no_contrastive and cfg.lambda_cl > 0 and cfg.num_experts > 1
     heads = make_heads(model, cfg.proj_dim, cfg.queue_momentum) if use_cl else None
-    queues = ExpertQueues(len(sites(model)), cfg.queue_size, cfg.proj_dim).to(device) if use_cl and not cfg.no_queue else None
+    queues = None
+    if use_cl and not cfg.no_queue:
+        queues = ExpertQueues(len(sites(model)), cfg.queue_size, cfg.proj_dim).to(device)
     record_expert_acts(model, use_cl)
     gen = torch.Generator().manual_seed(cfg.seed * 100 + rank)  # token sampling for the contrastive loss
     return model.train(), heads, queues, gen
@@ -226,7 +233,8 @@ def wrap(body: HybridLoss, cfg: TrainConfig, world: int, device):
         fully_shard(body)
         return body, True
     if world > 1:
-        return nn.parallel.DistributedDataParallel(body, device_ids=[device.index] if device.type == "cuda" else None), False
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(body, device_ids=ids), False
     return body, False
 
 
@@ -257,7 +265,8 @@ class Batches:
         self.lengths = [len(ids) for ids, _ in items]
         per_epoch = len(batch_order(self.lengths, cfg.batch_size, cfg.seed, 0, rank, world))
         if per_epoch < cfg.grad_accum:
-            raise DataError(f"{len(items)} examples give {per_epoch} micro-batches per rank, fewer than --grad-accum")
+            raise DataError(f"{len(items)} examples give {per_epoch} micro-batches per rank, "
+                            "fewer than --grad-accum")
         self.steps_per_epoch = per_epoch // cfg.grad_accum
 
     def __call__(self, step: int) -> list:
@@ -265,7 +274,8 @@ class Batches:
         c = self.cfg
         epoch, k = divmod(step, self.steps_per_epoch)
         order = batch_order(self.lengths, c.batch_size, c.seed, epoch, self.rank, self.world)
-        return [collate([self.items[i] for i in order[k * c.grad_accum + j]], self.pad_id) for j in range(c.grad_accum)]
+        return [collate([self.items[i] for i in order[k * c.grad_accum + j]], self.pad_id)
+                for j in range(c.grad_accum)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -382,7 +392,8 @@ def run(cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
             parallel.barrier()
     bar.close()
     if history:
-        log(f"done: {len(history)} steps, lm {history[0]['lm']:.3f} -> {history[-1]['lm']:.3f}; adapters in {cfg.out}/latest")
+        log(f"done: {len(history)} steps, lm {history[0]['lm']:.3f} -> {history[-1]['lm']:.3f}; "
+            f"adapters in {cfg.out}/latest")
     return history
 
 

@@ -1,35 +1,33 @@
-"""A miniature ablation: do the balance loss, the expert contrastive loss and the expert memory queue make
-LoRA-MoE experts specialize, and does LoRA-MoE beat a rank-matched plain LoRA?
+"""A miniature ablation that can tell: does the expert contrastive loss (either reading, with or without the
+momentum queue) make LoRA-MoE routers specialize, and what is specialization worth here?
 
-    python bench/ablation.py                   # 5 arms x 3 seeds through train.py's loop, ~27 min on 2 cores
+    python bench/ablation.py                   # every arm x 3 seeds through train.py's loop
     python bench/ablation.py --quick           # 2 arms x 1 seed, a few steps: the CI smoke version
     python bench/ablation.py --plots           # also draw PNGs (pip install -e ".[plots]")
-    python bench/ablation.py --arms full --seeds 0 --set lambda_cl=1.0 --out runs/abl-cl1   # probe one knob
+    python bench/ablation.py --arms cl-exp --seeds 0 --set lambda_cl=1.0 --out runs/abl-cl1   # probe one knob
 
-The task (synthetic, so specialization is knowable): D = 4 domains, each a different random permutation
-sigma_d of 16 letters, marked by its own prefix word. A prompt ``"<word_d>: x"`` asks for the chain
-``sigma_d(x) sigma_d(sigma_d(x)) ...`` of 6-10 letters. The next letter depends on the current letter *and*
-the domain, which only the prompt names: the 4 domains' rules conflict token by token, so one shared
-adapter must hold all 64 transitions while experts could each take a domain. The base is the frozen tiny
-random Qwen3 (real Qwen vocabulary); only adapters learn, for a fixed number of steps.
+The task (synthetic, so the right routing is known): D = 8 domains, each a different random permutation
+sigma_d of the 26 letters, named by its own prefix word. A prompt ``"<word_d> <n>: x"`` asks for the chain
+``sigma_d(x) sigma_d(sigma_d(x)) ...`` of exactly n (6-10) letters. A perfect model reaches exact match 1 and
+loss 0 (the length is in the prompt; our first task left it out, which capped exact match at 0.2), and the
+8 x 26 conflicting transitions crowd a shared low-rank adapter (docs/ablation.md says what changed and why).
 
-Arms (same data, steps, lr, seed; E = 4 experts of rank 4, top-2):
-  lora      plain LoRA, rank 16 = E * r (parameter-matched in the experts), no router
-  moe       LoRA-MoE, LM loss only
-  moe+bal   + load balancing
-  moe+cl-b  + expert contrastive, in-batch negatives only (no queue)
-  full      + expert memory queue: full SparseDoctor
+Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2; see ARMS):
+  lora        plain LoRA, rank 32 = E * r (parameter-matched in the experts), no router
+  moe         LoRA-MoE, LM loss only            moe+bal    + load balancing
+  cl-mix      + balance + contrastive, mixture reading, queue (the first implementation's "full")
+  cl-mix-m    the same with momentum key heads (0.99)
+  cl-exp      + balance + contrastive, expert reading, queue    cl-exp-m   the same with momentum (0.99)
+  oracle      control: every token of domain d forced onto expert d (top-1), no router learning
+  supervised  control: + balance + a router cross-entropy to the domain (lambda 0.1)
 
-Reported per arm, mean +- std over seeds, on a held-out sample of fresh prompts: LM loss on answer tokens;
-exact match (every answer token, and <|im_end|>, the argmax under teacher forcing) per domain; routing
-specialization per layer (normalized mutual information between domain and top-1 expert over answer
-positions, 0 = routing ignores the domain, 1 = the expert names the domain), expert-load entropy (nats;
-log 4 = 1.386 is uniform), mean pairwise cosine of the experts' outputs B_e A_e x on the same tokens (low =
-distinct experts); step time and peak RSS. Written to OUT/results.json and OUT/results.md.
-
-Held-out prompts are fresh samples of the same rule (a letter chain of a new length from a new start); the
-rule itself is a 64-entry lookup, so this measures how well each arm has fit it, not generalization to new
-rules.
+Measured on a held-out sample of fresh prompts (``measure``): LM loss on answer tokens; exact match per
+domain (every answer token and <|im_end|> the argmax under teacher forcing); per layer NMI(domain; top-1
+expert) over answer positions, mean per-token router entropy, expert-load entropy, mean pairwise cosine of
+the experts' outputs B_e A_e x on the same tokens; the router gradient share of the contrastive term
+||d(lambda_cl L_cl)/dW_router|| / ||d L_LM/dW_router|| (``router_gradient_share``); and for seed 0 a domain x
+expert ablation matrix (held-out loss increase per domain when one expert is dropped). ``probe_ceiling``:
+what any token-level router could reach, from the frozen base (linear probe and k-means on router inputs).
 """
 from __future__ import annotations
 
@@ -46,17 +44,22 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-LETTERS = "abcdefghijklmnop"
-DOMAINS = ("north", "south", "east", "west")
-E, R, TOP_K = 4, 4, 2
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+DOMAINS = ("north", "south", "east", "west", "red", "blue", "green", "black")  # each a single Qwen token
+E, R, TOP_K = 8, 4, 2
+LAMBDA_SUP = 0.1  # the supervised control's router cross-entropy weight
 ARMS = {
     "lora": dict(num_experts=1, top_k=1, rank=E * R, alpha=2.0 * E * R, no_balance=True),
     "moe": dict(no_balance=True, no_contrastive=True),
     "moe+bal": dict(no_contrastive=True),
-    "moe+cl-b": dict(no_queue=True),
-    "full": dict(),
+    "cl-mix": dict(cl_views="mixture"),
+    "cl-mix-m": dict(cl_views="mixture", queue_momentum=0.99),
+    "cl-exp": dict(cl_views="expert"),
+    "cl-exp-m": dict(cl_views="expert", queue_momentum=0.99),
+    "oracle": dict(top_k=1, no_balance=True, no_contrastive=True),
+    "supervised": dict(no_contrastive=True),
 }
-QUICK_ARMS = ("lora", "full")
+QUICK_ARMS = ("lora", "cl-exp")
 
 
 def permutations(task_seed: int = 1234) -> list[dict]:
@@ -71,7 +74,7 @@ def permutations(task_seed: int = 1234) -> list[dict]:
 
 
 def make_examples(n: int, seed: int, perms) -> list[tuple[int, list[dict]]]:
-    """n (domain, chat messages) pairs, domains balanced: "<word_d>: x" -> "sigma_d(x) sigma_d^2(x) ..."."""
+    """n (domain, chat messages) pairs, domains balanced: "<word_d> <n>: x" -> "sigma_d(x) sigma_d^2(x) ..." (n letters)."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -81,7 +84,7 @@ def make_examples(n: int, seed: int, perms) -> list[tuple[int, list[dict]]]:
         for _ in range(rng.randint(6, 10)):
             x = perms[d][x]
             chain.append(x)
-        out.append((d, [{"role": "user", "content": f"{DOMAINS[d]}: {start}"},
+        out.append((d, [{"role": "user", "content": f"{DOMAINS[d]} {len(chain)}: {start}"},
                         {"role": "assistant", "content": " ".join(chain)}]))
     rng.shuffle(out)
     return out
@@ -115,18 +118,17 @@ def make_base(path: str, logit_scale: float = 8.0) -> str:
 
 @torch.no_grad()
 def measure(model, tok, examples, batch_size: int = 32) -> dict:
-    """Held-out loss / exact match per domain, and per-site routing records at answer positions."""
+    """Held-out loss and exact match per domain, and per-site routing statistics at answer positions."""
     from data import IGNORE, collate, tokenize
     from lora_moe import record_expert_acts, sites
 
     model.eval()
     has_moe = bool(sites(model)) and sites(model)[0][1].E > 1
     record_expert_acts(model, has_moe)
-    nll, n_tok = 0.0, 0
-    exact = np.zeros(len(DOMAINS))
-    count = np.zeros(len(DOMAINS))
-    joint = {name: np.zeros((len(DOMAINS), E)) for name, _ in sites(model)} if has_moe else {}
-    cos = {name: [] for name in joint}
+    D = len(DOMAINS)
+    nll, n_tok, exact, count = np.zeros(D), np.zeros(D), np.zeros(D), np.zeros(D)
+    joint = {name: np.zeros((D, E)) for name, _ in sites(model)} if has_moe else {}
+    cos, ent = {name: [] for name in joint}, {name: [] for name in joint}
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         ids, labels, mask = collate([tokenize(msgs, tok) for _, msgs in chunk], tok.pad_id)
@@ -135,21 +137,23 @@ def measure(model, tok, examples, batch_size: int = 32) -> dict:
         sel = tgt != IGNORE  # (B, T-1) answer positions
         logits = model.lm_head(hidden[:, :-1][sel]).float()  # (N, V)
         y = tgt[sel]
-        nll += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        n_tok += y.numel()
+        dom = torch.tensor([d for d, _ in chunk])
+        dom_tok = dom[:, None].expand_as(sel)[sel]  # (N,) domain of each answer position
+        tok_nll = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        np.add.at(nll, dom_tok.numpy(), tok_nll.numpy())
+        np.add.at(n_tok, dom_tok.numpy(), 1)
         right = torch.zeros_like(tgt, dtype=torch.bool)
         right[sel] = logits.argmax(-1) == y
         row_ok = (right | ~sel).all(1)
-        dom = torch.tensor([d for d, _ in chunk])
-        for d in range(len(DOMAINS)):
-            exact[d] += int(row_ok[dom == d].sum())
-            count[d] += int((dom == d).sum())
-        dom_tok = dom[:, None].expand_as(sel)[sel]  # (N,) domain of each answer position
+        np.add.at(exact, dom.numpy(), row_ok.numpy())
+        np.add.at(count, dom.numpy(), 1)
         for name, m in sites(model):
             if name not in joint:
                 continue
             top1 = m.record.topk_idx[:, :-1, 0][sel]  # (N,)
             np.add.at(joint[name], (dom_tok.numpy(), top1.numpy()), 1)
+            p = m.record.probs[:, :-1][sel]  # (N, E)
+            ent[name].append(float(-(p * p.clamp(min=1e-12).log()).sum(-1).mean()))
             u = m.record.expert_acts[:, :-1][sel]  # (N, E, r): every expert's A_e x
             outs = torch.einsum("ner,oer->neo", u, m.lora_B.view(-1, m.E, m.r))  # (N, E, out): B_e A_e x
             outs = torch.nn.functional.normalize(outs, dim=-1)
@@ -157,17 +161,195 @@ def measure(model, tok, examples, batch_size: int = 32) -> dict:
             off = gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
             cos[name].append((off / (m.E * (m.E - 1))).mean().item())
     record_expert_acts(model, False)
-    res = {"loss": nll / n_tok, "exact": (exact / count).tolist(), "exact_mean": float(exact.sum() / count.sum())}
+    res = {"loss": float(nll.sum() / n_tok.sum()), "loss_per_domain": (nll / n_tok).tolist(),
+           "exact": (exact / count).tolist(), "exact_mean": float(exact.sum() / count.sum())}
     if has_moe:
         layers = sorted({int(n.split(".")[2]) for n in joint})
         per = {L: [n for n in joint if int(n.split(".")[2]) == L] for L in layers}
         res["nmi"] = [float(np.mean([nmi(joint[n]) for n in per[L]])) for L in layers]
         res["load_entropy"] = [float(np.mean([entropy(joint[n].sum(0)) for n in per[L]])) for L in layers]
+        res["router_entropy"] = [float(np.mean([np.mean(ent[n]) for n in per[L]])) for L in layers]
         res["expert_cos"] = [float(np.mean([np.mean(cos[n]) for n in per[L]])) for L in layers]
         # a domain x expert share table for the heat map: the last layer's sites summed
         hm = sum(joint[n] for n in per[layers[-1]])
         res["heatmap_last_layer"] = (hm / hm.sum(1, keepdims=True)).tolist()
     return res
+
+
+def expert_ablation(model, tok, examples) -> list[list[float]]:
+    """(domain x expert): each domain's held-out loss increase when expert e is dropped from every site."""
+    from lora_moe import sites
+
+    base = np.array(measure(model, tok, examples)["loss_per_domain"])
+    out = np.zeros((len(DOMAINS), E))
+    for e in range(E):
+        saved = [m.lora_B[:, e * m.r:(e + 1) * m.r].clone() for _, m in sites(model)]
+        with torch.no_grad():
+            for _, m in sites(model):
+                m.lora_B[:, e * m.r:(e + 1) * m.r] = 0
+        out[:, e] = np.array(measure(model, tok, examples)["loss_per_domain"]) - base
+        with torch.no_grad():
+            for (_, m), b in zip(sites(model), saved):
+                m.lora_B[:, e * m.r:(e + 1) * m.r] = b
+    return out.round(4).tolist()
+
+
+def router_gradient_share(model, tok, examples, ckpt: str) -> float | None:
+    """||d(lambda_cl L_cl)/dW_router|| / ||d L_LM/dW_router|| on held-out examples, with the checkpoint's heads,
+    queues and contrastive settings: how much of the routers' training signal the contrastive term is."""
+    from contrastive import contrastive_loss, make_heads
+    from data import collate, tokenize
+    from expert_queue import ExpertQueues
+    from lora_moe import load_adapter, record_expert_acts, router_records, sites
+    from objective import lm_loss_sum
+
+    cfg = json.load(open(os.path.join(ckpt, "train_config.json")))
+    if cfg["no_contrastive"] or cfg["lambda_cl"] == 0 or cfg["num_experts"] == 1:
+        return None
+    extra = load_adapter(model, ckpt)
+    heads = make_heads(model, cfg["proj_dim"], cfg["queue_momentum"])
+    heads.load_state_dict({k[6:]: v for k, v in extra.items() if k.startswith("heads.")})
+    queues = None
+    if not cfg["no_queue"]:
+        queues = ExpertQueues(len(sites(model)), cfg["queue_size"], cfg["proj_dim"])
+        queues.load_state_dict({k[7:]: v for k, v in extra.items() if k.startswith("queues.")})
+    routers = [m.router.weight for _, m in sites(model)]
+    ids, labels, mask = collate([tokenize(msgs, tok) for _, msgs in examples[:32]], tok.pad_id)
+    record_expert_acts(model, True)
+    model.eval()
+    norms = []
+    for term in ("lm", "cl"):
+        hidden = model.model(ids)
+        if term == "lm":
+            loss = lm_loss_sum(model, hidden, labels, 4096) / (labels[:, 1:] != -100).sum()
+        else:
+            loss = cfg["lambda_cl"] * contrastive_loss(router_records(model, mask), heads, queues, cfg["tokens_per_site"],
+                                                       cfg["temperature"], torch.Generator().manual_seed(0),
+                                                       enqueue=False, views=cfg["cl_views"])
+        grads = torch.autograd.grad(loss, routers, allow_unused=True)
+        norms.append(float(torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None))))
+    record_expert_acts(model, False)
+    return norms[1] / max(norms[0], 1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What any token-level router could reach: probes on the frozen base
+
+
+@torch.no_grad()
+def probe_ceiling(model_dir: str, tok, examples, seed: int = 0) -> dict:
+    """Per layer and router input (attention in: q/k/v; o_proj in; MLP in: gate/up; down_proj in): held-out
+    accuracy of a linear classifier from the router input x to the domain over answer positions, and
+    NMI(domain; k-means cluster) with k = E. Train / test: the two halves of ``examples``."""
+    from data import IGNORE, collate, tokenize
+    from model import load_model
+
+    model = load_model(model_dir)
+    kinds = {"attn_in": "self_attn.q_proj", "o_in": "self_attn.o_proj", "mlp_in": "mlp.gate_proj",
+             "down_in": "mlp.down_proj"}
+    feats, hooks = {}, []
+    for L, layer in enumerate(model.model.layers):
+        for kind, path in kinds.items():
+            mod = layer.get_submodule(path)
+            hooks.append(mod.register_forward_hook(lambda m, i, o, key=(L, kind): feats.setdefault(key, []).append(i[0])))
+    doms, xs = [], {}
+    for i in range(0, len(examples), 32):
+        chunk = examples[i:i + 32]
+        ids, labels, _ = collate([tokenize(msgs, tok) for _, msgs in chunk], tok.pad_id)
+        feats.clear()
+        model.model(ids)
+        sel = labels[:, 1:] != IGNORE  # answer positions (those that predict an answer token)
+        doms.append(torch.tensor([d for d, _ in chunk])[:, None].expand_as(sel)[sel])
+        for key, (x,) in feats.items():
+            xs.setdefault(key, []).append(x[:, :-1][sel])
+    for h in hooks:
+        h.remove()
+    y = torch.cat(doms)
+    half = len(y) // 2
+    out = {}
+    for (L, kind), parts in sorted(xs.items()):
+        x = torch.cat(parts).float()
+        x = (x - x[:half].mean(0)) / (x[:half].std(0) + 1e-6)
+        out[f"layer {L} {kind}"] = {"probe_accuracy": _linear_probe(x[:half], y[:half], x[half:], y[half:], seed),
+                                    "kmeans_nmi": _kmeans_nmi(x, y, E, seed)}
+    return out
+
+
+def _linear_probe(xtr, ytr, xte, yte, seed: int) -> float:
+    torch.manual_seed(seed)
+    with torch.enable_grad():
+        w = torch.zeros(xtr.shape[1], len(DOMAINS), requires_grad=True)
+        b = torch.zeros(len(DOMAINS), requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=0.05)
+        for _ in range(300):
+            opt.zero_grad()
+            (torch.nn.functional.cross_entropy(xtr @ w + b, ytr) + 1e-3 * (w ** 2).sum()).backward()
+            opt.step()
+    return round(float(((xte @ w + b).argmax(-1) == yte).float().mean()), 4)
+
+
+def _kmeans_nmi(x, y, k: int, seed: int, iters: int = 25) -> float:
+    g = torch.Generator().manual_seed(seed)
+    c = x[torch.randperm(len(x), generator=g)[:k]].clone()
+    for _ in range(iters):
+        assign = torch.cdist(x, c).argmin(1)
+        for j in range(k):
+            if (assign == j).any():
+                c[j] = x[assign == j].mean(0)
+    joint = np.zeros((len(DOMAINS), k))
+    np.add.at(joint, (y.numpy(), assign.numpy()), 1)
+    return round(nmi(joint), 4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The control arms: routing told the domain (patched into this run's own process only)
+
+
+DOMAIN_OF_BATCH = {}  # the current batch's domain per sequence, read from its prompt by the patched forward
+
+
+def domain_of(ids, word_ids) -> torch.Tensor:
+    """(B,) the domain of each sequence: which domain word its prompt holds."""
+    return torch.stack([(ids == w).any(1) for w in word_ids], 1).float().argmax(1)
+
+
+def install_domain_routing(arm: str, tok):
+    """oracle: every token of a domain-d sequence goes to expert d (top-1, the router unused); supervised:
+    the hybrid loss gains LAMBDA_SUP * the routers' cross-entropy to the domain, on real tokens."""
+    import objective
+    from lora_moe import LoRAMoELinear, RouterRecord, router_records
+    from model import Qwen3Model
+
+    word_ids = [tok.encode(w)[0] for w in DOMAINS]
+    forward = Qwen3Model.forward
+
+    def remember_domain(self, input_ids, *args, **kw):
+        if input_ids.shape[1] > 1:  # a whole sequence, not a decode step
+            DOMAIN_OF_BATCH["d"] = domain_of(input_ids, word_ids)
+        return forward(self, input_ids, *args, **kw)
+
+    Qwen3Model.forward = remember_domain
+    if arm == "oracle":
+        def route(self, x):
+            d = DOMAIN_OF_BATCH["d"].to(x.device)[:, None, None].expand(*x.shape[:-1], 1)  # (B, T, 1)
+            logits = torch.full((*x.shape[:-1], self.E), -30.0, device=x.device).scatter(-1, d, 30.0)
+            probs = logits.softmax(-1)
+            top_p, top_i = probs.topk(self.top_k, dim=-1)
+            gates = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
+            return RouterRecord(logits, probs, top_i, gates)
+
+        LoRAMoELinear.route = route
+    if arm == "supervised":
+        hybrid = objective.HybridLoss.forward
+
+        def with_router_ce(self, ids, labels, mask, sup_tokens, micro_steps):
+            loss, parts = hybrid(self, ids, labels, mask, sup_tokens, micro_steps)
+            dom = DOMAIN_OF_BATCH["d"].to(ids.device)[:, None].expand_as(mask)[mask]
+            ce = torch.stack([torch.nn.functional.cross_entropy(r.logits, dom)
+                              for r in router_records(self.model, mask)]).mean()
+            return loss + LAMBDA_SUP * ce / micro_steps, parts
+
+        objective.HybridLoss.forward = with_router_ce
 
 
 def entropy(counts) -> float:
@@ -208,16 +390,23 @@ def run_one(arm: str, seed: int, a) -> dict:
     cfg = TrainConfig(model=a.model, data=data, out=work, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                       warmup=max(1, a.steps // 10), max_len=64, dropout=0.0, queue_size=a.queue_size, proj_dim=32,
                       tokens_per_site=128, seed=seed, save_every=a.eval_every, keep=10_000, progress=False,
-                      **{**moe, **ARMS[arm], **overrides(a.set)})
+                      overwrite=True, **{**moe, **ARMS[arm], **overrides(a.set)})
+    tok = load_tokenizer(a.model)
+    if arm in ("oracle", "supervised"):
+        install_domain_routing(arm, tok)
     hist = train(cfg)
-    tok, model = load_tokenizer(a.model), load_model(a.model)  # the base once; each checkpoint refills the adapters
+    model = load_model(a.model)  # the base once; each checkpoint refills the adapters
     over_steps = []
     for step in range(a.eval_every, a.steps + 1, a.eval_every):
-        load_adapter(model, os.path.join(work, f"ckpt-{step:06d}"))
+        ckpt = os.path.join(work, f"ckpt-{step:06d}")
+        load_adapter(model, ckpt)
+        share = router_gradient_share(model, tok, held_out, ckpt)
         r = measure(model, tok, held_out)
-        over_steps.append({"step": step, "loss": r["loss"], "exact_mean": r["exact_mean"],
+        over_steps.append({"step": step, "loss": r["loss"], "exact_mean": r["exact_mean"], "router_grad_share": share,
                            "nmi_mean": float(np.mean(r["nmi"])) if "nmi" in r else None})
-    final = r  # the last checkpoint is the end of training
+    final = {**r, "router_grad_share": share}  # the last checkpoint is the end of training
+    if seed == 0 and "nmi" in r and a.expert_ablation:
+        final["expert_ablation"] = expert_ablation(model, tok, held_out)
     times = [h["step_time"] for h in hist[1:]] or [hist[0]["step_time"]]
     return {"arm": arm, "seed": seed, **final, "over_steps": over_steps,
             "train_curve": [{k: h[k] for k in ("step", "lm", "balance", "contrastive")} for h in hist],
@@ -254,21 +443,23 @@ def mean_std(xs):
 def summarize(runs: list[dict]) -> tuple[dict, str]:
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     summary = {}
-    head = (["arm", "held-out loss", "exact match"] + [f"EM {d}" for d in DOMAINS]
-            + ["NMI(domain; expert)", "load entropy", "expert cos", "s/step", "peak MB"])
+    head = ["arm", "held-out loss", "exact match", "NMI mean", "NMI best layer", "router entropy", "load entropy",
+            "expert cos", "cl grad share", "s/step", "peak MB"]
     rows = []
     for arm in arms:
         rs = [r for r in runs if r["arm"] == arm]
         s = {"seeds": [r["seed"] for r in rs], "loss": [r["loss"] for r in rs], "exact_mean": [r["exact_mean"] for r in rs],
              "exact": [r["exact"] for r in rs], "nmi": [r.get("nmi") for r in rs],
-             "load_entropy": [r.get("load_entropy") for r in rs], "expert_cos": [r.get("expert_cos") for r in rs],
+             "router_entropy": [r.get("router_entropy") for r in rs], "load_entropy": [r.get("load_entropy") for r in rs],
+             "expert_cos": [r.get("expert_cos") for r in rs], "router_grad_share": [r.get("router_grad_share") for r in rs],
              "step_time_s": [r["step_time_s"] for r in rs], "peak_rss_mb": [r["peak_rss_mb"] for r in rs]}
         summary[arm] = s
         per_layer = lambda key: [float(np.mean(x)) if x else None for x in s[key]]  # noqa: E731
-        rows.append([arm, mean_std(s["loss"]), mean_std(s["exact_mean"])]
-                    + [mean_std([e[d] for e in s["exact"]]) for d in range(len(DOMAINS))]
-                    + [mean_std(per_layer("nmi")), mean_std(per_layer("load_entropy")), mean_std(per_layer("expert_cos")),
-                       f"{np.mean(s['step_time_s']):.2f}", f"{np.mean(s['peak_rss_mb']):.0f}"])
+        best = [float(np.max(x)) if x else None for x in s["nmi"]]
+        rows.append([arm, mean_std(s["loss"]), mean_std(s["exact_mean"]), mean_std(per_layer("nmi")), mean_std(best),
+                     mean_std(per_layer("router_entropy")), mean_std(per_layer("load_entropy")),
+                     mean_std(per_layer("expert_cos")), mean_std(s["router_grad_share"]),
+                     f"{np.mean(s['step_time_s']):.2f}", f"{np.mean(s['peak_rss_mb']):.0f}"])
     w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
     md = "\n".join([line(head), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows])
@@ -341,6 +532,8 @@ def main():
     ap.add_argument("--eval-size", type=int, default=256)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a train.py setting in every arm, e.g. --set lambda_cl=1.0 --set temperature=0.2")
+    ap.add_argument("--no-expert-ablation", dest="expert_ablation", action="store_false",
+                    help="skip the domain x expert ablation matrix (seed 0)")
     ap.add_argument("--quick", action="store_true", help="2 arms, 1 seed, 6 steps, small data (CI smoke run)")
     ap.add_argument("--plots", action="store_true", help="draw PNGs into --out (needs matplotlib)")
     ap.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: ARM:SEED in this process
@@ -355,13 +548,17 @@ def main():
         arm, seed = a.run.split(":")
         print(json.dumps(run_one(arm, int(seed), a)))
         return
+    from tokenizer import load_tokenizer
+
+    probe = probe_ceiling(a.model, load_tokenizer(a.model), make_examples(2 * a.eval_size, 777, permutations()))
     runs = []
     for arm in a.arms.split(","):
         for seed in map(int, a.seeds.split(",")):
             argv = [sys.executable, os.path.abspath(__file__), "--run", f"{arm}:{seed}", "--out", a.out,
                     "--model", a.model, "--steps", str(a.steps), "--eval-every", str(a.eval_every),
                     "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--queue-size", str(a.queue_size),
-                    "--train-size", str(a.train_size), "--eval-size", str(a.eval_size)] + [f"--set={p}" for p in a.set]
+                    "--train-size", str(a.train_size), "--eval-size", str(a.eval_size)] + [f"--set={p}" for p in a.set] \
+                + ([] if a.expert_ablation else ["--no-expert-ablation"])
             p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
             if p.returncode != 0:
                 sys.exit(f"run {arm}:{seed} failed:\n{p.stderr[-4000:]}")
@@ -370,9 +567,12 @@ def main():
             print(f"{arm:9s} seed {seed}: loss {r['loss']:.3f}, exact {r['exact_mean']:.3f}, NMI "
                   f"{np.mean(r['nmi']) if 'nmi' in r else float('nan'):.3f}, {r['step_time_s']:.2f} s/step", flush=True)
     summary, md = summarize(runs)
+    md += "\n\nProbe ceiling on the frozen base (router inputs at answer positions, held-out half):\n\n" + \
+        "| router input | linear probe accuracy | NMI(domain; k-means, k = E) |\n|---|---|---|\n" + \
+        "".join(f"| {k} | {v['probe_accuracy']:.3f} | {v['kmeans_nmi']:.3f} |\n" for k, v in probe.items())
     with open(os.path.join(a.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"config": {k: v for k, v in vars(a).items() if k != "run"}, "arms": ARMS, "runs": runs,
-                   "summary": summary}, f, indent=1)
+                   "summary": summary, "probe": probe}, f, indent=1)
     with open(os.path.join(a.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(md + "\n")
     print(md)

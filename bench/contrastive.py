@@ -19,7 +19,12 @@ import torch.nn.functional as F
 from common import make_checkpoint, peak_rss_mb, run_isolated, table
 
 
-def setup(path, layers):
+ARMS = {  # name -> (contrastive on, reading, key-head momentum)
+    "base": (False, "mixture", 0.0), "full": (True, "mixture", 0.0),
+    "full+momentum": (True, "mixture", 0.99), "expert+momentum": (True, "expert", 0.99)}
+
+
+def setup(path, layers, momentum=0.0):
     from contrastive import make_heads
     from lora_moe import LoRAMoEConfig, add_lora_moe, record_expert_acts, sites
     from model import load_model
@@ -28,17 +33,17 @@ def setup(path, layers):
     model = add_lora_moe(load_model(path), LoRAMoEConfig(num_experts=8, rank=8, alpha=16, top_k=2, dropout=0.0), verbose=False)
     model.train()
     record_expert_acts(model, True)
-    return model, make_heads(model, 64), len(sites(model))
+    return model, make_heads(model, 64, momentum), len(sites(model))
 
 
-def step_fn(model, heads, ids, cl_on, K=1024, tps=256):
+def step_fn(model, heads, ids, cl_on, K=1024, tps=256, views="mixture"):
     from contrastive import contrastive_loss
     from expert_queue import ExpertQueues
     from lora_moe import balance_loss, record_expert_acts, router_records, sites
 
     record_expert_acts(model, cl_on)
     queues = ExpertQueues(len(sites(model)), size=K, dim=64)
-    params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
+    params = [p for p in model.parameters() if p.requires_grad] + list(heads.query.parameters())
 
     def step():
         logits = model(ids)
@@ -46,10 +51,12 @@ def step_fn(model, heads, ids, cl_on, K=1024, tps=256):
         records = router_records(model)
         loss = loss + 0.01 * balance_loss(records)
         if cl_on:
-            loss = loss + 0.1 * contrastive_loss(records, heads, queues, tokens_per_site=tps, temperature=0.07)
+            loss = loss + 0.1 * contrastive_loss(records, heads, queues, tokens_per_site=tps, temperature=0.07,
+                                                 views=views)
         loss.backward()
         for p in params:
             p.grad = None
+        heads.update_keys()
     return step, queues
 
 
@@ -74,25 +81,26 @@ def main():
     a = ap.parse_args()
     path = make_checkpoint(a.dir + f"_{a.layers}l", num_hidden_layers=a.layers)
     ids = torch.randint(0, 151936, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
-    if a.arm in ("base", "full"):
-        model, heads, _ = setup(path, a.layers)
-        step, queues = step_fn(model, heads, ids, a.arm == "full")
+    if a.arm in ARMS:
+        cl_on, views, momentum = ARMS[a.arm]
+        model, heads, _ = setup(path, a.layers, momentum)
+        step, queues = step_fn(model, heads, ids, cl_on, views=views)
         t = timed(step, a.steps)
         print(json.dumps({"time": t, "peak_mb": peak_rss_mb(), "queue_bytes": queues.nbytes()}))
         return
     res = {}
-    for arm in ("base", "full"):
+    for arm in ARMS:
         code = (f"import sys; sys.argv={[__file__, '--arm', arm, '--layers', str(a.layers), '--batch', str(a.batch), '--seq', str(a.seq), '--steps', str(a.steps), '--dir', a.dir]!r}\n"
                 f"import runpy; runpy.run_path({os.path.abspath(__file__)!r}, run_name='__main__')")
         res[arm] = json.loads(run_isolated(code).strip().splitlines()[-1])
         print(f"  {arm}: {res[arm]['time']:.2f} s/step, peak {res[arm]['peak_mb']:.0f} MB", file=sys.stderr)
-    b, f = res["base"], res["full"]
+    b = res["base"]
     print(f"Qwen3-0.6B shape, {a.layers} layers, LoRA-MoE E=8 r=8 top-2, batch {a.batch}x{a.seq}, fp32 CPU, "
-          f"{torch.get_num_threads()} threads")
-    print(table([["LM + balance", f"{b['time']:.2f}", f"{b['peak_mb']:.0f}", "-"],
-                 ["LM + balance + contrastive (K=1024, 256 tokens/site)", f"{f['time']:.2f}", f"{f['peak_mb']:.0f}",
-                  f"{f['queue_bytes'] / 2**20:.1f} MiB"]], ["step", "s/step", "peak RSS MB", "queue bytes"]))
-    print(f"ratio full/base: time {f['time'] / b['time']:.3f}x, peak memory {f['peak_mb'] / b['peak_mb']:.3f}x")
+          f"{torch.get_num_threads()} threads; contrastive arms: K=1024, 256 tokens/site")
+    rows = [[arm, f"{r['time']:.2f}", f"{r['time'] / b['time']:.3f}x", f"{r['peak_mb']:.0f}",
+             f"{r['peak_mb'] / b['peak_mb']:.3f}x", f"{r['queue_bytes'] / 2**20:.1f} MiB" if arm != "base" else "-"]
+            for arm, r in res.items()]
+    print(table(rows, ["arm (LM + balance + ...)", "s/step", "time vs base", "peak RSS MB", "memory vs base", "queue"]))
     # how the contrastive cost grows with tokens_per_site and K: the loss's own forward + backward, timed on
     # one recorded forward with its inputs detached (the model's step time is the same in every row)
     from contrastive import contrastive_loss
@@ -100,6 +108,7 @@ def main():
     from lora_moe import record_expert_acts, router_records
 
     model, heads, n_sites = setup(path, a.layers)
+    f = res["full"]
     record_expert_acts(model, True)
     with torch.no_grad():
         model(ids)

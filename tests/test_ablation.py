@@ -42,9 +42,11 @@ def test_task_rules_are_domain_permutations():
     assert all(sorted(p.values()) == list(LETTERS) for p in perms)
     assert len({tuple(p.values()) for p in perms}) == len(DOMAINS)  # the rules conflict
     for d, msgs in make_examples(40, 0, perms):
-        word, start = msgs[0]["content"].split(": ")
+        head, start = msgs[0]["content"].split(": ")
+        word, n = head.split(" ")
         assert word == DOMAINS[d]
         chain = msgs[1]["content"].split(" ")
+        assert len(chain) == int(n)  # the prompt says how long the answer is: exact match 1 is reachable
         assert chain[0] == perms[d][start] and all(perms[d][a] == b for a, b in zip(chain, chain[1:]))
 
 
@@ -73,9 +75,10 @@ def test_quick_ablation_is_reproducible(tmp_path):
         outs.append(res["runs"])
     assert outs[0] == outs[1]
     arms = {r["arm"]: r for r in outs[0]}
-    assert set(arms) == {"lora", "full"}
-    assert "nmi" not in arms["lora"] and len(arms["full"]["nmi"]) == 4  # per layer, MoE arms only
-    assert all(0 <= x <= 1 for x in arms["full"]["nmi"])
+    assert set(arms) == {"lora", "cl-exp"}
+    assert "nmi" not in arms["lora"] and len(arms["cl-exp"]["nmi"]) == 4  # per layer, MoE arms only
+    assert all(0 <= x <= 1 for x in arms["cl-exp"]["nmi"])
+    assert arms["lora"]["router_grad_share"] is None and arms["cl-exp"]["router_grad_share"] > 0
     assert (tmp_path / "run0" / "results.md").read_text().startswith("| arm")
 
 
@@ -104,3 +107,29 @@ def test_plot_routing_and_chat_with_adapter(tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "(adapter: " + str(run / "ckpt-000003") + ")" in r.stdout
+
+
+def test_oracle_routes_each_domain_to_its_expert(qwen_tok_dir):
+    """The oracle control really forces domain d onto expert d (in a subprocess: the patch is process-wide)."""
+    code = f"""
+import sys, torch; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'bench')!r})
+import importlib.util
+spec = importlib.util.spec_from_file_location("ablation", {os.path.join(ROOT, 'bench', 'ablation.py')!r})
+ab = importlib.util.module_from_spec(spec); spec.loader.exec_module(ab)
+from tokenizer import Tokenizer
+from data import collate, tokenize
+from lora_moe import LoRAMoEConfig, add_lora_moe, sites
+from model import Qwen3, Qwen3Config, init_weights
+tok = Tokenizer({qwen_tok_dir!r})
+ab.install_domain_routing("oracle", tok)
+cfg = Qwen3Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=8)
+model = add_lora_moe(init_weights(Qwen3(cfg)), LoRAMoEConfig(num_experts=8, rank=2, top_k=1), verbose=False)
+ex = ab.make_examples(16, 0, ab.permutations())
+ids, _, _ = collate([tokenize(m, tok) for _, m in ex], tok.pad_id)
+model(ids)
+want = torch.tensor([d for d, _ in ex])[:, None].expand(ids.shape)
+print(all(torch.equal(m.record.topk_idx[..., 0], want) for _, m in sites(model)))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip().endswith("True"), r.stderr[-2000:]
