@@ -23,7 +23,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = ("cmexam", "cmb", "cmmlu-med")
 # CMMLU-Med as defined by Apollo's XMedBench; names as in CMMLU's own subject table
 CMMLU_MED = {"anatomy": "解剖学", "clinical_knowledge": "临床知识", "college_medicine": "大学医学",
-             "genetics": "遗传学", "nutrition": "营养学", "traditional_chinese_medicine": "中医中药", "virology": "病毒学"}
+             "genetics": "遗传学", "nutrition": "营养学", "traditional_chinese_medicine": "中医中药",
+             "virology": "病毒学"}
 SPLITS = {"cmexam": ("test", "val", "train"), "cmb": ("test", "val"), "cmmlu-med": ("test", "dev")}
 DEFAULT_SHOTS = {"cmexam": 0, "cmb": 0, "cmmlu-med": 5}
 SOURCES = {"cmexam": "github williamliujl/CMExam (data/train.csv, val.csv, test_with_annotations.csv)",
@@ -60,7 +61,8 @@ def find_file(data_dir: str, name: str, bench: str) -> str:
         if os.path.basename(name) in files and path.replace(os.sep, "/").endswith(name):
             return path
     raise EvalDataError(f"{bench}: {name} not found under {data_dir}. Expected the official files from "
-                        f"{SOURCES[bench]}; --data-dir may point at the folder holding them or at the repo's data/.")
+                        f"{SOURCES[bench]}; --data-dir may point at the folder holding them or at the repo's "
+                        "data/.")
 
 
 def read_csv(path: str) -> list[dict]:
@@ -112,7 +114,8 @@ def cmb_rows(data_dir: str, split: str) -> tuple[str, list]:
     qpath = find_file(data_dir, "CMB-test-choice-question-merge.json", "cmb")
     apath = find_file(data_dir, "CMB-test-choice-answer.json", "cmb")
     rows, answers = read_json(qpath), read_json(apath)
-    if not isinstance(answers, list) or not all(isinstance(a, dict) and {"id", "answer"} <= a.keys() for a in answers):
+    if not isinstance(answers, list) or \
+            not all(isinstance(a, dict) and {"id", "answer"} <= a.keys() for a in answers):
         raise EvalDataError(f"{apath}: expected a JSON array of {{'id', 'answer'}} records")
     answers = {str(a["id"]): a["answer"] for a in answers}
     for r in rows if isinstance(rows, list) else []:
@@ -129,19 +132,23 @@ def load_cmb(data_dir: str, split: str) -> tuple[list[Item], int]:
         raise EvalDataError(f"{qpath}: expected a JSON array of question records")
     items = []
     for n, r in enumerate(rows):
-        missing = {"exam_type", "exam_class", "question", "question_type", "option", "answer"} - set(r if isinstance(r, dict) else {})
+        fields_ = {"exam_type", "exam_class", "question", "question_type", "option", "answer"}
+        missing = fields_ - set(r if isinstance(r, dict) else {})
         if missing:
             raise EvalDataError(f"{qpath}: record {n}: missing {sorted(missing)}")
-        if not isinstance(r["option"], dict) or not all(isinstance(v, (str, type(None))) for v in r["option"].values()) \
-                or not all(isinstance(r[k], str) for k in ("question", "question_type", "answer", "exam_type", "exam_class")):
-            raise EvalDataError(f"{qpath}: record {n}: 'option' must be a letter -> text object and the other fields strings")
+        opts = r["option"]
+        options_ok = isinstance(opts, dict) and all(isinstance(v, (str, type(None))) for v in opts.values())
+        if not options_ok or not all(isinstance(r[k], str) for k in fields_ - {"option"}):
+            raise EvalDataError(f"{qpath}: record {n}: 'option' must be a letter -> text object and the other "
+                                "fields strings")
         options = {k: v.strip() for k, v in sorted(r["option"].items()) if v and v.strip()}  # drop unused keys
         answer = "".join(sorted(set(r["answer"].strip())))  # compare as letter sets: some are unsorted
         if not answer or not set(answer) <= options.keys():
-            raise EvalDataError(f"{qpath}: record {n}: answer {r['answer']!r} not among options {sorted(options)}")
+            raise EvalDataError(f"{qpath}: record {n}: answer {r['answer']!r} not among options "
+                                f"{sorted(options)}")
         items.append(Item(f"cmb-{split}-{r.get('id', n)}", r["exam_class"], r["question"].strip(), options,
                           r["question_type"] == "多项选择题", answer, len(answer) > 1,
-                          {"exam_type": r["exam_type"], "exam_class": r["exam_class"], "question_type": r["question_type"]}))
+                          {k: r[k] for k in ("exam_type", "exam_class", "question_type")}))
     return items, 0
 
 
@@ -178,7 +185,8 @@ def shot_pool(bench, data_dir, split, subjects=None) -> list[Item]:
 
 
 def pick_shots(bench, item: Item, pool: list[Item], k: int) -> list[Item]:
-    """The first k pool items of the same subject (CMMLU), exam_type+exam_class (CMB), or any (CMExam); never the item."""
+    """The first k pool items of the same subject (CMMLU), exam_type + exam_class (CMB), or any (CMExam);
+    never the item itself nor a pool item with the same question text."""
     if k <= 0:
         return []
     if bench == "cmmlu-med":
@@ -207,7 +215,8 @@ def question_text(bench: str, item: Item) -> str:
         return (f"以下是中国{m['exam_type']}中{m['exam_class']}考试的一道{m['question_type']}，"
                 f"不需要做任何分析和解释，直接输出答案选项。\n{item.question}\n{options_text(item)}")
     # CMExam publishes no prompt and no question type: ours mirrors CMB's and is the same for every question
-    return (f"以下是中国医学考试的一道选择题，正确答案可能有一个或多个，不需要做任何分析和解释，直接输出答案选项。\n"
+    return ("以下是中国医学考试的一道选择题，正确答案可能有一个或多个，"
+            f"不需要做任何分析和解释，直接输出答案选项。\n"
             f"{item.question}\n{options_text(item)}")
 
 
@@ -221,13 +230,15 @@ def cmmlu_header(item: Item) -> str:
 def build_prompt(bench: str, item: Item, shots: list[Item], chat: bool) -> tuple[str, str]:
     """(prefix, rest): the part shared by every question with the same shots, and the question's own part.
 
-    Raw: header (CMMLU) + shots '...{cue}{X}\\n\\n' | question + cue. Chat (Qwen3 template, thinking off): shots as
+    Raw: header (CMMLU) + shots '...{cue}{X}\\n\\n' | question + cue. Chat (Qwen3 template, thinking off):
+    shots as
     user/assistant turns | the question's user turn + the generation prompt."""
     head = cmmlu_header(item) if bench == "cmmlu-med" else ""
     if chat:
         turns = []
         for s in shots:
-            turns += [{"role": "user", "content": question_text(bench, s)}, {"role": "assistant", "content": s.answer}]
+            turns += [{"role": "user", "content": question_text(bench, s)},
+                      {"role": "assistant", "content": s.answer}]
         turns.append({"role": "user", "content": question_text(bench, item)})
         turns[0] = {**turns[0], "content": head + turns[0]["content"]}
         prefix = "".join(render_turns(turns)[:-1])

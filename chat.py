@@ -77,7 +77,8 @@ def parse_args(argv=None):
     ap.add_argument("--temperature", type=cli.at_least(0.0, float), default=0.7, help="0 = greedy")
     ap.add_argument("--top-p", type=cli.in_range(0, 1, lo_open=True), default=0.8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on GPU, fp32 on CPU")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="default: bf16 on GPU, fp32 on CPU")
     ap.add_argument("--prompt", default=None, help="answer this one prompt and exit (no interactive loop)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")

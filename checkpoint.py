@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-from lora_moe import adapter_state, load_adapter, resolve_adapter_dir, save_adapter, verify_manifest, write_manifest
+from lora_moe import (adapter_state, load_adapter, resolve_adapter_dir, save_adapter, verify_manifest,
+                      write_manifest)
 
 CKPT = re.compile(r"ckpt-(\d+)")
 
@@ -104,7 +105,8 @@ def read_training_state(path: str) -> dict:
 
 
 def rng_state(gen: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda,
             "python": random.getstate(), "numpy": np.random.get_state(), "sample_gen": gen.get_state()}
 
 
@@ -147,7 +149,8 @@ def save_checkpoint(out_dir, step, model, tensors, optim, sched, gen, cfg, keep:
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, tmp, tensors=tensors)
-    write_training_state(tmp, {"step": step, "optimizer": optim, "scheduler": sched.state_dict(), "rng": rng_state(gen)})
+    write_training_state(tmp, {"step": step, "optimizer": optim, "scheduler": sched.state_dict(),
+                               "rng": rng_state(gen)})
     with open(os.path.join(tmp, "train_config.json"), "w", encoding="utf-8") as f:
         json.dump(asdict(cfg), f, indent=2)
     write_manifest(tmp)
@@ -184,7 +187,8 @@ def is_valid_checkpoint(path: str) -> bool:
         verify_manifest(path)
     except (OSError, ValueError):
         return False
-    return all(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "state.safetensors", "adapter.safetensors"))
+    needed = ("state.json", "state.safetensors", "adapter.safetensors")
+    return all(os.path.isfile(os.path.join(path, f)) for f in needed)
 
 
 def find_resume(path: str) -> str | None:
@@ -253,6 +257,39 @@ def clear_run(out_dir: str):
             os.remove(os.path.join(out_dir, name))
 
 
+def plan_resume(cfg, fixed_on_resume: tuple, log) -> str | None:
+    """Rank 0, before anything is loaded: the checkpoint to resume (None = a fresh run), after checking that
+    ``cfg.out`` is free to use and that the flags fit the checkpoint: those in ``fixed_on_resume`` must
+    match it, any other that differs is applied and logged."""
+    ckpt = find_resume(cfg.resume) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        log(f"--resume {cfg.resume}: no checkpoint there yet, starting a fresh run")
+    if ckpt is None:
+        earlier = checkpoints(cfg.out) or os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))
+        if earlier and not cfg.overwrite:
+            raise RunDirError(f"{cfg.out} holds an earlier run: --resume {cfg.out} continues it, "
+                              "--overwrite starts over")
+        if earlier:
+            clear_run(cfg.out)
+        return None
+    with open(os.path.join(ckpt, "train_config.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    now = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+    use_cl = {k: not c.get("no_contrastive") and c.get("lambda_cl", 0) > 0
+              for k, c in (("saved", saved), ("now", now))}
+    fixed = {k: (saved.get(k), now[k]) for k in fixed_on_resume if saved.get(k) != now[k]}
+    if use_cl["saved"] != use_cl["now"]:
+        fixed["contrastive loss on"] = (use_cl["saved"], use_cl["now"])
+    if (saved.get("queue_momentum", 0) > 0) != (now["queue_momentum"] > 0):
+        fixed["momentum key heads"] = (saved.get("queue_momentum", 0) > 0, now["queue_momentum"] > 0)
+    if fixed:
+        raise RunDirError(f"--resume {ckpt}: these differ from the checkpoint (saved, now): {fixed}")
+    for k in sorted(now.keys() - {"resume", "overwrite", "progress", "debug", "out"}):
+        if k in saved and saved[k] != now[k]:
+            log(f"resume: --{k.replace('_', '-')} {saved[k]} -> {now[k]} (applied)")
+    return ckpt
+
+
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint dir, or a run dir (or its ``latest`` file) naming one."""
     path = resolve_adapter_dir(path)
@@ -262,7 +299,8 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def load_checkpoint(path: str, model, heads, queues, device) -> dict:
-    """Fill adapters, heads and queues from checkpoint ``path`` (checksums verified); return its training state."""
+    """Fill adapters, heads and queues from checkpoint ``path`` (checksums verified); return its
+    training state."""
     extra = load_adapter(model, path)
     if heads is not None:
         heads.load_state_dict({k[6:]: v for k, v in extra.items() if k.startswith("heads.")})

@@ -16,7 +16,7 @@ USER_ERRORS = (OSError, ValueError, KeyError, UnicodeError, RecursionError, json
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump): ``train.py: error: argument --rank: must be >= 1, got 0``."""
+    """argparse with one-line errors, no usage dump: ``train.py: error: argument --rank: must be >= 1, got 0``."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -43,7 +43,8 @@ def in_range(lo: float, hi: float, hi_open: bool = False, lo_open: bool = False)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
         if not (lo < v if lo_open else lo <= v) or not (v < hi if hi_open else v <= hi):
-            raise argparse.ArgumentTypeError(f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {s}")
+            left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+            raise argparse.ArgumentTypeError(f"must be in {left}{lo}, {hi}{right}, got {s}")
         return v
     parse.__name__ = "float"
     return parse

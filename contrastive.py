@@ -88,7 +88,8 @@ def sample_tokens(rec: RouterRecord, n: int, generator=None) -> RouterRecord:
     if rec.expert_acts.shape[0] <= n:
         return rec
     pick = torch.randperm(rec.expert_acts.shape[0], generator=generator, device="cpu")[:n].to(rec.probs.device)
-    return RouterRecord(rec.logits[pick], rec.probs[pick], rec.topk_idx[pick], rec.gates[pick], rec.expert_acts[pick])
+    return RouterRecord(rec.logits[pick], rec.probs[pick], rec.topk_idx[pick], rec.gates[pick],
+                        rec.expert_acts[pick])
 
 
 def site_views(rec: RouterRecord, heads: ContrastiveHeads, i: int):
@@ -139,7 +140,8 @@ def expert_info_nce(z_f, z_e, labels, q_keys=None, q_labels=None, temperature: f
     own = torch.zeros_like(sim, dtype=torch.bool).scatter(1, labels[:, None], True)
     cols = [pos, sim.masked_fill(own, float("-inf"))]
     if q_keys is not None and q_keys.shape[0]:
-        cols.append((z_f @ q_keys.T / temperature).masked_fill(labels[:, None] == q_labels[None, :], float("-inf")))
+        qs = z_f @ q_keys.T / temperature  # (n, K)
+        cols.append(qs.masked_fill(labels[:, None] == q_labels[None, :], float("-inf")))
     return F.cross_entropy(torch.cat(cols, dim=1), torch.zeros(n, dtype=torch.long, device=z_f.device))
 
 
@@ -167,5 +169,5 @@ def contrastive_loss(records: list[RouterRecord], heads: ContrastiveHeads, queue
             key_labels = all_gather_varlen(labels)
             losses.append(info_nce(z_r, labels, keys, key_labels, q_keys, q_labels, temperature, offset))
         if queues is not None and enqueue:
-            queues[i].enqueue(keys.detach(), key_labels)  # after the loss: this step's keys are not negatives twice
+            queues[i].enqueue(keys.detach(), key_labels)  # after the loss: no key is a negative twice
     return torch.stack(losses).mean()

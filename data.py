@@ -31,7 +31,8 @@ def to_messages(obj) -> list[dict]:
         for m in msgs:
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
                     or not isinstance(m.get("content"), str):
-                raise DataError(f"each message needs role system/user/assistant and a string content, got {m!r:.80}")
+                raise DataError("each message needs role system/user/assistant and a string content, "
+                                f"got {m!r:.80}")
     elif "prompt" in obj and "response" in obj:
         _strings(obj, "prompt", "response")
         msgs = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
@@ -144,6 +145,28 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, rank
     batches = [idx[i:i + g] for i in range(0, len(idx) - g + 1, g)]
     rng.shuffle(batches)
     return [b[rank * batch_size:(rank + 1) * batch_size] for b in batches]
+
+
+class Batches:
+    """The batch schedule of a run (``cfg``: batch_size, grad_accum, seed): a deterministic function of
+    (seed, epoch, step), so a resume continues it exactly, on any world size."""
+
+    def __init__(self, items, cfg, pad_id: int, rank: int, world: int):
+        self.items, self.cfg, self.pad_id, self.rank, self.world = items, cfg, pad_id, rank, world
+        self.lengths = [len(ids) for ids, _ in items]
+        per_epoch = len(batch_order(self.lengths, cfg.batch_size, cfg.seed, 0, rank, world))
+        if per_epoch < cfg.grad_accum:
+            raise DataError(f"{len(items)} examples give {per_epoch} micro-batches per rank, "
+                            "fewer than --grad-accum")
+        self.steps_per_epoch = per_epoch // cfg.grad_accum
+
+    def __call__(self, step: int) -> list:
+        """The micro-batches (ids, labels, mask) of optimizer step ``step`` on this rank."""
+        c = self.cfg
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = batch_order(self.lengths, c.batch_size, c.seed, epoch, self.rank, self.world)
+        return [collate([self.items[i] for i in order[k * c.grad_accum + j]], self.pad_id)
+                for j in range(c.grad_accum)]
 
 
 def collate(items, pad_id: int):

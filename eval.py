@@ -3,7 +3,7 @@
     python eval.py cmexam --model DIR --data-dir CMExam/data --split test
     python eval.py cmb --model DIR --adapter runs/sparsedoctor/latest --data-dir CMB/data
     python eval.py cmmlu-med --model DIR --data-dir CMMLU/data --shots 5
-    python eval.py cmexam                        # no --data-dir: bundled dev/val sample + demo model (not scores!)
+    python eval.py cmexam                        # no --data-dir: bundled sample + demo model (not scores!)
     python eval.py compare runs/eval/base/predictions.jsonl runs/eval/sd/predictions.jsonl
 
 Predictions depend on the question only (benchmarks.py says how for each benchmark); scoring.py scores
@@ -25,8 +25,8 @@ import numpy as np
 
 import cli
 import parallel
-from benchmarks import (BENCHMARKS, CMMLU_MED, DEFAULT_SHOTS, HERE, SAMPLE_DIRS, SAMPLE_SPLITS, SPLITS, EvalDataError,
-                        build_prompt, load, pick_shots, shot_pool)
+from benchmarks import (BENCHMARKS, CMMLU_MED, DEFAULT_SHOTS, HERE, SAMPLE_DIRS, SAMPLE_SPLITS, SPLITS,
+                        EvalDataError, build_prompt, load, pick_shots, shot_pool)
 from lora_moe import load_adapter
 from model import load_model, resolve_dtype
 from scoring import score_generate, score_logits
@@ -61,7 +61,8 @@ def summarize(bench: str, records: list[dict]) -> dict:
         "benchmark": bench, "n": len(records),
         "accuracy_micro": acc(records),
         "accuracy_micro_ci95": wilson_interval(sum(r["correct"] for r in records), len(records)),
-        "accuracy_macro": round(sum(v["accuracy"] for v in per_subject.values()) / len(per_subject), 4) if per_subject else None,
+        "accuracy_macro": round(sum(v["accuracy"] for v in per_subject.values()) / len(per_subject), 4)
+        if per_subject else None,
         # by the gold answer's arity: reporting only, the predictions never saw it
         "single_answer": {"n": len(single), "accuracy": acc(single)},
         "multi_answer": {"n": len(multi), "accuracy": acc(multi)},
@@ -97,8 +98,9 @@ def read_predictions(path: str) -> dict:
             rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EvalDataError(f"{path}: cannot read predictions ({e})") from None
-    if not rows or not all(isinstance(r, dict) and {"id", "subject", "gold", "correct"} <= r.keys() for r in rows):
-        raise EvalDataError(f"{path}: not an eval.py predictions.jsonl (each line needs id, subject, gold, correct)")
+    need = {"id", "subject", "gold", "correct"}
+    if not rows or not all(isinstance(r, dict) and need <= r.keys() for r in rows):
+        raise EvalDataError(f"{path}: not an eval.py predictions.jsonl (lines need id, subject, gold, correct)")
     return {r["id"]: r for r in rows}
 
 
@@ -110,12 +112,16 @@ def compare(path_a: str, path_b: str) -> dict:
                             f"({len(a.keys() - b.keys())} only in A, {len(b.keys() - a.keys())} only in B)")
     differ = [i for i in a if a[i]["gold"] != b[i]["gold"]]
     if differ:
-        raise EvalDataError(f"the two runs disagree on the gold answer of {len(differ)} questions, e.g. {differ[0]}")
+        raise EvalDataError(f"the two runs disagree on the gold answer of {len(differ)} questions, "
+                            f"e.g. {differ[0]}")
     ids = sorted(a)
-    out = {"overall": paired_difference(np.array([a[i]["correct"] for i in ids]), np.array([b[i]["correct"] for i in ids]))}
+    def paired(keys):
+        return paired_difference(np.array([a[i]["correct"] for i in keys]),
+                                 np.array([b[i]["correct"] for i in keys]))
+
+    out = {"overall": paired(ids)}
     for s in sorted({a[i]["subject"] for i in ids}):
-        sub = [i for i in ids if a[i]["subject"] == s]
-        out[s] = paired_difference(np.array([a[i]["correct"] for i in sub]), np.array([b[i]["correct"] for i in sub]))
+        out[s] = paired([i for i in ids if a[i]["subject"] == s])
     return out
 
 
@@ -169,7 +175,8 @@ def evaluate(args) -> dict:
         preds, probs = score_logits(model, tok, prompts, mine, args.batch_size, chat)
     else:
         preds, probs = score_generate(model, tok, prompts, mine, args.batch_size)
-    records = [{"id": it.id, "subject": it.subject, "prompt_sha1": hashlib.sha1((p + r).encode()).hexdigest()[:12],
+    records = [{"id": it.id, "subject": it.subject,
+                "prompt_sha1": hashlib.sha1((p + r).encode()).hexdigest()[:12],
                 "options": it.options, "pick_many": it.pick_many, "gold": it.answer, "predicted": pr,
                 "multi": it.multi, "correct": pr is not None and set(pr) == set(it.answer), "letter_probs": pb}
                for it, (p, r), pr, pb in zip(mine, prompts, preds, probs)]
@@ -190,7 +197,8 @@ def write_results(out: str, records: list[dict], summary: dict):
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, ensure_ascii=False, indent=2)
     s = summary
-    print(f"{s['benchmark']} {s['split']} ({s['n']} questions, {s['shots']}-shot, {s['mode']}{', chat' if s['chat'] else ''}): "
+    chat = ", chat" if s["chat"] else ""
+    print(f"{s['benchmark']} {s['split']} ({s['n']} questions, {s['shots']}-shot, {s['mode']}{chat}): "
           f"micro {s['accuracy_micro']} (95% CI {s['accuracy_micro_ci95']}), macro {s['accuracy_macro']}, "
           f"gold single {s['single_answer']['accuracy']}, gold multi {s['multi_answer']['accuracy']}; "
           f"{s['unparsable']} unparsable -> {out}/summary.json")
@@ -208,10 +216,12 @@ def parse_args(argv=None):
     ap.add_argument("--data-dir", default=None, help="folder with the official files (default: bundled sample)")
     ap.add_argument("--split", default="test", choices=["test", "val", "dev", "train"],
                     help="cmexam: test/val/train, cmb: test/val, cmmlu-med: test/dev")
-    ap.add_argument("--shots", type=cli.at_least(0), default=None, help="few-shot exemplars (default: 0 CMExam/CMB, 5 CMMLU-Med)")
+    ap.add_argument("--shots", type=cli.at_least(0), default=None,
+                    help="few-shot exemplars (default: 0 CMExam/CMB, 5 CMMLU-Med)")
     ap.add_argument("--mode", default="logits", choices=["logits", "generate"])
     ap.add_argument("--chat", action="store_true", help="wrap prompts in the Qwen3 chat template (thinking off)")
-    ap.add_argument("--subjects", default=None, help=f"CMMLU-Med subjects, comma-separated (default: {','.join(CMMLU_MED)})")
+    ap.add_argument("--subjects", default=None,
+                    help=f"CMMLU-Med subjects, comma-separated (default: {','.join(CMMLU_MED)})")
     ap.add_argument("--limit", type=cli.at_least(1), default=None, help="only the first N questions (N >= 1)")
     ap.add_argument("--batch-size", type=cli.at_least(1), default=8)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
@@ -232,7 +242,8 @@ def compare_main(argv):
     ap.add_argument("b", help="predictions.jsonl of run B (e.g. with the adapter)")
     a = ap.parse_args(argv)
     res = compare(a.a, a.b)
-    print(f"{'subject':32s} {'n':>6s} {'acc A':>7s} {'acc B':>7s} {'B - A':>7s} {'95% CI':>18s} {'McNemar p':>10s}")
+    print(f"{'subject':32s} {'n':>6s} {'acc A':>7s} {'acc B':>7s} {'B - A':>7s} {'95% CI':>18s} "
+          f"{'McNemar p':>10s}")
     for name, r in res.items():
         print(f"{name:32s} {r['n']:6d} {r['accuracy_a']:7.4f} {r['accuracy_b']:7.4f} {r['difference']:+7.4f} "
               f"{'[%+.4f, %+.4f]' % tuple(r['ci95']):>18s} {r['mcnemar_p']:10.4g}")

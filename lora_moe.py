@@ -80,8 +80,8 @@ class RouterRecord:
             t = t.reshape(-1, *t.shape[t.dim() - tail:])
             return t[keep] if keep is not None else t
 
-        return RouterRecord(flat(self.logits, 1), flat(self.probs, 1), flat(self.topk_idx, 1), flat(self.gates, 1),
-                            flat(self.expert_acts, 2))
+        return RouterRecord(flat(self.logits, 1), flat(self.probs, 1), flat(self.topk_idx, 1),
+                            flat(self.gates, 1), flat(self.expert_acts, 2))
 
 
 class LoRAMoELinear(nn.Module):
@@ -172,7 +172,8 @@ def add_lora_moe(model: nn.Module, cfg: LoRAMoEConfig | None = None, verbose: bo
     """Swap every ``nn.Linear`` whose name ends in one of ``cfg.targets`` for a LoRAMoELinear; freeze the rest."""
     cfg = cfg or LoRAMoEConfig()
     model.requires_grad_(False)
-    swaps = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in cfg.targets]
+    swaps = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and n.split(".")[-1] in cfg.targets]
     if not swaps:
         raise ValueError(f"no nn.Linear named like {cfg.targets} in the model")
     for name, lin in swaps:
@@ -246,6 +247,20 @@ def routing_stats(model: nn.Module, mask=None) -> dict:
     return out
 
 
+def per_layer(stats: dict) -> dict:
+    """``routing_stats`` by site -> by layer: the mean expert load over the layer's sites and its entropies."""
+    layers = {}
+    for name, s in stats.items():
+        layers.setdefault(name.split(".")[2], []).append(s)
+
+    def mean(xs):
+        return round(sum(xs) / len(xs), 4)
+
+    return {layer: {"load": [mean(col) for col in zip(*(s["load"] for s in ss))],
+                    "load_entropy": mean([s["load_entropy"] for s in ss]),
+                    "token_entropy": mean([s["token_entropy"] for s in ss])} for layer, ss in layers.items()}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Saving and loading only the adapters
 
@@ -259,7 +274,7 @@ def adapter_state(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, path: str, tensors: dict | None = None):
-    """Trainable tensors as ``adapter.safetensors`` + ``adapter_config.json`` (E, r, alpha, top_k, targets, base hash).
+    """Trainable tensors as ``adapter.safetensors`` + ``adapter_config.json`` (the LoRAMoEConfig, base hash).
 
     ``tensors`` replaces the model's own trainable tensors (train.py passes them gathered from FSDP shards,
     plus the contrastive heads and queues)."""
@@ -296,7 +311,8 @@ def verify_manifest(path: str):
     for name, digest in sums.items():
         file = os.path.join(path, os.path.basename(name))
         if not os.path.isfile(file) or file_sha256(file) != digest:
-            raise ValueError(f"{file} is missing or does not match the checkpoint's manifest.json: corrupted or edited")
+            raise ValueError(f"{file} is missing or does not match the checkpoint's manifest.json: "
+                             "corrupted or edited")
 
 
 LATEST = re.compile(r"ckpt-\d+")
@@ -306,8 +322,9 @@ def resolve_adapter_dir(path: str) -> str:
     """An adapter/checkpoint dir, a train.py run dir, or its ``latest`` file -> the adapter dir."""
     if os.path.isfile(path) and os.path.basename(path) == "latest":
         path = os.path.dirname(path) or "."
-    if not os.path.exists(os.path.join(path, "adapter_config.json")) and os.path.isfile(os.path.join(path, "latest")):
-        with open(os.path.join(path, "latest"), encoding="utf-8") as f:
+    named = os.path.join(path, "latest")
+    if not os.path.exists(os.path.join(path, "adapter_config.json")) and os.path.isfile(named):
+        with open(named, encoding="utf-8") as f:
             name = f.read().strip()
         if not LATEST.fullmatch(name):  # why: a hand-edited latest must not point outside the run dir
             raise ValueError(f"{path}/latest names {name[:40]!r}, not a ckpt-NNNNNN checkpoint of this run")
@@ -322,7 +339,8 @@ def load_adapter(model: nn.Module, path: str) -> dict:
     path = resolve_adapter_dir(path)
     cfg_file = os.path.join(path, "adapter_config.json")
     if not os.path.exists(cfg_file):
-        raise FileNotFoundError(f"{cfg_file} not found: an adapter dir holds adapter_config.json + adapter.safetensors")
+        raise FileNotFoundError(f"{cfg_file} not found: an adapter dir holds adapter_config.json + "
+                                "adapter.safetensors")
     verify_manifest(path)
     with open(cfg_file, encoding="utf-8") as f:
         cfg = json.load(f)
@@ -332,7 +350,8 @@ def load_adapter(model: nn.Module, path: str) -> dict:
     if cfg["base_config_hash"] != base_config_hash(model):
         theirs, ours = cfg.get("base_config", {}), asdict(model.cfg)
         diff = {k: (theirs.get(k), ours[k]) for k in ours if theirs.get(k) != ours[k]}
-        raise ValueError(f"adapter {path} was trained on a different base model: (adapter's, this base's) = {diff}")
+        raise ValueError(f"adapter {path} was trained on a different base model: "
+                         f"(adapter's, this base's) = {diff}")
     saved = LoRAMoEConfig(**{f.name: cfg[f.name] for f in fields(LoRAMoEConfig)})
     if not sites(model):
         add_lora_moe(model, saved, verbose=False)
@@ -349,6 +368,7 @@ def load_adapter(model: nn.Module, path: str) -> dict:
     with torch.no_grad():
         for n in want:
             if params[n].shape != state[n].shape:
-                raise ValueError(f"adapter tensor {n}: saved {tuple(state[n].shape)}, model {tuple(params[n].shape)}")
+                raise ValueError(f"adapter tensor {n}: saved {tuple(state[n].shape)}, "
+                                 f"model {tuple(params[n].shape)}")
             params[n].copy_(state[n])
     return {k: v for k, v in state.items() if k not in want}

@@ -104,7 +104,8 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
     """cos/sin tables for split-half RoPE. position_ids (B, T) -> cos, sin (B, 1, T, head_dim)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device) / head_dim))
+    dims = torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device)
+    inv_freq = 1.0 / (theta ** (dims / head_dim))
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2), fp32 as HF
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
@@ -175,7 +176,7 @@ class DecoderLayer(nn.Module):
 
 
 class KVCache:
-    """Preallocated K/V for all layers: (layers, B, n_kv, max_len, head_dim) each. Grows nothing while decoding."""
+    """Preallocated K/V for all layers: (layers, B, n_kv, max_len, head_dim) each; grows nothing while decoding."""
 
     def __init__(self, cfg: Qwen3Config, batch: int, max_len: int, dtype, device):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -233,8 +234,8 @@ class Qwen3Model(nn.Module):
         else:
             mask = None
             if T > 1 and past > 0:  # a multi-token chunk after a prefix: causal mask with an offset
-                S = past + T
-                mask = (torch.arange(S, device=x.device)[None, :] <= (past + torch.arange(T, device=x.device))[:, None])[None, None]
+                q = past + torch.arange(T, device=x.device)
+                mask = (torch.arange(past + T, device=x.device)[None, :] <= q[:, None])[None, None]
         if position_ids is None:
             position_ids = (past + torch.arange(T, device=x.device)).expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)

@@ -70,7 +70,7 @@ class HybridLoss(nn.Module):
     def __init__(self, model, heads, queues, generator, cfg):
         super().__init__()
         self.model, self.heads = model, heads
-        self.aux = (queues, generator)  # a tuple, not submodules: the queues are synced by hand, never by DDP/FSDP
+        self.aux = (queues, generator)  # a tuple, not submodules: queues are synced by hand, not by DDP/FSDP
         self.lambda_bal = 0.0 if cfg.no_balance else cfg.lambda_bal
         self.lambda_cl = cfg.lambda_cl if heads is not None else 0.0
         self.cfg = cfg

@@ -26,12 +26,12 @@ from tqdm import tqdm
 
 import cli
 import parallel
-from checkpoint import (RunDirError, RunLock, checkpoints, clear_run, find_resume, full_tensor, gather_state,
-                        load_checkpoint, restore_rng, save_checkpoint, trim_metrics)
+from checkpoint import (RunLock, full_tensor, gather_state, load_checkpoint, plan_resume, restore_rng,
+                        save_checkpoint, trim_metrics)
 from contrastive import make_heads
-from data import IGNORE, DataError, batch_order, collate, encode_all, read_jsonl
+from data import IGNORE, Batches, DataError, encode_all, read_jsonl
 from expert_queue import ExpertQueues
-from lora_moe import TARGETS, LoRAMoEConfig, add_lora_moe, record_expert_acts, routing_stats, sites
+from lora_moe import TARGETS, LoRAMoEConfig, add_lora_moe, per_layer, record_expert_acts, routing_stats, sites
 from model import Qwen3Config, load_model, resolve_dtype
 from objective import HybridLoss
 from tiny_qwen import model_dir_or_demo
@@ -166,38 +166,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # Building the run
 
 
-def plan_run(cfg: TrainConfig, log) -> str | None:
-    """Rank 0, before anything is loaded: the checkpoint to resume (None = a fresh run), after checking that
-    --out is free to use and that the flags fit the checkpoint. Flags that differ are applied and logged."""
-    ckpt = find_resume(cfg.resume) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        log(f"--resume {cfg.resume}: no checkpoint there yet, starting a fresh run")
-    if ckpt is None:
-        earlier = checkpoints(cfg.out) or os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))
-        if earlier and not cfg.overwrite:
-            raise RunDirError(f"{cfg.out} holds an earlier run: --resume {cfg.out} continues it, "
-                              "--overwrite starts over")
-        if earlier:
-            clear_run(cfg.out)
-        return None
-    with open(os.path.join(ckpt, "train_config.json"), encoding="utf-8") as f:
-        saved = json.load(f)
-    now = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
-    use_cl = {k: not c.get("no_contrastive") and c.get("lambda_cl", 0) > 0
-              for k, c in (("saved", saved), ("now", now))}
-    fixed = {k: (saved.get(k), now[k]) for k in FIXED_ON_RESUME if saved.get(k) != now[k]}
-    if use_cl["saved"] != use_cl["now"]:
-        fixed["contrastive loss on"] = (use_cl["saved"], use_cl["now"])
-    if (saved.get("queue_momentum", 0) > 0) != (now["queue_momentum"] > 0):
-        fixed["momentum key heads"] = (saved.get("queue_momentum", 0) > 0, now["queue_momentum"] > 0)
-    if fixed:
-        raise RunDirError(f"--resume {ckpt}: these differ from the checkpoint (saved, now): {fixed}")
-    for k in sorted(now.keys() - {"resume", "overwrite", "progress", "debug", "out"}):
-        if k in saved and saved[k] != now[k]:
-            log(f"resume: --{k.replace('_', '-')} {saved[k]} -> {now[k]} (applied)")
-    return ckpt
-
-
 def load_data(cfg: TrainConfig, tok, log):
     """Tokenized (ids, labels) examples with answer tokens left after truncation."""
     examples, bad = read_jsonl(cfg.data, skip_bad=cfg.skip_bad)
@@ -249,33 +217,12 @@ def restore_optimizer(body, opt, sched, gen, state: dict, cfg: TrainConfig) -> i
     set_optimizer_state_dict(body, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     sched.load_state_dict(state["scheduler"])
     # the schedule is a function of (step, --lr, --steps, ...) of *this* run: re-derive it, so a resume with a
-    # longer --steps extends the cosine and a new --lr or --weight-decay really applies (plan_run logs it)
+    # longer --steps extends the cosine and a new --lr or --weight-decay really applies (plan_resume logs it)
     sched.base_lrs = [cfg.lr for _ in opt.param_groups]
     for g in opt.param_groups:
         g.update(initial_lr=cfg.lr, lr=cfg.lr * lr_at(state["step"], cfg), weight_decay=cfg.weight_decay)
     restore_rng(state["rng"], gen)
     return state["step"]
-
-
-class Batches:
-    """The batch schedule: a deterministic function of (seed, epoch, step), so resume continues it exactly."""
-
-    def __init__(self, items, cfg: TrainConfig, pad_id: int, rank: int, world: int):
-        self.items, self.cfg, self.pad_id, self.rank, self.world = items, cfg, pad_id, rank, world
-        self.lengths = [len(ids) for ids, _ in items]
-        per_epoch = len(batch_order(self.lengths, cfg.batch_size, cfg.seed, 0, rank, world))
-        if per_epoch < cfg.grad_accum:
-            raise DataError(f"{len(items)} examples give {per_epoch} micro-batches per rank, "
-                            "fewer than --grad-accum")
-        self.steps_per_epoch = per_epoch // cfg.grad_accum
-
-    def __call__(self, step: int) -> list:
-        """The micro-batches (ids, labels, mask) of optimizer step ``step`` on this rank."""
-        c = self.cfg
-        epoch, k = divmod(step, self.steps_per_epoch)
-        order = batch_order(self.lengths, c.batch_size, c.seed, epoch, self.rank, self.world)
-        return [collate([self.items[i] for i in order[k * c.grad_accum + j]], self.pad_id)
-                for j in range(c.grad_accum)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,17 +262,6 @@ def train_step(wrapped, body, batches, params, opt, sched, cfg: TrainConfig, fsd
             "padding_share": (n_all - n_tok) / n_all}
 
 
-def per_layer(stats: dict) -> dict:
-    """Site stats -> per layer: mean expert load over the layer's sites and its entropies."""
-    layers = {}
-    for name, s in stats.items():
-        layers.setdefault(name.split(".")[2], []).append(s)
-    return {layer: {"load": [round(float(x), 4) for x in np.mean([s["load"] for s in ss], axis=0)],
-                    "load_entropy": round(float(np.mean([s["load_entropy"] for s in ss])), 4),
-                    "token_entropy": round(float(np.mean([s["token_entropy"] for s in ss])), 4)}
-            for layer, ss in layers.items()}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -347,7 +283,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
     seed_everything(cfg.seed)
 
     # 1. what to resume (rank 0 decides, before anything is loaded), data, model and adapters
-    ckpt = parallel.broadcast_outcome(lambda: plan_run(cfg, log) if main else None)
+    ckpt = parallel.broadcast_outcome(lambda: plan_resume(cfg, FIXED_ON_RESUME, log) if main else None)
     model_dir = parallel.broadcast_object(model_dir_or_demo(cfg.model) if main else None)  # demo made once
     tok = load_tokenizer(model_dir)
     batches = Batches(load_data(cfg, tok, log), cfg, tok.pad_id, rank, world)
