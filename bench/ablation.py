@@ -47,7 +47,7 @@ sys.path.insert(0, ROOT)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DOMAINS = ("north", "south", "east", "west", "red", "blue", "green", "black")  # each a single Qwen token
 E, R, TOP_K = 8, 4, 2
-LAMBDA_SUP = 0.1  # the supervised control's router cross-entropy weight
+LAMBDA_SUP = 0.1  # the supervised control's router cross-entropy weight (--lambda-sup)
 ARMS = {
     "lora": dict(num_experts=1, top_k=1, rank=E * R, alpha=2.0 * E * R, no_balance=True),
     "moe": dict(no_balance=True, no_contrastive=True),
@@ -313,7 +313,7 @@ def domain_of(ids, word_ids) -> torch.Tensor:
     return torch.stack([(ids == w).any(1) for w in word_ids], 1).float().argmax(1)
 
 
-def install_domain_routing(arm: str, tok):
+def install_domain_routing(arm: str, tok, lambda_sup: float = LAMBDA_SUP):
     """oracle: every token of a domain-d sequence goes to expert d (top-1, the router unused); supervised:
     the hybrid loss gains LAMBDA_SUP * the routers' cross-entropy to the domain, on real tokens."""
     import objective
@@ -347,7 +347,7 @@ def install_domain_routing(arm: str, tok):
             dom = DOMAIN_OF_BATCH["d"].to(ids.device)[:, None].expand_as(mask)[mask]
             ce = torch.stack([torch.nn.functional.cross_entropy(r.logits, dom)
                               for r in router_records(self.model, mask)]).mean()
-            return loss + LAMBDA_SUP * ce / micro_steps, parts
+            return loss + lambda_sup * ce / micro_steps, parts
 
         objective.HybridLoss.forward = with_router_ce
 
@@ -393,7 +393,7 @@ def run_one(arm: str, seed: int, a) -> dict:
                       overwrite=True, **{**moe, **ARMS[arm], **overrides(a.set)})
     tok = load_tokenizer(a.model)
     if arm in ("oracle", "supervised"):
-        install_domain_routing(arm, tok)
+        install_domain_routing(arm, tok, a.lambda_sup)
     hist = train(cfg)
     model = load_model(a.model)  # the base once; each checkpoint refills the adapters
     over_steps = []
@@ -532,6 +532,7 @@ def main():
     ap.add_argument("--eval-size", type=int, default=256)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a train.py setting in every arm, e.g. --set lambda_cl=1.0 --set temperature=0.2")
+    ap.add_argument("--lambda-sup", type=float, default=LAMBDA_SUP, help="the supervised control's weight")
     ap.add_argument("--no-expert-ablation", dest="expert_ablation", action="store_false",
                     help="skip the domain x expert ablation matrix (seed 0)")
     ap.add_argument("--quick", action="store_true", help="2 arms, 1 seed, 6 steps, small data (CI smoke run)")
@@ -557,7 +558,8 @@ def main():
             argv = [sys.executable, os.path.abspath(__file__), "--run", f"{arm}:{seed}", "--out", a.out,
                     "--model", a.model, "--steps", str(a.steps), "--eval-every", str(a.eval_every),
                     "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--queue-size", str(a.queue_size),
-                    "--train-size", str(a.train_size), "--eval-size", str(a.eval_size)] + [f"--set={p}" for p in a.set] \
+                    "--train-size", str(a.train_size), "--eval-size", str(a.eval_size),
+                    "--lambda-sup", str(a.lambda_sup)] + [f"--set={p}" for p in a.set] \
                 + ([] if a.expert_ablation else ["--no-expert-ablation"])
             p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
             if p.returncode != 0:
