@@ -32,6 +32,7 @@ def at_least(lo, typ=int):
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {s}")
         return v
     parse.__name__ = typ.__name__
+    parse.valid = f">= {lo}"
     return parse
 
 
@@ -47,6 +48,7 @@ def in_range(lo: float, hi: float, hi_open: bool = False, lo_open: bool = False)
             raise argparse.ArgumentTypeError(f"must be in {left}{lo}, {hi}{right}, got {s}")
         return v
     parse.__name__ = "float"
+    parse.valid = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
     return parse
 
 

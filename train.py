@@ -128,8 +128,9 @@ def parse_args(argv=None) -> TrainConfig:
         elif f.name == "targets":
             ap.add_argument(flag, type=parse_targets, default=TARGETS, help=f"default: {','.join(TARGETS)}")
         else:
-            ap.add_argument(flag, type=CHECKS.get(f.name, str), default=f.default, dest=f.name,
-                            help=f"default: {f.default}")
+            typ = CHECKS.get(f.name, str)
+            valid = f"; {typ.valid}" if hasattr(typ, "valid") else ""
+            ap.add_argument(flag, type=typ, default=f.default, dest=f.name, help=f"default: {f.default}{valid}")
     ns = ap.parse_args(argv)
     if ns.top_k > ns.num_experts:
         ap.error(f"argument --top-k: {ns.top_k} must be <= --num-experts {ns.num_experts}")
@@ -269,12 +270,17 @@ def train_step(wrapped, body, batches, params, opt, sched, cfg: TrainConfig, fsd
 def train(cfg: TrainConfig) -> list[dict]:
     """Run training; returns the per-step metrics (rank 0 also writes them to out/metrics.jsonl)."""
     rank, world, device = parallel.setup()
-    lock = RunLock(cfg.out) if rank == 0 else None  # one run per --out
+    lock = []  # one run per --out: rank 0 holds the lock; if it cannot, every rank stops with its error
+
+    def take_lock():
+        lock.append(RunLock(cfg.out))
+
+    parallel.broadcast_outcome(take_lock)  # runs on rank 0 only
     try:
         return run(cfg, rank, world, device)
     finally:
-        if lock is not None:
-            lock.release()
+        for held in lock:
+            held.release()
 
 
 def run(cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
