@@ -207,9 +207,9 @@ def find_resume(path: str) -> str | None:
     if named and named != path and is_valid_checkpoint(named):
         return named
     found = [p for _, p in checkpoints(path)]
-    valid = [p for p in found if is_valid_checkpoint(p)]
-    if valid:
-        return valid[-1]
+    newest_valid = next((p for p in reversed(found) if is_valid_checkpoint(p)), None)  # hashes stop at the first
+    if newest_valid:
+        return newest_valid
     if any(os.path.isfile(os.path.join(p, "state.pt")) for p in found + [path]):
         raise RunDirError(f"{path}: an old-format checkpoint (state.pt, a pickle); it is not read, since loading "
                           "a pickle can run code")
@@ -288,14 +288,6 @@ def plan_resume(cfg, fixed_on_resume: tuple, log) -> str | None:
         if k in saved and saved[k] != now[k]:
             log(f"resume: --{k.replace('_', '-')} {saved[k]} -> {now[k]} (applied)")
     return ckpt
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint dir, or a run dir (or its ``latest`` file) naming one."""
-    path = resolve_adapter_dir(path)
-    if not os.path.exists(os.path.join(path, "state.json")):
-        raise FileNotFoundError(f"{path} is not a checkpoint (no state.json) nor a run dir with a 'latest' file")
-    return path
 
 
 def load_checkpoint(path: str, model, heads, queues, device) -> dict:

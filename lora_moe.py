@@ -35,6 +35,15 @@ from parallel import all_reduce_
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def check_targets(names) -> tuple:
+    """Projection names to adapt, each one of TARGETS (a typo must not silently adapt less)."""
+    names = tuple(names)
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown or not names:
+        raise ValueError(f"targets {unknown or '(none)'} not projection names; valid: {','.join(TARGETS)}")
+    return names
+
+
 @dataclass
 class LoRAMoEConfig:
     """The adapters' shape: the one place their defaults live (train.py's flags and adapter_config.json)."""
@@ -46,12 +55,9 @@ class LoRAMoEConfig:
     targets: tuple = TARGETS  # projection names to adapt
 
     def __post_init__(self):
-        self.targets = tuple(self.targets)
+        self.targets = check_targets(self.targets)
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
-        unknown = sorted(set(self.targets) - set(TARGETS))
-        if unknown or not self.targets:
-            raise ValueError(f"targets {unknown or '(none)'} are not projections; valid: {','.join(TARGETS)}")
 
 
 @dataclass

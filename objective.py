@@ -86,7 +86,8 @@ class HybridLoss(nn.Module):
         already divided so that summing over micro-steps and averaging over ranks gives the step's value)."""
         c, (queues, gen) = self.cfg, self.aux
         hidden = self.model.model(ids)  # (B, T, hidden); right padding needs no attention mask
-        records = router_records(self.model, mask)  # what the routers did, real tokens only
+        # what the routers did, real tokens only; not gathered when no routing loss reads it (plain LoRA)
+        records = router_records(self.model, mask) if self.lambda_bal > 0 or self.lambda_cl > 0 else None
         world = world_size()
         # LM: a sum over this micro-batch / N_sup of the whole step = this micro-batch's share of the global
         # token mean. DDP and FSDP *average* gradients over ranks, hence * world. why not a per-batch mean:

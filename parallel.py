@@ -47,15 +47,6 @@ def barrier():
         dist.barrier()
 
 
-def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box)
-    return box[0]
-
-
 def broadcast_outcome(fn):
     """Rank 0 runs ``fn``; every rank gets its result, or raises its error (so no rank waits forever)."""
     if not is_distributed():

@@ -50,6 +50,18 @@ def answer_candidates(item: Item) -> list[str]:
     return ["".join(c) for n in range(1, len(opts) + 1) for c in itertools.combinations(opts, n)]
 
 
+def candidate_ids(tok, item: Item, terminator: list[int]) -> list[list[int]]:
+    """The token ids of every candidate answer string (``answer_candidates``), each ended by the terminator."""
+    return [tok.encode(c) + terminator for c in answer_candidates(item)]
+
+
+def letter_choice(logprobs, item: Item, letters: dict) -> tuple[str, dict]:
+    """(argmax letter, the distribution over the item's letters) from next-token log-probabilities (V,)."""
+    opts = list(item.options)
+    sel = logprobs[[letters[c] for c in opts]].cpu()
+    return opts[int(sel.argmax())], dict(zip(opts, [round(x, 6) for x in sel.softmax(-1).tolist()]))
+
+
 def terminator_ids(tok, chat: bool) -> list[int]:
     """What ends an answer: the end of the assistant turn (chat) or the blank line before the next question."""
     return tok.encode("<|im_end|>") if chat else tok.encode("\n\n")
@@ -156,14 +168,11 @@ def score_logits(model, tok, prompts: list[tuple[str, str]], items: list[Item], 
             for i, _ in batch:
                 key = tuple(items[i].options) if items[i].pick_many else None
                 if key is not None and key not in tries:
-                    tries[key] = candidate_trie([tok.encode(c) + term for c in answer_candidates(items[i])])
+                    tries[key] = candidate_trie(candidate_ids(tok, items[i], term))
                 cands.append(tries[key] if key is not None else ([], [], [], []))
             root, nodes = _forward_batch(model, prefix_cache, [r for _, r in batch], cands)
             for b, (i, _) in enumerate(batch):
-                opts = list(items[i].options)
-                sel = root[b, [letters[c] for c in opts]].cpu()
-                probs[i] = dict(zip(opts, [round(x, 6) for x in sel.softmax(-1).tolist()]))
-                preds[i] = opts[int(sel.argmax())]
+                preds[i], probs[i] = letter_choice(root[b], items[i], letters)
                 if items[i].pick_many:  # the exact MAP over every terminated subset
                     scores = torch.tensor([_path_score(p, root[b], nodes[b]) for p in cands[b][3]])
                     preds[i] = answer_candidates(items[i])[int(scores.argmax())]
@@ -220,14 +229,10 @@ def score_logits_full(model, tok, prompts: list[tuple[str, str]], items: list[It
         idx = order[b:b + batch_size]
         lp = next_token_logprobs(model, [encoded[i] for i in idx], tok.pad_id)
         for row, i in enumerate(idx):
-            opts = list(items[i].options)
-            sel = lp[row, [letters[c] for c in opts]]
-            probs[i] = dict(zip(opts, [round(x, 6) for x in sel.softmax(-1).tolist()]))
-            preds[i] = opts[int(sel.argmax())]
+            preds[i], probs[i] = letter_choice(lp[row], items[i], letters)
             if items[i].pick_many:
-                cands = answer_candidates(items[i])
-                s = answer_string_logprob(model, encoded[i], [tok.encode(c) + term for c in cands], tok.pad_id)
-                preds[i] = cands[int(s.argmax())]
+                s = answer_string_logprob(model, encoded[i], candidate_ids(tok, items[i], term), tok.pad_id)
+                preds[i] = answer_candidates(items[i])[int(s.argmax())]
     return preds, probs
 
 

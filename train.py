@@ -31,7 +31,8 @@ from checkpoint import (RunLock, full_tensor, gather_state, load_checkpoint, pla
 from contrastive import make_heads
 from data import IGNORE, Batches, DataError, encode_all, read_jsonl
 from expert_queue import ExpertQueues
-from lora_moe import TARGETS, LoRAMoEConfig, add_lora_moe, per_layer, record_expert_acts, routing_stats, sites
+from lora_moe import (TARGETS, LoRAMoEConfig, add_lora_moe, check_targets, per_layer, record_expert_acts,
+                      routing_stats, sites)
 from model import Qwen3Config, load_model, resolve_dtype
 from objective import HybridLoss
 from tiny_qwen import model_dir_or_demo
@@ -107,11 +108,10 @@ FIXED_ON_RESUME = ("num_experts", "rank", "alpha", "top_k", "targets", "proj_dim
 
 
 def parse_targets(s: str) -> tuple:
-    names = tuple(t.strip() for t in s.split(",") if t.strip())
-    unknown = [t for t in names if t not in TARGETS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"{unknown or s!r} not projection names; valid: {','.join(TARGETS)}")
-    return names
+    try:
+        return check_targets(t.strip() for t in s.split(",") if t.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -290,7 +290,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
 
     # 1. what to resume (rank 0 decides, before anything is loaded), data, model and adapters
     ckpt = parallel.broadcast_outcome(lambda: plan_resume(cfg, FIXED_ON_RESUME, log) if main else None)
-    model_dir = parallel.broadcast_object(model_dir_or_demo(cfg.model) if main else None)  # demo made once
+    model_dir = parallel.broadcast_outcome(lambda: model_dir_or_demo(cfg.model))  # the demo made once, on rank 0
     tok = load_tokenizer(model_dir)
     batches = Batches(load_data(cfg, tok, log), cfg, tok.pad_id, rank, world)
     model, heads, queues, gen = build_model(cfg, model_dir, device, rank, verbose=main)

@@ -92,7 +92,7 @@ def part_map(a, tok, ours, cmexam):
     (slow, _), t_slow = timed(lambda: sc.score_logits_full(ours, tok, prompts, items, B, chat=False))
     enc = [tok.encode(p + r) for p, r in prompts]
     term = sc.terminator_ids(tok, chat=False)
-    fed = sum(len(sc.candidate_trie([tok.encode(c) + term for c in sc.answer_candidates(it)])[0]) for it in items)
+    fed = sum(len(sc.candidate_trie(sc.candidate_ids(tok, it, term))[0]) for it in items)
     must_read = sum(map(len, enc)) + fed
 
     def plain_prefill():
