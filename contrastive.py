@@ -21,6 +21,20 @@ Its gradient moves p toward e* (z_f approaches z_e* only by weighting u_e* more:
 pushes the experts' views apart (distinct experts), the paper's stated aim; the mixture reading's positive
 pair are two mixtures of the same u_e, which agree best when routing is one-hot *or* the experts are alike.
 
+``--cl-views sequence`` (``sequence_info_nce``): the views are routings, not heads' outputs. A token's routed
+view is its routing rho_t = p_t / |p_t|; a sequence's fused view is its tokens' mean routing
+phi_s = normalize(mean_{t in s} p_t). The positive of token t is its own sequence's phi_s(t); the negatives
+are every other sequence's phi (all ranks) and the queue's past phi:
+
+    L = - mean_t log [ exp(rho_t.phi_s(t)/tau) / ( sum_{s'} exp(rho_t.phi_s'/tau) + sum_q exp(rho_t.q/tau) ) ]
+
+why routings: any view made from u_e = A_e x can tell sequences apart by their content alone (x carries the
+domain), so the other two readings are solved without moving the router; here only the router can lower
+the loss, by routing the tokens of one sequence alike and other sequences elsewhere. why no same-expert
+mask here: the views *are* the expert choice, and with the mask one expert for every token would leave no
+negatives (loss 0): the mask would reward collapse. No projection heads, no momentum; the queue holds
+E-dimensional phi.
+
 Keys (the positives, in-batch negatives and what is enqueued) come from H itself, with gradient, or with
 ``--queue-momentum m > 0`` from an exponential-moving-average copy of H, without gradient, as in MoCo
 (``ContrastiveHeads``): keys in the queue then age slowly instead of coming from a head that keeps moving.
@@ -29,6 +43,7 @@ Both losses are averaged over sites; same-expert entries are masked, never count
 from __future__ import annotations
 
 import copy
+from dataclasses import fields, replace
 
 import torch
 import torch.nn as nn
@@ -37,6 +52,8 @@ import torch.nn.functional as F
 from expert_queue import ExpertQueues
 from lora_moe import RouterRecord, sites
 from parallel import all_gather_varlen, all_gather_with_grad
+
+CL_VIEWS = ("mixture", "expert", "sequence")  # --cl-views: the readings above
 
 
 class ProjectionHead(nn.Module):
@@ -83,18 +100,22 @@ def make_heads(model, dim: int = 64, momentum: float = 0.0) -> ContrastiveHeads:
 
 def sample_tokens(rec: RouterRecord, n: int, generator=None) -> RouterRecord:
     """At most ``n`` of the record's tokens, uniformly. why: the loss costs O(n * (n + K)) per site."""
+    if rec.probs.shape[0] <= n:
+        return rec
+    pick = torch.randperm(rec.probs.shape[0], generator=generator, device="cpu")[:n].to(rec.probs.device)
+    return RouterRecord(*(None if t is None else t[pick] for t in (getattr(rec, f.name) for f in fields(rec))))
+
+
+def expert_acts(rec: RouterRecord) -> torch.Tensor:
+    """(n, E, r) every expert's A_e x (the mixture and expert readings need them)."""
     if rec.expert_acts is None:
         raise RuntimeError("no expert activations recorded: call lora_moe.record_expert_acts(model, True) first")
-    if rec.expert_acts.shape[0] <= n:
-        return rec
-    pick = torch.randperm(rec.expert_acts.shape[0], generator=generator, device="cpu")[:n].to(rec.probs.device)
-    return RouterRecord(rec.logits[pick], rec.probs[pick], rec.topk_idx[pick], rec.gates[pick],
-                        rec.expert_acts[pick])
+    return rec.expert_acts
 
 
 def site_views(rec: RouterRecord, heads: ContrastiveHeads, i: int):
     """The mixture reading's views of one site's tokens: (z_r query, z_f key, top-1 labels)."""
-    u = rec.expert_acts  # (n, E, r)
+    u = expert_acts(rec)  # (n, E, r)
     routed = (rec.gates.unsqueeze(-1) * u).sum(1)  # (n, E, r) -> (n, r)
     fused = (rec.probs.unsqueeze(-1) * u).sum(1)
     return heads.query[i](routed), heads.keys(i, fused), rec.topk_idx[:, 0]
@@ -102,9 +123,43 @@ def site_views(rec: RouterRecord, heads: ContrastiveHeads, i: int):
 
 def expert_views(rec: RouterRecord, heads: ContrastiveHeads, i: int):
     """The expert reading's views: (z_f (n, d) anchor, every expert's own view z_e (n, E, d), top-1 labels)."""
-    u = rec.expert_acts  # (n, E, r)
+    u = expert_acts(rec)  # (n, E, r)
     fused = (rec.probs.unsqueeze(-1) * u).sum(1)  # (n, r): the router's probabilities carry the gradient
     return heads.query[i](fused), heads.keys(i, u), rec.topk_idx[:, 0]
+
+
+def routing_view(p):
+    """A routing p (..., E) as a unit vector: p minus the uniform routing, normalized. why centred: routings are
+    non-negative, so two diffuse routers' p have cosine ~1 whatever they prefer; their deviations from
+    uniform point where they prefer."""
+    return F.normalize(p - 1.0 / p.shape[-1], dim=-1)
+
+
+def sequence_views(rec: RouterRecord):
+    """The sequence reading's fused views over all of the record's tokens: (phi (S, E) one per sequence
+    present, its top expert (S,), each token's index into phi (N,))."""
+    if rec.seq is None:
+        raise RuntimeError("the sequence reading needs the tokens' sequences: records from RouterRecord.valid")
+    present, which = torch.unique(rec.seq, return_inverse=True)  # which: (N,) in 0..S-1
+    total = rec.probs.new_zeros(len(present), rec.probs.shape[-1]).index_add(0, which, rec.probs)  # (S, E)
+    count = torch.zeros(len(present), device=total.device).index_add(0, which, torch.ones_like(which, dtype=total.dtype))
+    phi = routing_view(total / count[:, None])  # (S, E): each sequence's mean routing
+    return phi, phi.argmax(-1), which
+
+
+def sequence_info_nce(rho, seq, phi, q_keys=None, temperature: float = 0.07):
+    """Mean InfoNCE of routed views rho (n, E) against fused sequence views phi (S, E): token t's positive is
+    phi[seq[t]], its negatives every other row of phi and every queue entry. Logits column 0 is the positive."""
+    n = rho.shape[0]
+    if n == 0:
+        return rho.sum() * 0.0
+    sim = rho @ phi.T / temperature  # (n, S)
+    pos = sim.gather(1, seq[:, None])  # (n, 1)
+    own = torch.zeros_like(sim, dtype=torch.bool).scatter(1, seq[:, None], True)
+    cols = [pos, sim.masked_fill(own, float("-inf"))]
+    if q_keys is not None and q_keys.shape[0]:
+        cols.append(rho @ q_keys.T / temperature)
+    return F.cross_entropy(torch.cat(cols, dim=1), torch.zeros(n, dtype=torch.long, device=rho.device))
 
 
 def info_nce(z_r, labels, keys, key_labels, q_keys=None, q_labels=None, temperature: float = 0.07,
@@ -148,16 +203,26 @@ def expert_info_nce(z_f, z_e, labels, q_keys=None, q_labels=None, temperature: f
 def contrastive_loss(records: list[RouterRecord], heads: ContrastiveHeads, queues: ExpertQueues | None = None,
                      tokens_per_site: int = 256, temperature: float = 0.07, generator=None, enqueue: bool = True,
                      views: str = "mixture"):
-    """Mean over sites of the expert-contrastive InfoNCE (``views``: "mixture" or "expert", as above).
-    ``queues=None``: no memory queue.
+    """Mean over sites of the expert-contrastive InfoNCE (``views``: "mixture", "expert" or "sequence", as
+    above). ``queues=None``: no memory queue; ``heads`` is unused (None) by the sequence reading.
 
     Under torchrun the keys are all-gathered (with gradient when they have one) before the loss, so every
     rank sees the global batch's negatives and enqueues the same keys: the queues stay identical on all ranks.
     """
     losses = []
     for i, rec in enumerate(records):
-        rec = sample_tokens(rec, tokens_per_site, generator)
         q_keys, q_labels = queues[i].contents() if queues is not None else (None, None)
+        if views == "sequence":
+            phi, key_labels, which = sequence_views(rec)  # over every real token, before sampling
+            keys, offset = all_gather_with_grad(phi)  # every rank's sequences: (S_all, E)
+            key_labels = all_gather_varlen(key_labels)
+            rec = sample_tokens(replace(rec, seq=which), tokens_per_site, generator)  # anchors; seq indexes phi
+            rho = routing_view(rec.probs)
+            losses.append(sequence_info_nce(rho, rec.seq + offset, keys, q_keys, temperature))
+            if queues is not None and enqueue:
+                queues[i].enqueue(keys.detach(), key_labels)
+            continue
+        rec = sample_tokens(rec, tokens_per_site, generator)
         if views == "expert":
             z_f, z_e, labels = expert_views(rec, heads, i)
             losses.append(expert_info_nce(z_f, z_e, labels, q_keys, q_labels, temperature))

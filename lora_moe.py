@@ -67,12 +67,14 @@ class RouterRecord:
     logits (..., E) router logits, fp32          probs (..., E) full softmax p
     topk_idx (..., k) chosen experts (top-1 first) gates (..., E) renormalized top-k gates g (0 = not chosen)
     expert_acts (..., E, r) every expert's A_e x, only when recording them is on (the contrastive loss)
+    seq (N,) the sequence (batch row) of each token, set by ``valid`` (the sequence reading of the loss)
     """
     logits: torch.Tensor
     probs: torch.Tensor
     topk_idx: torch.Tensor
     gates: torch.Tensor
     expert_acts: torch.Tensor | None = None
+    seq: torch.Tensor | None = None
 
     def valid(self, mask) -> "RouterRecord":
         """Flattened to tokens (N, ...) and, with ``mask`` (B, T) bool, to real tokens only.
@@ -86,8 +88,12 @@ class RouterRecord:
             t = t.reshape(-1, *t.shape[t.dim() - tail:])
             return t[keep] if keep is not None else t
 
+        seq = None
+        if self.probs.dim() == 3:  # (B, T, E): every token's batch row
+            B, T = self.probs.shape[:2]
+            seq = flat(torch.arange(B, device=self.probs.device).repeat_interleave(T)[:, None], 1)[:, 0]
         return RouterRecord(flat(self.logits, 1), flat(self.probs, 1), flat(self.topk_idx, 1),
-                            flat(self.gates, 1), flat(self.expert_acts, 2))
+                            flat(self.gates, 1), flat(self.expert_acts, 2), seq)
 
 
 class LoRAMoELinear(nn.Module):

@@ -72,7 +72,7 @@ class HybridLoss(nn.Module):
         self.model, self.heads = model, heads
         self.aux = (queues, generator)  # a tuple, not submodules: queues are synced by hand, not by DDP/FSDP
         self.lambda_bal = 0.0 if cfg.no_balance else cfg.lambda_bal
-        self.lambda_cl = cfg.lambda_cl if heads is not None else 0.0
+        self.lambda_cl = cfg.lambda_cl if cfg.uses_contrastive else 0.0
         self.cfg = cfg
 
     @property

@@ -28,7 +28,7 @@ import cli
 import parallel
 from checkpoint import (RunLock, full_tensor, gather_state, load_checkpoint, plan_resume, restore_rng,
                         save_checkpoint, trim_metrics)
-from contrastive import make_heads
+from contrastive import CL_VIEWS, make_heads
 from data import IGNORE, Batches, DataError, encode_all, read_jsonl
 from expert_queue import ExpertQueues
 from lora_moe import (TARGETS, LoRAMoEConfig, add_lora_moe, check_targets, per_layer, record_expert_acts,
@@ -58,7 +58,7 @@ class TrainConfig(LoRAMoEConfig):
     z_loss: float = 0.0               # router z-loss weight (inside the balance term)
     lambda_cl: float = 0.1            # expert contrastive weight
     temperature: float = 0.07         # InfoNCE tau
-    cl_views: str = "mixture"         # contrastive reading: mixture (routed vs fused) or expert (contrastive.py)
+    cl_views: str = "mixture"         # contrastive reading: mixture, expert or sequence (contrastive.py)
     queue_momentum: float = 0.0       # EMA momentum of the key heads (MoCo); 0 = keys from the heads themselves
     queue_size: int = 1024            # expert memory queue entries per site (K)
     proj_dim: int = 64                # projection head output (d)
@@ -88,6 +88,17 @@ class TrainConfig(LoRAMoEConfig):
     log_every: int = 1                # steps between per-layer routing stats in metrics.jsonl
     progress: bool = True             # --no-progress: no progress bar
     debug: bool = False               # tracebacks instead of one-line errors
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.cl_views not in CL_VIEWS:
+            raise ValueError(f"cl_views {self.cl_views!r}: valid: {', '.join(CL_VIEWS)}")
+        if self.cl_views == "sequence" and self.queue_momentum > 0:
+            raise ValueError("--queue-momentum needs projection heads; the sequence reading has none (use 0)")
+
+    @property
+    def uses_contrastive(self) -> bool:
+        return not self.no_contrastive and self.lambda_cl > 0 and self.num_experts > 1
 
 
 INF = float("inf")
@@ -124,7 +135,7 @@ def parse_args(argv=None) -> TrainConfig:
         elif f.type == "bool":
             ap.add_argument(flag, action="store_true", dest=f.name)
         elif f.name == "cl_views":
-            ap.add_argument(flag, choices=("mixture", "expert"), default=f.default, help=f"default: {f.default}")
+            ap.add_argument(flag, choices=CL_VIEWS, default=f.default, help=f"default: {f.default}")
         elif f.name == "targets":
             ap.add_argument(flag, type=parse_targets, default=TARGETS, help=f"default: {','.join(TARGETS)}")
         else:
@@ -134,7 +145,10 @@ def parse_args(argv=None) -> TrainConfig:
     ns = ap.parse_args(argv)
     if ns.top_k > ns.num_experts:
         ap.error(f"argument --top-k: {ns.top_k} must be <= --num-experts {ns.num_experts}")
-    cfg = TrainConfig(**vars(ns))
+    try:
+        cfg = TrainConfig(**vars(ns))
+    except ValueError as e:
+        ap.error(str(e))
     if not os.path.isfile(cfg.data):
         ap.error(f"argument --data: {cfg.data} is {'a directory' if os.path.isdir(cfg.data) else 'not found'}, "
                  "expected a jsonl file")
@@ -184,12 +198,13 @@ def build_model(cfg: TrainConfig, model_dir: str, device, rank: int, verbose: bo
     model.model.gradient_checkpointing = cfg.grad_checkpointing
     torch.manual_seed(cfg.seed)  # adapters start identical on every rank
     add_lora_moe(model, LoRAMoEConfig(**{f.name: getattr(cfg, f.name) for f in fields(LoRAMoEConfig)}), verbose)
-    use_cl = not cfg.no_contrastive and cfg.lambda_cl > 0 and cfg.num_experts > 1
-    heads = make_heads(model, cfg.proj_dim, cfg.queue_momentum) if use_cl else None
+    use_heads = cfg.uses_contrastive and cfg.cl_views != "sequence"  # the sequence reading contrasts routings
+    heads = make_heads(model, cfg.proj_dim, cfg.queue_momentum) if use_heads else None
     queues = None
-    if use_cl and not cfg.no_queue:
-        queues = ExpertQueues(len(sites(model)), cfg.queue_size, cfg.proj_dim).to(device)
-    record_expert_acts(model, use_cl)
+    if cfg.uses_contrastive and not cfg.no_queue:
+        dim = cfg.num_experts if cfg.cl_views == "sequence" else cfg.proj_dim
+        queues = ExpertQueues(len(sites(model)), cfg.queue_size, dim).to(device)
+    record_expert_acts(model, use_heads)
     gen = torch.Generator().manual_seed(cfg.seed * 100 + rank)  # token sampling for the contrastive loss
     return model.train(), heads, queues, gen
 

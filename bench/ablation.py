@@ -18,6 +18,7 @@ Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2;
   cl-mix      + balance + contrastive, mixture reading, queue (the first implementation's "full")
   cl-mix-m    the same with momentum key heads (0.99)
   cl-exp      + balance + contrastive, expert reading, queue    cl-exp-m   the same with momentum (0.99)
+  cl-seq      + balance + contrastive, sequence reading, queue  cl-seq-nq  the same without the queue
   oracle      control: every token of domain d forced onto expert d (top-1), no router learning
   supervised  control: + balance + a router cross-entropy to the domain (lambda 0.1)
 
@@ -56,6 +57,8 @@ ARMS = {
     "cl-mix-m": dict(cl_views="mixture", queue_momentum=0.99),
     "cl-exp": dict(cl_views="expert"),
     "cl-exp-m": dict(cl_views="expert", queue_momentum=0.99),
+    "cl-seq": dict(cl_views="sequence"),
+    "cl-seq-nq": dict(cl_views="sequence", no_queue=True),
     "oracle": dict(top_k=1, no_balance=True, no_contrastive=True),
     "supervised": dict(no_contrastive=True),
 }
@@ -207,11 +210,13 @@ def router_gradient_share(model, tok, examples, ckpt: str) -> float | None:
     if cfg["no_contrastive"] or cfg["lambda_cl"] == 0 or cfg["num_experts"] == 1:
         return None
     extra = load_adapter(model, ckpt)
-    heads = make_heads(model, cfg["proj_dim"], cfg["queue_momentum"])
-    heads.load_state_dict({k[6:]: v for k, v in extra.items() if k.startswith("heads.")})
+    seq = cfg["cl_views"] == "sequence"  # no heads; the queue holds E-dimensional routings
+    heads = None if seq else make_heads(model, cfg["proj_dim"], cfg["queue_momentum"])
+    if heads is not None:
+        heads.load_state_dict({k[6:]: v for k, v in extra.items() if k.startswith("heads.")})
     queues = None
     if not cfg["no_queue"]:
-        queues = ExpertQueues(len(sites(model)), cfg["queue_size"], cfg["proj_dim"])
+        queues = ExpertQueues(len(sites(model)), cfg["queue_size"], cfg["num_experts"] if seq else cfg["proj_dim"])
         queues.load_state_dict({k[7:]: v for k, v in extra.items() if k.startswith("queues.")})
     routers = [m.router.weight for _, m in sites(model)]
     ids, labels, mask = collate([tokenize(msgs, tok) for _, msgs in examples[:32]], tok.pad_id)
@@ -385,7 +390,7 @@ def run_one(arm: str, seed: int, a) -> dict:
     with open(data, "w", encoding="utf-8") as f:
         for _, msgs in make_examples(a.train_size, 10_000 + seed, perms):
             f.write(json.dumps({"messages": msgs}) + "\n")
-    held_out = make_examples(a.eval_size, 999, perms)  # the same held-out sample for every run
+    held_out = make_examples(a.eval_size, a.eval_seed, perms)  # the same held-out sample for every run
     moe = dict(num_experts=E, rank=R, alpha=2.0 * R, top_k=TOP_K)  # alpha / rank = 2 in every arm
     cfg = TrainConfig(model=a.model, data=data, out=work, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                       warmup=max(1, a.steps // 10), max_len=64, dropout=0.0, queue_size=a.queue_size, proj_dim=32,
@@ -530,6 +535,10 @@ def main():
     ap.add_argument("--queue-size", type=int, default=1024)
     ap.add_argument("--train-size", type=int, default=2048)
     ap.add_argument("--eval-size", type=int, default=256)
+    ap.add_argument("--eval-seed", type=int, default=999,
+                    help="999: the held-out sample of every reported table; pilots use another (a dev sample)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once, each in its own process (s/step and peak MB then share the machine)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a train.py setting in every arm, e.g. --set lambda_cl=1.0 --set temperature=0.2")
     ap.add_argument("--lambda-sup", type=float, default=LAMBDA_SUP, help="the supervised control's weight")
@@ -552,22 +561,30 @@ def main():
     from tokenizer import load_tokenizer
 
     probe = probe_ceiling(a.model, load_tokenizer(a.model), make_examples(2 * a.eval_size, 777, permutations()))
-    runs = []
-    for arm in a.arms.split(","):
-        for seed in map(int, a.seeds.split(",")):
-            argv = [sys.executable, os.path.abspath(__file__), "--run", f"{arm}:{seed}", "--out", a.out,
-                    "--model", a.model, "--steps", str(a.steps), "--eval-every", str(a.eval_every),
-                    "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--queue-size", str(a.queue_size),
-                    "--train-size", str(a.train_size), "--eval-size", str(a.eval_size),
-                    "--lambda-sup", str(a.lambda_sup)] + [f"--set={p}" for p in a.set] \
-                + ([] if a.expert_ablation else ["--no-expert-ablation"])
-            p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
-            if p.returncode != 0:
-                sys.exit(f"run {arm}:{seed} failed:\n{p.stderr[-4000:]}")
-            runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
-            r = runs[-1]
-            print(f"{arm:9s} seed {seed}: loss {r['loss']:.3f}, exact {r['exact_mean']:.3f}, NMI "
-                  f"{np.mean(r['nmi']) if 'nmi' in r else float('nan'):.3f}, {r['step_time_s']:.2f} s/step", flush=True)
+    todo = [(arm, seed) for arm in a.arms.split(",") for seed in map(int, a.seeds.split(","))]
+    common = ["--out", a.out, "--model", a.model, "--steps", str(a.steps), "--eval-every", str(a.eval_every),
+              "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--queue-size", str(a.queue_size),
+              "--train-size", str(a.train_size), "--eval-size", str(a.eval_size), "--eval-seed", str(a.eval_seed),
+              "--lambda-sup", str(a.lambda_sup)] + [f"--set={p}" for p in a.set] \
+        + ([] if a.expert_ablation else ["--no-expert-ablation"])
+    env = dict(os.environ)
+    if a.jobs > 1:  # why: n processes each using every core would thrash
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // a.jobs))
+    done, running = {}, []
+    while todo or running:
+        while todo and len(running) < a.jobs:  # start runs up to --jobs at once, in table order
+            arm, seed = todo.pop(0)
+            argv = [sys.executable, os.path.abspath(__file__), "--run", f"{arm}:{seed}"] + common
+            running.append((arm, seed, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                        text=True, cwd=ROOT, env=env)))
+        arm, seed, p = running.pop(0)  # wait for the oldest
+        out, err = p.communicate()
+        if p.returncode != 0:
+            sys.exit(f"run {arm}:{seed} failed:\n{err[-4000:]}")
+        r = done[(arm, seed)] = json.loads(out.strip().splitlines()[-1])
+        print(f"{arm:9s} seed {seed}: loss {r['loss']:.3f}, exact {r['exact_mean']:.3f}, NMI "
+              f"{np.mean(r['nmi']) if 'nmi' in r else float('nan'):.3f}, {r['step_time_s']:.2f} s/step", flush=True)
+    runs = list(done.values())  # table order: runs finish in the order they were started
     summary, md = summarize(runs)
     md += "\n\nProbe ceiling on the frozen base (router inputs at answer positions, held-out half):\n\n" + \
         "| router input | linear probe accuracy | NMI(domain; k-means, k = E) |\n|---|---|---|\n" + \

@@ -1,13 +1,15 @@
 """The GPU check: what CPU tests cannot show, on one CUDA GPU in a few minutes (skips cleanly on CPU).
 
     python bench/gpu_check.py [--out gpu_check]          # on a machine with a CUDA GPU
+    python bench/gpu_check.py --dry-run-cpu              # every check on the CPU, to test this script
 
 1. bf16 on CUDA vs fp32: our Qwen3 (a random Qwen3-0.6B shape cut to 4 layers) in bf16 on the GPU against
    the same weights in fp32 on the GPU, and against transformers' own bf16 forward when it is installed.
-2. 20 training steps of the demo (train.py, bf16 base, fp32 adapters, all three losses): finite, falling.
+2. 20 training steps of the demo (train.py, bf16 base, fp32 adapters, all three losses): finite, falling;
+   again with the expert reading and momentum key heads (--cl-views expert --queue-momentum 0.99).
 3. With 2+ GPUs: torchrun --nproc_per_node=2 train.py on NCCL, the same 20 steps, losses compared with (2).
 4. eval.py on the bundled CMExam sample: shared-prefix trie scoring vs the plain path on the GPU, same answers.
-5. Timing: prefill and decode tokens/s of our model in bf16.
+5. Timing: prefill tokens/s of our model and of transformers (same weights, bf16, one run) and decode tokens/s.
 Writes a JSON report to --out/report.json and prints one PASS/FAIL line per check.
 """
 import argparse
@@ -30,31 +32,37 @@ def check(name, ok, **info):
     print(f"{'PASS' if ok else 'FAIL'} {name}: {json.dumps(info)}", flush=True)
 
 
-def bf16_parity(path):
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bf16_parity(path, device):
     from model import load_model
 
-    ids = torch.randint(0, 151936, (2, 256), generator=torch.Generator().manual_seed(0)).cuda()
-    ref = load_model(path, dtype=torch.float32, device="cuda")(ids).float()
-    ours = load_model(path, dtype=torch.bfloat16, device="cuda")(ids).float()
+    ids = torch.randint(0, 151936, (2, 256), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.inference_mode():
+        ref = load_model(path, dtype=torch.float32, device=device)(ids).float()
+        ours = load_model(path, dtype=torch.bfloat16, device=device)(ids).float()
     rel = ((ours - ref).norm() / ref.norm()).item()
     info = {"rel_err_vs_fp32": rel}
     try:
         from transformers import Qwen3ForCausalLM
 
-        hf = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
-        with torch.no_grad():
+        hf = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+        with torch.inference_mode():
             info["max_abs_vs_transformers_bf16"] = (hf(ids).logits.float() - ours).abs().max().item()
     except ImportError:
         info["transformers"] = "not installed"
     check("bf16 forward", rel < 2e-2 and info.get("max_abs_vs_transformers_bf16", 0) < 0.25, **info)
 
 
-def train_steps(out, nproc=1):
+def train_steps(out, nproc=1, extra=()):
     data = os.path.join(ROOT, "data", "med_sample.jsonl")
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]
     cmd = launcher + ["train.py", "--data", data, "--out", out, "--steps", "20", "--dtype", "bfloat16",
-                      "--batch-size", str(8 // nproc), "--max-len", "256", "--lr", "5e-3", "--no-progress", "--overwrite"]
+                      "--batch-size", str(8 // nproc), "--max-len", "256", "--lr", "5e-3", "--no-progress", "--overwrite", *extra]
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if r.returncode:
@@ -65,20 +73,27 @@ def train_steps(out, nproc=1):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu_check")
+    ap.add_argument("--dry-run-cpu", action="store_true", help="run every check on the CPU (to test this script)")
     a = ap.parse_args()
-    if not torch.cuda.is_available():
+    device = "cpu" if a.dry_run_cpu else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU here: the GPU check is skipped (run it on a machine with one)")
         return
     os.makedirs(a.out, exist_ok=True)
-    print(f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}, torch {torch.__version__}", flush=True)
+    if device == "cuda":
+        print(f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}, torch {torch.__version__}", flush=True)
     path = make_checkpoint(os.path.join(tempfile.gettempdir(), "sparsedoctor_gpu_4l"), num_hidden_layers=4)
-    bf16_parity(path)
+    bf16_parity(path, device)
 
     one, err, secs = train_steps(os.path.join(a.out, "run1"))
     ok = one is not None and all(torch.isfinite(torch.tensor([h["lm"], h["balance"], h["contrastive"]])).all() for h in one)
     check("train 20 steps bf16", ok and one[-1]["lm"] < one[0]["lm"], seconds=round(secs, 1), error=err,
           lm=[round(one[0]["lm"], 4), round(one[-1]["lm"], 4)] if one else None)
-    if torch.cuda.device_count() >= 2 and one:
+    exp, err, secs = train_steps(os.path.join(a.out, "run_expert"), extra=["--cl-views", "expert", "--queue-momentum", "0.99"])
+    ok = exp is not None and all(torch.isfinite(torch.tensor([h["lm"], h["contrastive"]])).all() for h in exp)
+    check("train 20 steps bf16, expert reading + momentum keys", ok and exp[-1]["lm"] < exp[0]["lm"],
+          seconds=round(secs, 1), error=err, lm=[round(exp[0]["lm"], 4), round(exp[-1]["lm"], 4)] if exp else None)
+    if device == "cuda" and torch.cuda.device_count() >= 2 and one:
         two, err, secs = train_steps(os.path.join(a.out, "run2"), nproc=2)
         diff = max(abs(x["lm"] - y["lm"]) / abs(x["lm"]) for x, y in zip(one, two)) if two else None
         check("2-process NCCL = 1 process", two is not None and diff < 2e-2, max_rel_lm_diff=diff, error=err)
@@ -92,7 +107,7 @@ def main():
     from tokenizer import load_tokenizer
 
     write_qwen_tokenizer(path)
-    model, tok = load_model(path, dtype=torch.bfloat16, device="cuda"), load_tokenizer(path)
+    model, tok = load_model(path, dtype=torch.bfloat16, device=device), load_tokenizer(path)
     items = bm.load_cmexam(os.path.join(ROOT, "data", "bench_sample", "cmexam"), "val")[0]
     prompts = [bm.build_prompt("cmexam", it, [], chat=False) for it in items]
     fast = sc.score_logits(model, tok, prompts, items, 16, chat=False)[0]
@@ -102,18 +117,38 @@ def main():
 
     from chat import generate
 
-    ids = torch.randint(0, 151936, (8, 512), device="cuda")
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    with torch.inference_mode():
-        model(ids, last_only=True)
-    torch.cuda.synchronize()
-    prefill = ids.numel() / (time.perf_counter() - t)
+    ids = torch.randint(0, 151936, (8, 512), device=device)
+
+    def prefill_tok_s(fn, reps=5):
+        with torch.inference_mode():
+            fn(ids)  # warm-up: kernels, allocator
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn(ids)
+            sync(device)
+        return reps * ids.numel() / (time.perf_counter() - t)
+
+    ours = prefill_tok_s(lambda x: model(x, last_only=True))
+    timing = {"prefill_tok_s": round(ours)}
+    try:
+        from transformers import Qwen3ForCausalLM
+
+        hf = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+        ref = prefill_tok_s(lambda x: hf(x, logits_to_keep=1))
+        timing.update(transformers_prefill_tok_s=round(ref), prefill_ratio=round(ours / ref, 3))
+        del hf
+    except ImportError:
+        pass
+    generate(model, ids[:1, :64], max_new_tokens=8, eos_id=None)  # warm-up
+    sync(device)
     t = time.perf_counter()
     generate(model, ids[:1, :64], max_new_tokens=128, eos_id=None)
-    torch.cuda.synchronize()
-    check("timing bf16", True, prefill_tok_s=round(prefill), decode_tok_s=round(128 / (time.perf_counter() - t), 1),
-          peak_gpu_mb=round(torch.cuda.max_memory_allocated() / 2 ** 20))
+    sync(device)
+    timing["decode_tok_s"] = round(128 / (time.perf_counter() - t), 1)
+    if device == "cuda":
+        timing["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20)
+    check("timing bf16 (8 x 512 prefill; batch-1 decode)", True, **timing)
     json.dump(RESULTS, open(os.path.join(a.out, "report.json"), "w"), indent=1)
     print("ALL PASS" if all(r["ok"] for r in RESULTS.values()) else "SOME CHECKS FAILED")
 

@@ -18,7 +18,7 @@ from model import Qwen3, Qwen3Config, init_weights  # noqa: E402
 STEPS, B, T = 4, 4, 6
 
 
-def build(momentum=0.0):
+def build(momentum=0.0, views="mixture"):
     cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
     model = init_weights(Qwen3(cfg), seed=0)
@@ -28,14 +28,16 @@ def build(momentum=0.0):
         for _, m in sites(model):
             m.lora_B.normal_(0, 0.05)
     record_expert_acts(model, True)
+    if views == "sequence":  # routings, no heads; the queue holds E = 4 dims; 6 > the 2 ranks' 4 per step
+        return model, None, ExpertQueues(len(sites(model)), size=6, dim=4)
     heads = make_heads(model, dim=16, momentum=momentum)
     queues = ExpertQueues(len(sites(model)), size=40, dim=16)  # 40: the 2 ranks' 48 keys per step wrap it
     return model, heads, queues
 
 
 def run(rank=0, world=1, views="mixture", momentum=0.0):
-    model, heads, queues = build(momentum)
-    params = [p for p in model.parameters() if p.requires_grad] + list(heads.query.parameters())
+    model, heads, queues = build(momentum, views)
+    params = [p for p in model.parameters() if p.requires_grad] + (list(heads.query.parameters()) if heads else [])
     data = torch.randint(0, 64, (STEPS, B, T), generator=torch.Generator().manual_seed(1))
     losses = []
     for step in range(STEPS):
@@ -53,13 +55,15 @@ def run(rank=0, world=1, views="mixture", momentum=0.0):
                     p.grad /= world
                 p -= 0.5 * p.grad
                 p.grad = None
-            heads.update_keys()
+            if heads is not None:
+                heads.update_keys()
             if world > 1:
                 for t in (lm, cl):
                     dist.all_reduce(t)
                     t /= world
         losses.append([lm.item(), cl.item()])
-    return losses, {**queues.state_dict(), **{f"heads.{k}": v for k, v in heads.state_dict().items()}}
+    head_state = {f"heads.{k}": v for k, v in heads.state_dict().items()} if heads is not None else {}
+    return losses, {**queues.state_dict(), **head_state}
 
 
 if __name__ == "__main__":

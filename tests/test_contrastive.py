@@ -120,7 +120,7 @@ def test_padding_never_enters_and_sampling_bounds_tokens():
     assert all(int((q.labels >= 0).sum()) == 5 for q in queues.queues)
 
 
-@pytest.mark.parametrize("views, momentum", [("mixture", 0.0), ("expert", 0.9)])
+@pytest.mark.parametrize("views, momentum", [("mixture", 0.0), ("expert", 0.9), ("sequence", 0.0)])
 def test_two_process_gloo_equals_one_process(tmp_path, views, momentum):
     sys.path.insert(0, HERE)
     import dist_contrastive
@@ -229,3 +229,74 @@ def test_momentum_update_of_the_key_heads():
     for k, o, q in zip(heads.key.parameters(), old, heads.query.parameters()):
         assert torch.allclose(k, 0.9 * o + 0.1 * q, atol=1e-6)
     assert make_heads(model, dim=16).key is None  # momentum 0: no copy, keys from the heads themselves
+
+
+def reference_sequence_info_nce(p, seq, qk, tau):
+    """Hand-written from the formula, one token at a time: rho_t = (p_t - 1/E) / |p_t - 1/E|, phi_s = the same
+    of the mean of p over sequence s; positive phi_seq(t), then every other sequence's phi, then every queue
+    entry."""
+    E = p.shape[1]
+    seqs = sorted(set(seq.tolist()))
+    phi = {s: F.normalize(p[seq == s].mean(0) - 1 / E, dim=0) for s in seqs}
+    losses = []
+    for t in range(p.shape[0]):
+        rho = (p[t] - 1 / E) / (p[t] - 1 / E).norm()
+        cols = [rho @ phi[int(seq[t])] / tau] + [rho @ phi[s] / tau for s in seqs if s != int(seq[t])]
+        cols += [rho @ qk[j] / tau for j in range(qk.shape[0])]
+        logits = torch.stack(cols)
+        losses.append(-(logits[0] - logits.logsumexp(0)))
+    return torch.stack(losses).mean()
+
+
+def test_sequence_reading_equals_the_formula_end_to_end():
+    """contrastive_loss(views="sequence") over a real forward with padding = the formula by hand from p alone
+    (over real tokens, sequences numbered by batch row), with a queue; it enqueues one phi per sequence."""
+    model = tiny_adapted()
+    queues = ExpertQueues(len(sites(model)), size=8, dim=4)
+    g = torch.Generator().manual_seed(3)
+    for q in queues.queues:
+        q.enqueue(F.normalize(torch.rand(5, 4, generator=g), dim=-1), torch.randint(0, 4, (5,), generator=g))
+    model(torch.randint(0, 64, (3, 6), generator=g))
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 4:] = False  # padding: neither an anchor nor part of its sequence's phi
+    recs = router_records(model, mask)
+    assert recs[0].seq.tolist() == [0] * 6 + [1] * 4 + [2] * 6
+    want = torch.stack([reference_sequence_info_nce(r.probs, r.seq, queues[i].contents()[0], 0.1)
+                        for i, r in enumerate(recs)]).mean()
+    got = contrastive_loss(recs, None, queues, tokens_per_site=1000, temperature=0.1, views="sequence")
+    assert torch.allclose(got, want, atol=1e-5)
+    keys, labels = queues[0].contents()
+    assert keys.shape == (8, 4) and torch.allclose(keys[-3:].norm(dim=-1), torch.ones(3))
+    phi1 = F.normalize(recs[0].probs[recs[0].seq == 1].mean(0) - 0.25, dim=0)
+    assert torch.allclose(keys[-2], phi1, atol=1e-6) and labels[-2] == phi1.argmax()
+
+
+def test_sequence_reading_routes_each_sequence_alike_and_sequences_apart():
+    """Gradient descent on the sequence reading alone, routers only: a token's routing moves toward its own
+    sequence's mean routing and away from the other sequences' (the gap of the two cosines widens)."""
+    from contrastive import routing_view, sequence_views
+
+    model = tiny_adapted(E=4, k=1)
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    routers = [m.router.weight for _, m in sites(model)]
+    opt = torch.optim.SGD(routers, lr=2.0)
+
+    def within_and_between():
+        model(ids)
+        w, b = [], []
+        for r in router_records(model):
+            phi, _, which = sequence_views(r)
+            sim = routing_view(r.probs) @ phi.T  # (N, S)
+            own = torch.zeros_like(sim, dtype=torch.bool).scatter(1, which[:, None], True)
+            w.append(sim[own].mean())
+            b.append(sim[~own].mean())
+        return torch.stack(w).mean().item(), torch.stack(b).mean().item()
+
+    (w0, b0) = within_and_between()
+    for _ in range(30):
+        opt.zero_grad()
+        model(ids)
+        contrastive_loss(router_records(model), None, None, temperature=0.1, views="sequence").backward()
+        opt.step()
+    w1, b1 = within_and_between()
+    assert w1 >= w0 and (w1 - b1) > (w0 - b0) + 0.15
