@@ -274,6 +274,8 @@ def plan_resume(cfg, fixed_on_resume: tuple, log) -> str | None:
         return None
     with open(os.path.join(ckpt, "train_config.json"), encoding="utf-8") as f:
         saved = json.load(f)
+    if "no_queue" in saved:  # checkpoints from before --queue (the queue was on unless --no-queue)
+        saved["queue"] = not saved.pop("no_queue")
     now = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
     use_cl = {k: not c.get("no_contrastive") and c.get("lambda_cl", 0) > 0
               for k, c in (("saved", saved), ("now", now))}

@@ -1,4 +1,4 @@
-"""Expert contrastive learning: two readings of "routed expert view vs fused expert view", InfoNCE.
+"""Expert contrastive learning: three readings of "routed expert view vs fused expert view", InfoNCE.
 
 For each site (adapted projection) and each sampled real token t, with every expert's low-rank activation
 u_e = A_e x (rank r; nonzero from step 0, unlike B_e A_e x, which is 0 at init), p the router's full
@@ -21,7 +21,7 @@ Its gradient moves p toward e* (z_f approaches z_e* only by weighting u_e* more:
 pushes the experts' views apart (distinct experts), the paper's stated aim; the mixture reading's positive
 pair are two mixtures of the same u_e, which agree best when routing is one-hot *or* the experts are alike.
 
-``--cl-views sequence`` (``sequence_info_nce``): the views are routings, not heads' outputs. A token's routed
+``--cl-views sequence`` (``sequence_info_nce``, the default: docs/ablation.md): the views are routings, not heads' outputs. A token's routed
 view is its routing rho_t = p_t / |p_t|; a sequence's fused view is its tokens' mean routing
 phi_s = normalize(mean_{t in s} p_t). The positive of token t is its own sequence's phi_s(t); the negatives
 are every other sequence's phi (all ranks) and the queue's past phi:
@@ -38,7 +38,8 @@ E-dimensional phi.
 Keys (the positives, in-batch negatives and what is enqueued) come from H itself, with gradient, or with
 ``--queue-momentum m > 0`` from an exponential-moving-average copy of H, without gradient, as in MoCo
 (``ContrastiveHeads``): keys in the queue then age slowly instead of coming from a head that keeps moving.
-Both losses are averaged over sites; same-expert entries are masked, never counted as negatives.
+Every reading is averaged over sites; in the two head readings same-expert entries are masked, never
+counted as negatives.
 """
 from __future__ import annotations
 

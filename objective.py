@@ -4,7 +4,7 @@
 
     L_LM  = - (1 / N_sup) * sum_{answer tokens t} log p(x_{t+1} | x_<=t)   (``lm_loss_sum`` / N_sup)
     L_bal = E * sum_e f_e * P_e, mean over sites                           (``lora_moe.balance_loss``)
-    L_cl  = InfoNCE of routed vs fused expert views, mean over sites       (``contrastive.contrastive_loss``)
+    L_cl  = InfoNCE of routed vs fused views, mean over sites              (``contrastive.contrastive_loss``)
 
 N_sup counts the supervised (assistant) tokens of the whole optimizer step: all micro-batches, all ranks.
 """

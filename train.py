@@ -56,17 +56,17 @@ class TrainConfig(LoRAMoEConfig):
     # the hybrid loss
     lambda_bal: float = 0.01          # load balancing weight
     z_loss: float = 0.0               # router z-loss weight (inside the balance term)
-    lambda_cl: float = 0.1            # expert contrastive weight
+    lambda_cl: float = 1.0            # expert contrastive weight (1.0: see docs/ablation.md, "sequence reading")
     temperature: float = 0.07         # InfoNCE tau
-    cl_views: str = "mixture"         # contrastive reading: mixture, expert or sequence (contrastive.py)
+    cl_views: str = "sequence"        # contrastive reading: sequence, mixture or expert (contrastive.py)
     queue_momentum: float = 0.0       # EMA momentum of the key heads (MoCo); 0 = keys from the heads themselves
+    queue: bool = False               # --queue: the expert memory queue's negatives (off: docs/ablation.md)
     queue_size: int = 1024            # expert memory queue entries per site (K)
     proj_dim: int = 64                # projection head output (d)
     tokens_per_site: int = 256        # tokens sampled per site for the contrastive loss
     ce_chunk: int = 2048              # supervised positions per LM-head chunk
     no_balance: bool = False          # ablations: drop a part of the loss
     no_contrastive: bool = False
-    no_queue: bool = False
     # optimization
     batch_size: int = 4               # sequences per micro-batch per rank
     grad_accum: int = 1               # micro-batches per optimizer step
@@ -114,7 +114,7 @@ CHECKS = {  # each numeric flag's parser, which states its valid range
     "proj_dim": cli.at_least(1), "tokens_per_site": cli.at_least(1), "ce_chunk": cli.at_least(1),
     "save_every": cli.at_least(1), "keep": cli.at_least(1), "log_every": cli.at_least(1)}
 # adapter and loss shapes a checkpoint was trained with: a resume must use the same ones
-FIXED_ON_RESUME = ("num_experts", "rank", "alpha", "top_k", "targets", "proj_dim", "queue_size", "no_queue",
+FIXED_ON_RESUME = ("num_experts", "rank", "alpha", "top_k", "targets", "proj_dim", "queue_size", "queue",
                    "cl_views")
 
 
@@ -201,7 +201,7 @@ def build_model(cfg: TrainConfig, model_dir: str, device, rank: int, verbose: bo
     use_heads = cfg.uses_contrastive and cfg.cl_views != "sequence"  # the sequence reading contrasts routings
     heads = make_heads(model, cfg.proj_dim, cfg.queue_momentum) if use_heads else None
     queues = None
-    if cfg.uses_contrastive and not cfg.no_queue:
+    if cfg.uses_contrastive and cfg.queue:
         dim = cfg.num_experts if cfg.cl_views == "sequence" else cfg.proj_dim
         queues = ExpertQueues(len(sites(model)), cfg.queue_size, dim).to(device)
     record_expert_acts(model, use_heads)

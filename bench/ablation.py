@@ -2,7 +2,8 @@
 momentum queue) make LoRA-MoE routers specialize, and what is specialization worth here?
 
     python bench/ablation.py                   # every arm x 3 seeds through train.py's loop
-    python bench/ablation.py --quick           # 2 arms x 1 seed, a few steps: the CI smoke version
+    python bench/ablation.py --quick           # 3 arms x 1 seed, a few steps: the CI smoke version
+    python bench/ablation.py --jobs 4          # 4 runs at once (each its own process, cores shared out)
     python bench/ablation.py --plots           # also draw PNGs (pip install -e ".[plots]")
     python bench/ablation.py --arms cl-exp --seeds 0 --set lambda_cl=1.0 --out runs/abl-cl1   # probe one knob
 
@@ -53,16 +54,16 @@ ARMS = {
     "lora": dict(num_experts=1, top_k=1, rank=E * R, alpha=2.0 * E * R, no_balance=True),
     "moe": dict(no_balance=True, no_contrastive=True),
     "moe+bal": dict(no_contrastive=True),
-    "cl-mix": dict(cl_views="mixture"),
-    "cl-mix-m": dict(cl_views="mixture", queue_momentum=0.99),
-    "cl-exp": dict(cl_views="expert"),
-    "cl-exp-m": dict(cl_views="expert", queue_momentum=0.99),
-    "cl-seq": dict(cl_views="sequence"),
-    "cl-seq-nq": dict(cl_views="sequence", no_queue=True),
+    "cl-mix": dict(cl_views="mixture", queue=True, lambda_cl=0.1),
+    "cl-mix-m": dict(cl_views="mixture", queue=True, lambda_cl=0.1, queue_momentum=0.99),
+    "cl-exp": dict(cl_views="expert", queue=True, lambda_cl=0.1),
+    "cl-exp-m": dict(cl_views="expert", queue=True, lambda_cl=0.1, queue_momentum=0.99),
+    "cl-seq": dict(cl_views="sequence", queue=True, lambda_cl=1.0),
+    "cl-seq-nq": dict(cl_views="sequence", lambda_cl=1.0),  # the defaults of train.py
     "oracle": dict(top_k=1, no_balance=True, no_contrastive=True),
     "supervised": dict(no_contrastive=True),
 }
-QUICK_ARMS = ("lora", "cl-exp")
+QUICK_ARMS = ("lora", "cl-exp", "cl-seq-nq")
 
 
 def permutations(task_seed: int = 1234) -> list[dict]:
@@ -215,7 +216,7 @@ def router_gradient_share(model, tok, examples, ckpt: str) -> float | None:
     if heads is not None:
         heads.load_state_dict({k[6:]: v for k, v in extra.items() if k.startswith("heads.")})
     queues = None
-    if not cfg["no_queue"]:
+    if cfg.get("queue", not cfg.get("no_queue", False)):
         queues = ExpertQueues(len(sites(model)), cfg["queue_size"], cfg["num_experts"] if seq else cfg["proj_dim"])
         queues.load_state_dict({k[7:]: v for k, v in extra.items() if k.startswith("queues.")})
     routers = [m.router.weight for _, m in sites(model)]
@@ -544,7 +545,7 @@ def main():
     ap.add_argument("--lambda-sup", type=float, default=LAMBDA_SUP, help="the supervised control's weight")
     ap.add_argument("--no-expert-ablation", dest="expert_ablation", action="store_false",
                     help="skip the domain x expert ablation matrix (seed 0)")
-    ap.add_argument("--quick", action="store_true", help="2 arms, 1 seed, 6 steps, small data (CI smoke run)")
+    ap.add_argument("--quick", action="store_true", help="3 arms, 1 seed, 6 steps, small data (CI smoke run)")
     ap.add_argument("--plots", action="store_true", help="draw PNGs into --out (needs matplotlib)")
     ap.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: ARM:SEED in this process
     a = ap.parse_args()
@@ -568,7 +569,7 @@ def main():
               "--lambda-sup", str(a.lambda_sup)] + [f"--set={p}" for p in a.set] \
         + ([] if a.expert_ablation else ["--no-expert-ablation"])
     env = dict(os.environ)
-    if a.jobs > 1:  # why: n processes each using every core would thrash
+    if a.jobs > 1 and "OMP_NUM_THREADS" not in env:  # why: n processes each using every core would thrash
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // a.jobs))
     done, running = {}, []
     while todo or running:

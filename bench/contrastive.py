@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from common import make_checkpoint, peak_rss_mb, run_isolated, table
 
 
-ARMS = {  # name -> (contrastive on, reading, key-head momentum)
+ARMS = {  # name -> (contrastive on, reading, key-head momentum); the head readings with the queue (K = 1024)
     "base": (False, "mixture", 0.0), "full": (True, "mixture", 0.0),
-    "full+momentum": (True, "mixture", 0.99), "expert+momentum": (True, "expert", 0.99)}
+    "full+momentum": (True, "mixture", 0.99), "expert+momentum": (True, "expert", 0.99),
+    "sequence": (True, "sequence", 0.0)}  # train.py's default: routings only, no heads, no queue
 
 
 def setup(path, layers, momentum=0.0):
@@ -41,9 +42,11 @@ def step_fn(model, heads, ids, cl_on, K=1024, tps=256, views="mixture"):
     from expert_queue import ExpertQueues
     from lora_moe import balance_loss, record_expert_acts, router_records, sites
 
-    record_expert_acts(model, cl_on)
-    queues = ExpertQueues(len(sites(model)), size=K, dim=64)
-    params = [p for p in model.parameters() if p.requires_grad] + list(heads.query.parameters())
+    seq = views == "sequence"
+    record_expert_acts(model, cl_on and not seq)
+    queues = None if seq else ExpertQueues(len(sites(model)), size=K, dim=64)
+    heads = None if seq else heads
+    params = [p for p in model.parameters() if p.requires_grad] + (list(heads.query.parameters()) if heads else [])
 
     def step():
         logits = model(ids)
@@ -56,7 +59,8 @@ def step_fn(model, heads, ids, cl_on, K=1024, tps=256, views="mixture"):
         loss.backward()
         for p in params:
             p.grad = None
-        heads.update_keys()
+        if heads is not None:
+            heads.update_keys()
     return step, queues
 
 
@@ -86,7 +90,7 @@ def main():
         model, heads, _ = setup(path, a.layers, momentum)
         step, queues = step_fn(model, heads, ids, cl_on, views=views)
         t = timed(step, a.steps)
-        print(json.dumps({"time": t, "peak_mb": peak_rss_mb(), "queue_bytes": queues.nbytes()}))
+        print(json.dumps({"time": t, "peak_mb": peak_rss_mb(), "queue_bytes": queues.nbytes() if queues else 0}))
         return
     res = {}
     for arm in ARMS:
@@ -98,7 +102,7 @@ def main():
     print(f"Qwen3-0.6B shape, {a.layers} layers, LoRA-MoE E=8 r=8 top-2, batch {a.batch}x{a.seq}, fp32 CPU, "
           f"{torch.get_num_threads()} threads; contrastive arms: K=1024, 256 tokens/site")
     rows = [[arm, f"{r['time']:.2f}", f"{r['time'] / b['time']:.3f}x", f"{r['peak_mb']:.0f}",
-             f"{r['peak_mb'] / b['peak_mb']:.3f}x", f"{r['queue_bytes'] / 2**20:.1f} MiB" if arm != "base" else "-"]
+             f"{r['peak_mb'] / b['peak_mb']:.3f}x", f"{r['queue_bytes'] / 2**20:.1f} MiB" if r["queue_bytes"] else "-"]
             for arm, r in res.items()]
     print(table(rows, ["arm (LM + balance + ...)", "s/step", "time vs base", "peak RSS MB", "memory vs base", "queue"]))
     # how the contrastive cost grows with tokens_per_site and K: the loss's own forward + backward, timed on
@@ -108,7 +112,6 @@ def main():
     from lora_moe import record_expert_acts, router_records
 
     model, heads, n_sites = setup(path, a.layers)
-    f = res["full"]
     record_expert_acts(model, True)
     with torch.no_grad():
         model(ids)

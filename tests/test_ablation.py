@@ -63,19 +63,22 @@ def test_letters_are_single_qwen_tokens(qwen_tok_dir):
 
 
 def test_quick_ablation_is_reproducible(tmp_path):
-    """The same seed gives the same table: two quick runs agree on every number but the timings."""
+    """The same seed gives the same table: two quick runs, one run at a time and all at once (--jobs 3),
+    agree on every number but the timings, in the same order."""
     outs = []
-    for k in range(2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in both, so the same float sums
+    for k, jobs in enumerate(("1", "3")):
         out = tmp_path / f"run{k}"
-        subprocess.run([sys.executable, "bench/ablation.py", "--quick", "--out", str(out)], cwd=ROOT, check=True,
-                       capture_output=True, text=True, timeout=600)
+        subprocess.run([sys.executable, "bench/ablation.py", "--quick", "--out", str(out), "--jobs", jobs], cwd=ROOT,
+                       check=True, capture_output=True, text=True, timeout=600, env=env)
         res = json.load(open(out / "results.json"))
         for r in res["runs"]:
             r.pop("step_time_s"), r.pop("peak_rss_mb")
         outs.append(res["runs"])
     assert outs[0] == outs[1]
     arms = {r["arm"]: r for r in outs[0]}
-    assert set(arms) == {"lora", "cl-exp"}
+    assert list(arms) == ["lora", "cl-exp", "cl-seq-nq"]
+    assert arms["cl-seq-nq"]["router_grad_share"] > 0
     assert "nmi" not in arms["lora"] and len(arms["cl-exp"]["nmi"]) == 4  # per layer, MoE arms only
     assert all(0 <= x <= 1 for x in arms["cl-exp"]["nmi"])
     assert arms["lora"]["router_grad_share"] is None and arms["cl-exp"]["router_grad_share"] > 0

@@ -131,10 +131,15 @@ def test_two_process_gloo_equals_one_process(tmp_path, views, momentum):
                     os.path.join(HERE, "dist_contrastive.py"), str(tmp_path), views, str(momentum)],
                    check=True, env=env, timeout=300)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    # why a looser bound after 4 steps for the sequence reading: it normalizes p - 1/E, whose norm is ~0.03 for
+    # near-uniform routers, so float reordering (one batch of 4 vs 2 + 2) grows ~30x per step at this lr
+    # (measured: 2e-7 at step 1, 4e-5 in the loss and 1.8e-4 in the queue at step 4); step 1 stays tight
+    tol = 1e-3 if views == "sequence" else 1e-5
     for k in single_q:
         assert torch.equal(r0["queues"][k], r1["queues"][k]), k  # identical on both ranks
-        assert torch.allclose(r0["queues"][k].float(), single_q[k].float(), atol=1e-5), k
-    assert torch.allclose(torch.tensor(r0["losses"]), torch.tensor(single_losses), atol=1e-5)
+        assert torch.allclose(r0["queues"][k].float(), single_q[k].float(), atol=tol), k
+    assert torch.allclose(torch.tensor(r0["losses"][0]), torch.tensor(single_losses[0]), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(torch.tensor(r0["losses"]), torch.tensor(single_losses), atol=tol)
     assert single_losses[-1][1] != single_losses[0][1]  # the steps really changed something
 
 

@@ -132,24 +132,24 @@ def test_routing_stats_never_count_padding():
     assert routing_stats(model) != a  # the stats can tell: counting padding would change them
 
 
-@pytest.mark.parametrize("switch, gone", [("no_queue", "queues."), ("no_contrastive", "heads."),
-                                          ("no_balance", None)])
-def test_each_ablation_switch_removes_its_part(tiny_dir, tmp_path, switch, gone):
-    """--no-queue: no queue (no buffers saved, in-batch negatives only); --no-contrastive: no heads, no term;
+@pytest.mark.parametrize("switch, value, gone", [("queue", False, "queues."), ("no_contrastive", True, "heads."),
+                                                 ("no_balance", True, None)])
+def test_each_ablation_switch_removes_its_part(tiny_dir, tmp_path, switch, value, gone):
+    """no --queue: no queue (no buffers saved, in-batch negatives only); --no-contrastive: no heads, no term;
     --no-balance: no balance term. The full run has all three."""
     from safetensors.torch import load_file
 
     from train import train
 
     full = train(small_cfg(tiny_dir, tmp_path / "full", steps=2, save_every=2))
-    off = train(small_cfg(tiny_dir, tmp_path / "off", steps=2, save_every=2, **{switch: True}))
+    off = train(small_cfg(tiny_dir, tmp_path / "off", steps=2, save_every=2, **{switch: value}))
     saved_full = load_file(tmp_path / "full" / "ckpt-000002" / "adapter.safetensors")
     saved_off = load_file(tmp_path / "off" / "ckpt-000002" / "adapter.safetensors")
     assert any(k.startswith("queues.") for k in saved_full) and any(k.startswith("heads.") for k in saved_full)
     if gone:
         assert not any(k.startswith(gone) for k in saved_off)
-    key = {"no_queue": "contrastive", "no_contrastive": "contrastive", "no_balance": "balance"}[switch]
-    if switch == "no_queue":  # the term stays, but without the queue's negatives it is another number
+    key = {"queue": "contrastive", "no_contrastive": "contrastive", "no_balance": "balance"}[switch]
+    if switch == "queue":  # the term stays, but without the queue's negatives it is another number
         assert off[1][key] is not None and off[1][key] != pytest.approx(full[1][key], rel=1e-6)
     else:
         assert off[0][key] is None and full[0][key] is not None

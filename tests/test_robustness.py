@@ -45,6 +45,8 @@ def one_line_exit(capsys, fn):
     (["--data", "/nonexistent.jsonl"], "--data: /nonexistent.jsonl is not found"),
     (["--data", ROOT], "is a directory"),
     (["--model", ROOT], "--model: " + ROOT + " has no config.json"),
+    (["--queue-momentum", "0.9"], "--queue-momentum needs projection heads; the sequence reading has none"),
+    (["--cl-views", "experts"], "invalid choice: 'experts'"),
 ])
 def test_bad_train_flags(capsys, flags, needle):
     from train import parse_args
