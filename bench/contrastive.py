@@ -102,7 +102,7 @@ def main():
     print(f"Qwen3-0.6B shape, {a.layers} layers, LoRA-MoE E=8 r=8 top-2, batch {a.batch}x{a.seq}, fp32 CPU, "
           f"{torch.get_num_threads()} threads; contrastive arms: K=1024, 256 tokens/site")
     rows = [[arm, f"{r['time']:.2f}", f"{r['time'] / b['time']:.3f}x", f"{r['peak_mb']:.0f}",
-             f"{r['peak_mb'] / b['peak_mb']:.3f}x", f"{r['queue_bytes'] / 2**20:.1f} MiB" if r["queue_bytes"] else "-"]
+             f"{r['peak_mb'] / b['peak_mb']:.3f}x", f"{r['queue_bytes'] / 2**20:.1f} MiB" if r["queue_bytes"] and ARMS[arm][0] else "-"]
             for arm, r in res.items()]
     print(table(rows, ["arm (LM + balance + ...)", "s/step", "time vs base", "peak RSS MB", "memory vs base", "queue"]))
     # how the contrastive cost grows with tokens_per_site and K: the loss's own forward + backward, timed on

@@ -6,7 +6,7 @@ Same random Qwen3-0.6B-shaped base (cut to --layers, real Qwen vocabulary), same
 batches (train.py's length-bucketed order), fp32 CPU, AdamW. Arms, each in a fresh process:
   peft  : transformers Qwen3ForCausalLM + peft LoRA r=16 on all 7 projections, loss = model(labels=...).loss
   lora  : train.py, plain-LoRA baseline (--num-experts 1 --top-k 1 --rank 16 --no-balance)
-  full  : train.py, full SparseDoctor (E=8, r=8, top-2, balance + contrastive with the queue)
+  full  : train.py, full SparseDoctor with its defaults (E=8, r=8, top-2, balance + contrastive, sequence reading)
 Tokens/s counts real (non-padding) tokens; the first step is warmup and not counted.
 """
 import argparse
