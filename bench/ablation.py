@@ -17,9 +17,11 @@ Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2;
   lora        plain LoRA, rank 32 = E * r (parameter-matched in the experts), no router
   moe         LoRA-MoE, LM loss only            moe+bal    + load balancing
   cl-mix      + balance + contrastive, mixture reading, queue (the first implementation's "full")
-  cl-mix-m    the same with momentum key heads (0.99)
-  cl-exp      + balance + contrastive, expert reading, queue    cl-exp-m   the same with momentum (0.99)
-  cl-seq      + balance + contrastive, sequence reading, queue  cl-seq-nq  the same without the queue
+  cl-mix-m    the same with momentum key heads (0.99)       cl-mix-nq  the same without the queue
+  cl-exp      + balance + contrastive, expert reading, queue (lambda_cl 0.1, as cl-mix)
+  cl-exp-m    the same with momentum key heads (0.99)       cl-exp-nq  the same without the queue
+  cl-seq      + balance + contrastive, sequence reading, queue, lambda_cl 1.0
+  cl-seq-nq   the same without the queue: train.py's defaults
   oracle      control: every token of domain d forced onto expert d (top-1), no router learning
   supervised  control: + balance + a router cross-entropy to the domain (lambda 0.1)
 
@@ -56,8 +58,10 @@ ARMS = {
     "moe+bal": dict(no_contrastive=True),
     "cl-mix": dict(cl_views="mixture", queue=True, lambda_cl=0.1),
     "cl-mix-m": dict(cl_views="mixture", queue=True, lambda_cl=0.1, queue_momentum=0.99),
+    "cl-mix-nq": dict(cl_views="mixture", lambda_cl=0.1),
     "cl-exp": dict(cl_views="expert", queue=True, lambda_cl=0.1),
     "cl-exp-m": dict(cl_views="expert", queue=True, lambda_cl=0.1, queue_momentum=0.99),
+    "cl-exp-nq": dict(cl_views="expert", lambda_cl=0.1),
     "cl-seq": dict(cl_views="sequence", queue=True, lambda_cl=1.0),
     "cl-seq-nq": dict(cl_views="sequence", lambda_cl=1.0),  # the defaults of train.py
     "oracle": dict(top_k=1, no_balance=True, no_contrastive=True),
