@@ -110,7 +110,14 @@ def rng_state(gen: torch.Generator) -> dict:
             "python": random.getstate(), "numpy": np.random.get_state(), "sample_gen": gen.get_state()}
 
 
-def restore_rng(rng: dict, gen: torch.Generator):
+def restore_rng(rngs: list[dict] | dict, gen: torch.Generator, rank: int = 0):
+    """This rank's RNG streams (dropout, sampling, ...) from a checkpoint's per-rank states (``rng_state`` of
+    every rank, in rank order). why per rank: each rank samples its own contrastive tokens and draws its own
+    dropout, so restoring rank 0's streams everywhere would resume another run. A rank the checkpoint has no
+    state for (a resume on more ranks, which continues no run exactly) takes rank 0's; a dict is a checkpoint
+    written before states were kept per rank."""
+    rngs = [rngs] if isinstance(rngs, dict) else rngs
+    rng = rngs[rank] if rank < len(rngs) else rngs[0]
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -140,8 +147,9 @@ def _replace_durably(tmp: str, final: str):
     _fsync(os.path.dirname(final) or ".")
 
 
-def save_checkpoint(out_dir, step, model, tensors, optim, sched, gen, cfg, keep: int):
-    """Write ckpt-<step>/ via a temp dir + rename, point ``latest`` at it, keep the newest ``keep``."""
+def save_checkpoint(out_dir, step, model, tensors, optim, sched, rngs: list[dict], cfg, keep: int):
+    """Write ckpt-<step>/ via a temp dir + rename, point ``latest`` at it, keep the newest ``keep``.
+    ``rngs``: every rank's ``rng_state``, in rank order."""
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:  # why: a non-finite checkpoint would replace good ones when pruning
         raise FloatingPointError(f"step {step}: non-finite values in {bad[:4]}; checkpoint not written")
@@ -150,7 +158,7 @@ def save_checkpoint(out_dir, step, model, tensors, optim, sched, gen, cfg, keep:
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, tmp, tensors=tensors)
     write_training_state(tmp, {"step": step, "optimizer": optim, "scheduler": sched.state_dict(),
-                               "rng": rng_state(gen)})
+                               "rng": list(rngs)})
     with open(os.path.join(tmp, "train_config.json"), "w", encoding="utf-8") as f:
         json.dump(asdict(cfg), f, indent=2)
     write_manifest(tmp)

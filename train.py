@@ -27,7 +27,7 @@ from tqdm import tqdm
 import cli
 import parallel
 from checkpoint import (RunLock, full_tensor, gather_state, load_checkpoint, plan_resume, restore_rng,
-                        save_checkpoint, trim_metrics)
+                        rng_state, save_checkpoint, trim_metrics)
 from contrastive import CL_VIEWS, make_heads
 from data import IGNORE, Batches, DataError, encode_all, read_jsonl
 from expert_queue import ExpertQueues
@@ -237,7 +237,7 @@ def restore_optimizer(body, opt, sched, gen, state: dict, cfg: TrainConfig) -> i
     sched.base_lrs = [cfg.lr for _ in opt.param_groups]
     for g in opt.param_groups:
         g.update(initial_lr=cfg.lr, lr=cfg.lr * lr_at(state["step"], cfg), weight_decay=cfg.weight_decay)
-    restore_rng(state["rng"], gen)
+    restore_rng(state["rng"], gen, parallel.rank())
     return state["step"]
 
 
@@ -341,11 +341,12 @@ def run(cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
             append_metrics(cfg.out, rec)
             bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("lm", "balance", "contrastive") if rec[k] is not None})
             bar.update(1)
-        # 6. checkpoint: every rank gathers (FSDP), rank 0 writes
+        # 6. checkpoint: every rank gathers (FSDP) and sends its RNG streams, rank 0 writes
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             tensors, optim = gather_state(body, opt)
+            rngs = parallel.all_gather_objects(rng_state(gen))
             if main:
-                save_checkpoint(cfg.out, step + 1, model, tensors, optim, sched, gen, cfg, cfg.keep)
+                save_checkpoint(cfg.out, step + 1, model, tensors, optim, sched, rngs, cfg, cfg.keep)
             parallel.barrier()
     bar.close()
     if history:
