@@ -21,10 +21,11 @@ Its gradient moves p toward e* (z_f approaches z_e* only by weighting u_e* more:
 pushes the experts' views apart (distinct experts), the paper's stated aim; the mixture reading's positive
 pair are two mixtures of the same u_e, which agree best when routing is one-hot *or* the experts are alike.
 
-``--cl-views sequence`` (``sequence_info_nce``, the default: docs/ablation.md): the views are routings, not heads' outputs. A token's routed
-view is its routing rho_t = p_t / |p_t|; a sequence's fused view is its tokens' mean routing
-phi_s = normalize(mean_{t in s} p_t). The positive of token t is its own sequence's phi_s(t); the negatives
-are every other sequence's phi (all ranks) and the queue's past phi:
+``--cl-views sequence`` (``sequence_info_nce``, the default: docs/ablation.md): the views are routings, not
+heads' outputs. A token's routed view is its centred routing rho_t = c(p_t), c(v) = (v - 1/E) / |v - 1/E|
+(``routing_view``); a sequence's fused view is that of its real tokens' mean routing phi_s = c(mean_{t in s}
+p_t). The positive of token t is its own sequence's phi_s(t); the negatives are every other sequence's phi
+(all ranks) and the queue's past phi:
 
     L = - mean_t log [ exp(rho_t.phi_s(t)/tau) / ( sum_{s'} exp(rho_t.phi_s'/tau) + sum_q exp(rho_t.q/tau) ) ]
 
@@ -143,8 +144,8 @@ def sequence_views(rec: RouterRecord):
         raise RuntimeError("the sequence reading needs the tokens' sequences: records from RouterRecord.valid")
     present, which = torch.unique(rec.seq, return_inverse=True)  # which: (N,) in 0..S-1
     total = rec.probs.new_zeros(len(present), rec.probs.shape[-1]).index_add(0, which, rec.probs)  # (S, E)
-    count = torch.zeros(len(present), device=total.device).index_add(0, which, torch.ones_like(which, dtype=total.dtype))
-    phi = routing_view(total / count[:, None])  # (S, E): each sequence's mean routing
+    count = torch.bincount(which, minlength=len(present)).to(total.dtype)  # (S,) tokens per sequence
+    phi = routing_view(total / count[:, None])  # (S, E): each sequence's mean routing, centred
     return phi, phi.argmax(-1), which
 
 
@@ -214,22 +215,19 @@ def contrastive_loss(records: list[RouterRecord], heads: ContrastiveHeads, queue
     for i, rec in enumerate(records):
         q_keys, q_labels = queues[i].contents() if queues is not None else (None, None)
         if views == "sequence":
-            phi, key_labels, which = sequence_views(rec)  # over every real token, before sampling
+            phi, phi_labels, which = sequence_views(rec)  # over every real token, before sampling
             keys, offset = all_gather_with_grad(phi)  # every rank's sequences: (S_all, E)
-            key_labels = all_gather_varlen(key_labels)
+            key_labels = all_gather_varlen(phi_labels)
             rec = sample_tokens(replace(rec, seq=which), tokens_per_site, generator)  # anchors; seq indexes phi
-            rho = routing_view(rec.probs)
-            losses.append(sequence_info_nce(rho, rec.seq + offset, keys, q_keys, temperature))
-            if queues is not None and enqueue:
-                queues[i].enqueue(keys.detach(), key_labels)
-            continue
-        rec = sample_tokens(rec, tokens_per_site, generator)
-        if views == "expert":
+            losses.append(sequence_info_nce(routing_view(rec.probs), rec.seq + offset, keys, q_keys, temperature))
+        elif views == "expert":
+            rec = sample_tokens(rec, tokens_per_site, generator)
             z_f, z_e, labels = expert_views(rec, heads, i)
             losses.append(expert_info_nce(z_f, z_e, labels, q_keys, q_labels, temperature))
             new_keys = z_e[torch.arange(len(labels), device=labels.device), labels]  # the chosen experts' views
             keys, key_labels = all_gather_varlen(new_keys.detach()), all_gather_varlen(labels)
         else:
+            rec = sample_tokens(rec, tokens_per_site, generator)
             z_r, z_f, labels = site_views(rec, heads, i)
             keys, offset = all_gather_with_grad(z_f)  # with momentum z_f has no gradient, and neither has this
             key_labels = all_gather_varlen(labels)

@@ -587,8 +587,9 @@ def main():
         if p.returncode != 0:
             sys.exit(f"run {arm}:{seed} failed:\n{err[-4000:]}")
         r = done[(arm, seed)] = json.loads(out.strip().splitlines()[-1])
-        print(f"{arm:9s} seed {seed}: loss {r['loss']:.3f}, exact {r['exact_mean']:.3f}, NMI "
-              f"{np.mean(r['nmi']) if 'nmi' in r else float('nan'):.3f}, {r['step_time_s']:.2f} s/step", flush=True)
+        nmi_mean = np.mean(r["nmi"]) if "nmi" in r else float("nan")
+        print(f"{arm:9s} seed {seed}: loss {r['loss']:.3f}, exact {r['exact_mean']:.3f}, NMI {nmi_mean:.3f}, "
+              f"{r['step_time_s']:.2f} s/step", flush=True)
     runs = list(done.values())  # table order: runs finish in the order they were started
     summary, md = summarize(runs)
     md += "\n\nProbe ceiling on the frozen base (router inputs at answer positions, held-out half):\n\n" + \
