@@ -397,10 +397,10 @@ def run_one(arm: str, seed: int, a) -> dict:
             f.write(json.dumps({"messages": msgs}) + "\n")
     held_out = make_examples(a.eval_size, a.eval_seed, perms)  # the same held-out sample for every run
     moe = dict(num_experts=E, rank=R, alpha=2.0 * R, top_k=TOP_K)  # alpha / rank = 2 in every arm
-    cfg = TrainConfig(model=a.model, data=data, out=work, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                      warmup=max(1, a.steps // 10), max_len=64, dropout=0.0, queue_size=a.queue_size, proj_dim=32,
-                      tokens_per_site=128, seed=seed, save_every=a.eval_every, keep=10_000, progress=False,
-                      overwrite=True, **{**moe, **ARMS[arm], **overrides(a.set)})
+    run = dict(model=a.model, data=data, out=work, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+               warmup=max(1, a.steps // 10), max_len=64, dropout=0.0, queue_size=a.queue_size, proj_dim=32,
+               tokens_per_site=128, seed=seed, save_every=a.eval_every, keep=10_000, progress=False, overwrite=True)
+    cfg = TrainConfig(**{**run, **moe, **ARMS[arm], **overrides(a.set)})  # later ones win: --set overrides all
     tok = load_tokenizer(a.model)
     if arm in ("oracle", "supervised"):
         install_domain_routing(arm, tok, a.lambda_sup)
