@@ -381,12 +381,24 @@ def nmi(joint) -> float:
 # One (arm, seed) run, in its own process (clean peak memory)
 
 
+def run_config(arm: str, seed: int, a, data: str, work: str):
+    """One run's TrainConfig: the common settings, E experts of rank R, the arm's own, then ``--set`` (later
+    ones win, so ``--set`` can override anything)."""
+    from train import TrainConfig
+
+    run = dict(model=a.model, data=data, out=work, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+               warmup=max(1, a.steps // 10), max_len=64, dropout=0.0, queue_size=a.queue_size, proj_dim=32,
+               tokens_per_site=128, seed=seed, save_every=a.eval_every, keep=10_000, progress=False, overwrite=True)
+    moe = dict(num_experts=E, rank=R, alpha=2.0 * R, top_k=TOP_K)  # alpha / rank = 2 in every arm
+    return TrainConfig(**{**run, **moe, **ARMS[arm], **overrides(a.set)})
+
+
 def run_one(arm: str, seed: int, a) -> dict:
     from common import peak_rss_mb
     from tokenizer import load_tokenizer
     from lora_moe import load_adapter
     from model import load_model
-    from train import TrainConfig, train
+    from train import train
 
     perms = permutations()
     work = os.path.join(a.out, f"{arm}-seed{seed}")
@@ -396,11 +408,7 @@ def run_one(arm: str, seed: int, a) -> dict:
         for _, msgs in make_examples(a.train_size, 10_000 + seed, perms):
             f.write(json.dumps({"messages": msgs}) + "\n")
     held_out = make_examples(a.eval_size, a.eval_seed, perms)  # the same held-out sample for every run
-    moe = dict(num_experts=E, rank=R, alpha=2.0 * R, top_k=TOP_K)  # alpha / rank = 2 in every arm
-    run = dict(model=a.model, data=data, out=work, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-               warmup=max(1, a.steps // 10), max_len=64, dropout=0.0, queue_size=a.queue_size, proj_dim=32,
-               tokens_per_site=128, seed=seed, save_every=a.eval_every, keep=10_000, progress=False, overwrite=True)
-    cfg = TrainConfig(**{**run, **moe, **ARMS[arm], **overrides(a.set)})  # later ones win: --set overrides all
+    cfg = run_config(arm, seed, a, data, work)
     tok = load_tokenizer(a.model)
     if arm in ("oracle", "supervised"):
         install_domain_routing(arm, tok, a.lambda_sup)

@@ -136,3 +136,18 @@ print(all(torch.equal(m.record.topk_idx[..., 0], want) for _, m in sites(model))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.stdout.strip().endswith("True"), r.stderr[-2000:]
+
+
+def test_run_config_layers_arm_and_set_overrides():
+    """A run's settings: the arm's own over the common ones, and --set over everything (also settings the
+    common part fixes, such as queue_size): the sequence arm pins lambda_cl 1.0 and no queue; cl-mix 0.1 + queue."""
+    from types import SimpleNamespace
+
+    a = SimpleNamespace(model="m", steps=300, batch_size=16, lr=3e-3, queue_size=1024, eval_every=100,
+                        set=["queue_size=64", "temperature=0.2"])
+    seq = ablation.run_config("cl-seq-nq", 1, a, "d.jsonl", "w")
+    assert (seq.cl_views, seq.lambda_cl, seq.queue, seq.queue_size, seq.temperature, seq.seed) == \
+        ("sequence", 1.0, False, 64, 0.2, 1)
+    mix = ablation.run_config("cl-mix", 0, SimpleNamespace(**{**vars(a), "set": []}), "d.jsonl", "w")
+    assert (mix.cl_views, mix.lambda_cl, mix.queue, mix.queue_size, mix.num_experts, mix.rank) == \
+        ("mixture", 0.1, True, 1024, ablation.E, ablation.R)
