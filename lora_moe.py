@@ -89,9 +89,9 @@ class RouterRecord:
             return t[keep] if keep is not None else t
 
         seq = None
-        if self.probs.dim() == 3:  # (B, T, E): every token's batch row
+        if self.probs.dim() == 3:  # (B, T, E): every token's batch row, (B, T) -> (N,)
             B, T = self.probs.shape[:2]
-            seq = flat(torch.arange(B, device=self.probs.device).repeat_interleave(T)[:, None], 1)[:, 0]
+            seq = flat(torch.arange(B, device=self.probs.device)[:, None].expand(B, T), 0)
         return RouterRecord(flat(self.logits, 1), flat(self.probs, 1), flat(self.topk_idx, 1),
                             flat(self.gates, 1), flat(self.expert_acts, 2), seq)
 

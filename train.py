@@ -198,15 +198,22 @@ def build_model(cfg: TrainConfig, model_dir: str, device, rank: int, verbose: bo
     model.model.gradient_checkpointing = cfg.grad_checkpointing
     torch.manual_seed(cfg.seed)  # adapters start identical on every rank
     add_lora_moe(model, LoRAMoEConfig(**{f.name: getattr(cfg, f.name) for f in fields(LoRAMoEConfig)}), verbose)
-    use_heads = cfg.uses_contrastive and cfg.cl_views != "sequence"  # the sequence reading contrasts routings
-    heads = make_heads(model, cfg.proj_dim, cfg.queue_momentum) if use_heads else None
-    queues = None
-    if cfg.uses_contrastive and cfg.queue:
-        dim = cfg.num_experts if cfg.cl_views == "sequence" else cfg.proj_dim
-        queues = ExpertQueues(len(sites(model)), cfg.queue_size, dim).to(device)
-    record_expert_acts(model, use_heads)
+    heads, queues = build_contrastive(model, cfg, device)
+    record_expert_acts(model, heads is not None)  # the head readings read every expert's A_e x
     gen = torch.Generator().manual_seed(cfg.seed * 100 + rank)  # token sampling for the contrastive loss
     return model.train(), heads, queues, gen
+
+
+def build_contrastive(model, cfg: TrainConfig, device):
+    """(projection heads, expert memory queues) for the adapted ``model``, each None where ``cfg`` has none:
+    heads for the two head readings, queues with ``--queue`` (routings of E numbers in the sequence reading)."""
+    if not cfg.uses_contrastive:
+        return None, None
+    seq = cfg.cl_views == "sequence"  # the sequence reading contrasts routings: no heads
+    heads = None if seq else make_heads(model, cfg.proj_dim, cfg.queue_momentum)
+    dim = cfg.num_experts if seq else cfg.proj_dim
+    queues = ExpertQueues(len(sites(model)), cfg.queue_size, dim).to(device) if cfg.queue else None
+    return heads, queues
 
 
 def wrap(body: HybridLoss, cfg: TrainConfig, world: int, device):

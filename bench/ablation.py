@@ -202,27 +202,14 @@ def expert_ablation(model, tok, examples) -> list[list[float]]:
     return out.round(4).tolist()
 
 
-def router_gradient_share(model, tok, examples, ckpt: str) -> float | None:
-    """||d(lambda_cl L_cl)/dW_router|| / ||d L_LM/dW_router|| on held-out examples, with the checkpoint's heads,
-    queues and contrastive settings: how much of the routers' training signal the contrastive term is."""
-    from contrastive import contrastive_loss, make_heads
+def router_gradient_share(model, tok, examples, cfg, heads, queues) -> float:
+    """||d(lambda_cl L_cl)/dW_router|| / ||d L_LM/dW_router|| on held-out examples, with the run's settings and
+    the checkpoint's heads and queues: how much of the routers' training signal the contrastive term is."""
+    from contrastive import contrastive_loss
     from data import collate, tokenize
-    from expert_queue import ExpertQueues
-    from lora_moe import load_adapter, record_expert_acts, router_records, sites
+    from lora_moe import record_expert_acts, router_records, sites
     from objective import lm_loss_sum
 
-    cfg = json.load(open(os.path.join(ckpt, "train_config.json")))
-    if cfg["no_contrastive"] or cfg["lambda_cl"] == 0 or cfg["num_experts"] == 1:
-        return None
-    extra = load_adapter(model, ckpt)
-    seq = cfg["cl_views"] == "sequence"  # no heads; the queue holds E-dimensional routings
-    heads = None if seq else make_heads(model, cfg["proj_dim"], cfg["queue_momentum"])
-    if heads is not None:
-        heads.load_state_dict({k[6:]: v for k, v in extra.items() if k.startswith("heads.")})
-    queues = None
-    if cfg.get("queue", not cfg.get("no_queue", False)):
-        queues = ExpertQueues(len(sites(model)), cfg["queue_size"], cfg["num_experts"] if seq else cfg["proj_dim"])
-        queues.load_state_dict({k[7:]: v for k, v in extra.items() if k.startswith("queues.")})
     routers = [m.router.weight for _, m in sites(model)]
     ids, labels, mask = collate([tokenize(msgs, tok) for _, msgs in examples[:32]], tok.pad_id)
     record_expert_acts(model, True)
@@ -233,9 +220,9 @@ def router_gradient_share(model, tok, examples, ckpt: str) -> float | None:
         if term == "lm":
             loss = lm_loss_sum(model, hidden, labels, 4096) / (labels[:, 1:] != -100).sum()
         else:
-            loss = cfg["lambda_cl"] * contrastive_loss(router_records(model, mask), heads, queues, cfg["tokens_per_site"],
-                                                       cfg["temperature"], torch.Generator().manual_seed(0),
-                                                       enqueue=False, views=cfg["cl_views"])
+            loss = cfg.lambda_cl * contrastive_loss(router_records(model, mask), heads, queues, cfg.tokens_per_site,
+                                                    cfg.temperature, torch.Generator().manual_seed(0),
+                                                    enqueue=False, views=cfg.cl_views)
         grads = torch.autograd.grad(loss, routers, allow_unused=True)
         norms.append(float(torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None))))
     record_expert_acts(model, False)
@@ -394,11 +381,10 @@ def run_config(arm: str, seed: int, a, data: str, work: str):
 
 
 def run_one(arm: str, seed: int, a) -> dict:
+    from checkpoint import load_checkpoint
     from common import peak_rss_mb
     from tokenizer import load_tokenizer
-    from lora_moe import load_adapter
-    from model import load_model
-    from train import train
+    from train import build_model, train
 
     perms = permutations()
     work = os.path.join(a.out, f"{arm}-seed{seed}")
@@ -413,12 +399,12 @@ def run_one(arm: str, seed: int, a) -> dict:
     if arm in ("oracle", "supervised"):
         install_domain_routing(arm, tok, a.lambda_sup)
     hist = train(cfg)
-    model = load_model(a.model)  # the base once; each checkpoint refills the adapters
+    # the run's model, heads and queues once (as train.py builds them); each checkpoint refills them
+    model, heads, queues, _ = build_model(cfg, a.model, torch.device("cpu"), 0, verbose=False)
     over_steps = []
     for step in range(a.eval_every, a.steps + 1, a.eval_every):
-        ckpt = os.path.join(work, f"ckpt-{step:06d}")
-        load_adapter(model, ckpt)
-        share = router_gradient_share(model, tok, held_out, ckpt)
+        load_checkpoint(os.path.join(work, f"ckpt-{step:06d}"), model, heads, queues, torch.device("cpu"))
+        share = router_gradient_share(model, tok, held_out, cfg, heads, queues) if cfg.uses_contrastive else None
         r = measure(model, tok, held_out)
         over_steps.append({"step": step, "loss": r["loss"], "exact_mean": r["exact_mean"], "router_grad_share": share,
                            "nmi_mean": float(np.mean(r["nmi"])) if "nmi" in r else None})
