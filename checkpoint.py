@@ -16,7 +16,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -285,11 +285,13 @@ def plan_resume(cfg, fixed_on_resume: tuple, log) -> str | None:
     if "no_queue" in saved:  # checkpoints from before --queue (the queue was on unless --no-queue)
         saved["queue"] = not saved.pop("no_queue")
     now = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
-    use_cl = {k: not c.get("no_contrastive") and c.get("lambda_cl", 0) > 0
-              for k, c in (("saved", saved), ("now", now))}
+    try:  # the checkpoint's settings as a config of this run's type, so its properties say what it had on
+        was = replace(cfg, **{k: v for k, v in saved.items() if k in now})
+    except (TypeError, ValueError) as e:
+        raise RunDirError(f"--resume {ckpt}: its train_config.json is not a valid config: {e}") from None
     fixed = {k: (saved.get(k), now[k]) for k in fixed_on_resume if saved.get(k) != now[k]}
-    if use_cl["saved"] != use_cl["now"]:
-        fixed["contrastive loss on"] = (use_cl["saved"], use_cl["now"])
+    if was.uses_contrastive != cfg.uses_contrastive:
+        fixed["contrastive loss on"] = (was.uses_contrastive, cfg.uses_contrastive)
     if (saved.get("queue_momentum", 0) > 0) != (now["queue_momentum"] > 0):
         fixed["momentum key heads"] = (saved.get("queue_momentum", 0) > 0, now["queue_momentum"] > 0)
     if fixed:

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -194,6 +195,38 @@ def test_resume_with_other_adapter_shapes_is_refused(tiny_dir, done_run, tmp_pat
     with pytest.raises(RunDirError, match=r"differ from the checkpoint .*'rank': \(4, 2\)"):
         train(small_cfg(tiny_dir, run, resume=str(run), rank=2))
     assert tree(run) == before
+
+
+@pytest.mark.parametrize("change, needle", [
+    (dict(no_contrastive=True), "'contrastive loss on': (True, False)"),
+    (dict(lambda_cl=0.0), "'contrastive loss on': (True, False)"),
+    (dict(queue_momentum=0.9), "'momentum key heads': (False, True)"),
+])
+def test_resume_that_switches_a_loss_part_is_refused(tiny_dir, done_run, tmp_path, change, needle):
+    """The contrastive term on/off and momentum key heads decide which tensors a checkpoint holds."""
+    from checkpoint import RunDirError
+    from train import train
+
+    run = copy_run(done_run, tmp_path)
+    with pytest.raises(RunDirError, match=re.escape(needle)):
+        train(small_cfg(tiny_dir, run, resume=str(run), **change))
+
+
+def test_resume_from_an_invalid_train_config_is_refused(tiny_dir, done_run, tmp_path):
+    """A config whose checksums are right but whose values are not (edited, manifest rewritten)."""
+    from checkpoint import RunDirError, find_resume
+    from lora_moe import write_manifest
+    from train import train
+
+    run = copy_run(done_run, tmp_path)
+    ckpt = find_resume(str(run))
+    cfg_file = os.path.join(ckpt, "train_config.json")
+    saved = json.load(open(cfg_file))
+    with open(cfg_file, "w") as f:
+        json.dump({**saved, "top_k": 99}, f)
+    write_manifest(ckpt)
+    with pytest.raises(RunDirError, match="not a valid config: top_k=99"):
+        train(small_cfg(tiny_dir, run, resume=str(run)))
 
 
 def test_corrupted_checkpoint_is_refused_on_adapter_load(tiny_dir, done_run, tmp_path):
