@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from common import ROOT, make_checkpoint
+from common import ROOT, make_checkpoint, timeit
 
 RESULTS = {}
 
@@ -32,12 +32,16 @@ def check(name, ok, **info):
     print(f"{'PASS' if ok else 'FAIL'} {name}: {json.dumps(info)}", flush=True)
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
+def load_transformers(path, device):
+    """transformers' own Qwen3 of the same weights in bf16, or None when transformers is not installed."""
+    try:
+        from transformers import Qwen3ForCausalLM
+    except ImportError:
+        return None
+    return Qwen3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
 
 
-def bf16_parity(path, device):
+def bf16_parity(path, device, hf):
     from model import load_model
 
     ids = torch.randint(0, 151936, (2, 256), generator=torch.Generator().manual_seed(0)).to(device)
@@ -46,14 +50,11 @@ def bf16_parity(path, device):
         ours = load_model(path, dtype=torch.bfloat16, device=device)(ids).float()
     rel = ((ours - ref).norm() / ref.norm()).item()
     info = {"rel_err_vs_fp32": rel}
-    try:
-        from transformers import Qwen3ForCausalLM
-
-        hf = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+    if hf is None:
+        info["transformers"] = "not installed"
+    else:
         with torch.inference_mode():
             info["max_abs_vs_transformers_bf16"] = (hf(ids).logits.float() - ours).abs().max().item()
-    except ImportError:
-        info["transformers"] = "not installed"
     check("bf16 forward", rel < 2e-2 and info.get("max_abs_vs_transformers_bf16", 0) < 0.25, **info)
 
 
@@ -83,7 +84,8 @@ def main():
     if device == "cuda":
         print(f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}, torch {torch.__version__}", flush=True)
     path = make_checkpoint(os.path.join(tempfile.gettempdir(), "sparsedoctor_gpu_4l"), num_hidden_layers=4)
-    bf16_parity(path, device)
+    hf = load_transformers(path, device)  # once: the parity check and the prefill reference
+    bf16_parity(path, device, hf)
 
     one, err, secs = train_steps(os.path.join(a.out, "run1"))
     ok = one is not None and all(torch.isfinite(torch.tensor([h["lm"], h["balance"], h["contrastive"]])).all() for h in one)
@@ -118,34 +120,14 @@ def main():
     from chat import generate
 
     ids = torch.randint(0, 151936, (8, 512), device=device)
-
-    def prefill_tok_s(fn, reps=5):
-        with torch.inference_mode():
-            fn(ids)  # warm-up: kernels, allocator
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(reps):
-                fn(ids)
-            sync(device)
-        return reps * ids.numel() / (time.perf_counter() - t)
-
-    ours = prefill_tok_s(lambda x: model(x, last_only=True))
-    timing = {"prefill_tok_s": round(ours)}
-    try:
-        from transformers import Qwen3ForCausalLM
-
-        hf = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
-        ref = prefill_tok_s(lambda x: hf(x, logits_to_keep=1))
-        timing.update(transformers_prefill_tok_s=round(ref), prefill_ratio=round(ours / ref, 3))
-        del hf
-    except ImportError:
-        pass
-    generate(model, ids[:1, :64], max_new_tokens=8, eos_id=None)  # warm-up
-    sync(device)
-    t = time.perf_counter()
-    generate(model, ids[:1, :64], max_new_tokens=128, eos_id=None)
-    sync(device)
-    timing["decode_tok_s"] = round(128 / (time.perf_counter() - t), 1)
+    with torch.inference_mode():  # timeit: median of 5 after a warm-up, CUDA-synchronized
+        ours = ids.numel() / timeit(lambda: model(ids, last_only=True), reps=5)
+        timing = {"prefill_tok_s": round(ours)}
+        if hf is not None:
+            ref = ids.numel() / timeit(lambda: hf(ids, logits_to_keep=1), reps=5)
+            timing.update(transformers_prefill_tok_s=round(ref), prefill_ratio=round(ours / ref, 3))
+    timing["decode_tok_s"] = round(128 / timeit(lambda: generate(model, ids[:1, :64], max_new_tokens=128, eos_id=None),
+                                                reps=1), 1)
     if device == "cuda":
         timing["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20)
     check("timing bf16 (8 x 512 prefill; batch-1 decode)", True, **timing)
