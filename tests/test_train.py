@@ -144,6 +144,29 @@ def test_frozen_head_ce_equals_plain_cross_entropy():
     assert torch.allclose(g1, g2, atol=1e-9)
 
 
+def train_cli(args, out, nproc: int = 1) -> list[dict]:
+    """train.py ``args`` into ``out`` (under torchrun, gloo, when ``nproc`` > 1; one thread per process, so
+    runs compare float for float); its metrics.jsonl records."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  f"--nproc_per_node={nproc}"]
+    r = subprocess.run(launch + ["train.py", *args, "--out", str(out)], cwd=root, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def equal_length_args(tiny_dir, tmp_path) -> list[str]:
+    """Flags for 4 short steps of LoRA-MoE (E = 4, r = 4, top-2) on equal-length data written to tmp_path."""
+    equal_length_data(tmp_path / "eq.jsonl")
+    return ["--model", tiny_dir, "--data", str(tmp_path / "eq.jsonl"), "--max-len", "40", "--steps", "4",
+            "--warmup", "1", "--lr", "5e-3", "--num-experts", "4", "--rank", "4", "--top-k", "2", "--no-progress",
+            "--keep", "10"]
+
+
 def equal_length_data(path, n=16):
     """n examples that all truncate to exactly max_len=40 tokens, with answer tokens left in each.
 
@@ -163,33 +186,17 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(tiny_dir, tmp_path, 
     the mixture reading with heads and the queue; ddp-default train.py's defaults (the sequence reading: no
     heads, no queue). ddp-accum: 2 micro-batches a step (DDP's no_sync on the first). ddp also resumes the
     1-process run at step 2 on 2 ranks."""
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    data = tmp_path / "eq.jsonl"
-    equal_length_data(data)
-    common = ["--model", tiny_dir, "--data", str(data), "--max-len", "40", "--steps", "4", "--warmup", "1",
-              "--lr", "5e-3", "--num-experts", "4", "--rank", "4", "--top-k", "2", "--dropout", "0",
-              "--queue-size", "64", "--proj-dim", "16", "--tokens-per-site", "100000", "--no-progress",
-              "--save-every", "1", "--keep", "10"]
+    common = equal_length_args(tiny_dir, tmp_path) + ["--dropout", "0", "--queue-size", "64", "--proj-dim", "16",
+                                                      "--tokens-per-site", "100000", "--save-every", "1"]
     heads = mode != "ddp-default"
     if heads:
         common += ["--cl-views", "mixture", "--lambda-cl", "0.1", "--queue"]
     b1, b2 = (["--batch-size", "2", "--grad-accum", "2"], ["--batch-size", "1", "--grad-accum", "2"]) \
         if mode == "ddp-accum" else (["--batch-size", "4"], ["--batch-size", "2"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-    one = subprocess.run([sys.executable, "train.py", *common, *b1, "--out", str(tmp_path / "one")],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(torchrun + [*common, *b2, "--out", str(tmp_path / "two")] + (["--fsdp"] if mode == "fsdp" else []),
-                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    m1 = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl")]
-    m2 = [json.loads(l) for l in open(tmp_path / "two" / "metrics.jsonl")]
+    m1 = train_cli(common + b1, tmp_path / "one")
+    m2 = train_cli(common + b2 + (["--fsdp"] if mode == "fsdp" else []), tmp_path / "two", nproc=2)
     assert len(m1) == len(m2) == 4
     for a, b in zip(m1, m2):
         for k in ("lm", "balance", "contrastive", "grad_norm"):
@@ -223,10 +230,7 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(tiny_dir, tmp_path, 
     if mode == "ddp":  # the 1-process checkpoint at step 2 resumed on 2 ranks continues the same run
         import shutil
         shutil.copytree(tmp_path / "one" / "ckpt-000002", tmp_path / "mixed" / "ckpt-000002")
-        r = subprocess.run(torchrun + [*common, *b2, "--out", str(tmp_path / "mixed"), "--resume", str(tmp_path / "mixed")],
-                           cwd=root, env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        m3 = [json.loads(l) for l in open(tmp_path / "mixed" / "metrics.jsonl")]
+        m3 = train_cli(common + b2 + ["--resume", str(tmp_path / "mixed")], tmp_path / "mixed", nproc=2)
         assert [x["step"] for x in m3] == [3, 4]
         for x, y in zip(m1[2:], m3):
             for k in ("lm", "balance", "contrastive"):
@@ -309,26 +313,12 @@ def test_two_rank_resume_continues_each_ranks_own_sampling_and_dropout(tiny_dir,
     gives steps 3-4 of the uninterrupted run exactly, because every rank gets back its own RNG streams (with
     rank 0's streams on both ranks, rank 1 would sample other tokens and draw other dropout masks)."""
     import shutil
-    import subprocess
-    import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    data = tmp_path / "eq.jsonl"
-    equal_length_data(data)
-    common = ["--model", tiny_dir, "--data", str(data), "--max-len", "40", "--steps", "4", "--warmup", "1",
-              "--lr", "5e-3", "--num-experts", "4", "--rank", "4", "--top-k", "2", "--dropout", "0.1",
-              "--tokens-per-site", "8", "--batch-size", "2", "--no-progress", "--save-every", "2", "--keep", "10"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-    full = subprocess.run(torchrun + common + ["--out", str(tmp_path / "full")], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert full.returncode == 0, full.stderr[-3000:]
+    common = equal_length_args(tiny_dir, tmp_path) + ["--dropout", "0.1", "--tokens-per-site", "8",
+                                                      "--batch-size", "2", "--save-every", "2"]
+    m1 = train_cli(common, tmp_path / "full", nproc=2)
     shutil.copytree(tmp_path / "full" / "ckpt-000002", tmp_path / "resumed" / "ckpt-000002")
-    res = subprocess.run(torchrun + common + ["--out", str(tmp_path / "resumed"), "--resume", str(tmp_path / "resumed")],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    m1 = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
-    m2 = [json.loads(l) for l in open(tmp_path / "resumed" / "metrics.jsonl")]
+    m2 = train_cli(common + ["--resume", str(tmp_path / "resumed")], tmp_path / "resumed", nproc=2)
     assert [x["step"] for x in m2] == [3, 4]
     for x, y in zip(m1[2:], m2):
         for k in ("lm", "balance", "contrastive", "grad_norm"):
