@@ -14,40 +14,30 @@ import fcntl
 import json
 import os
 import random
-import re
 import shutil
 from dataclasses import asdict, replace
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-from lora_moe import (adapter_state, load_adapter, resolve_adapter_dir, save_adapter, verify_manifest,
-                      write_manifest)
-
-CKPT = re.compile(r"ckpt-(\d+)")
+from adapter_io import (CKPT_NAME, adapter_state, load_adapter, resolve_adapter_dir, save_adapter,
+                        verify_manifest, write_manifest)
+from parallel import full_tensor, optimizer_state
 
 
 class RunDirError(ValueError):
     pass
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A plain tensor from a plain one or an FSDP2 shard (a DTensor; gathering it is a collective)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def gather_state(body, opt):
+def gather_state(body, queue, opt):
     """Every rank calls this (under FSDP it gathers): (adapter + head + queue tensors, optimizer state)."""
     tensors = {n: full_tensor(p).detach() for n, p in adapter_state(body.model).items()}
     if body.heads is not None:
         tensors.update({f"heads.{k}": full_tensor(v) for k, v in body.heads.state_dict().items()})
-    if body.queues is not None:
-        tensors.update({f"queues.{k}": v for k, v in body.queues.state_dict().items()})
-    # keyed by parameter name, full tensors on CPU: the same file resumes a 1-process, DDP or FSDP run
-    optim = get_optimizer_state_dict(body, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return tensors, optim
+    if queue is not None:
+        tensors.update({f"queue.{k}": v for k, v in queue.state_dict().items()})
+    return tensors, optimizer_state(body, opt)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,7 +166,7 @@ def checkpoints(out_dir: str) -> list[tuple[int, str]]:
     """(step, path) of the finished checkpoints in a run dir, oldest first (by parsed step, not by name)."""
     if not os.path.isdir(out_dir):
         return []
-    found = [(int(m.group(1)), os.path.join(out_dir, d)) for d in os.listdir(out_dir) if (m := CKPT.fullmatch(d))]
+    found = [(int(m.group(1)), os.path.join(out_dir, d)) for d in os.listdir(out_dir) if (m := CKPT_NAME.fullmatch(d))]
     return sorted(found)
 
 
@@ -282,8 +272,6 @@ def plan_resume(cfg, fixed_on_resume: tuple, log) -> str | None:
         return None
     with open(os.path.join(ckpt, "train_config.json"), encoding="utf-8") as f:
         saved = json.load(f)
-    if "no_queue" in saved:  # checkpoints from before --queue (the queue was on unless --no-queue)
-        saved["queue"] = not saved.pop("no_queue")
     now = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
     try:  # the checkpoint's settings as a config of this run's type, so its properties say what it had on
         was = replace(cfg, **{k: v for k, v in saved.items() if k in now})
@@ -302,12 +290,12 @@ def plan_resume(cfg, fixed_on_resume: tuple, log) -> str | None:
     return ckpt
 
 
-def load_checkpoint(path: str, model, heads, queues, device) -> dict:
-    """Fill adapters, heads and queues from checkpoint ``path`` (checksums verified); return its
+def load_checkpoint(path: str, model, heads, queue, device) -> dict:
+    """Fill adapters, heads and queue from checkpoint ``path`` (checksums verified); return its
     training state."""
     extra = load_adapter(model, path)
     if heads is not None:
         heads.load_state_dict({k[6:]: v for k, v in extra.items() if k.startswith("heads.")})
-    if queues is not None:
-        queues.load_state_dict({k[7:]: v.to(device) for k, v in extra.items() if k.startswith("queues.")})
+    if queue is not None:
+        queue.load_state_dict({k[6:]: v.to(device) for k, v in extra.items() if k.startswith("queue.")})
     return read_training_state(path)

@@ -1,61 +1,119 @@
-"""Expert contrastive learning: three readings of "routed expert view vs fused expert view", InfoNCE.
+"""Expert contrastive learning: "routed expert view vs fused expert view", InfoNCE; three readings.
 
-For each site (adapted projection) and each sampled real token t, with every expert's low-rank activation
-u_e = A_e x (rank r; nonzero from step 0, unlike B_e A_e x, which is 0 at init), p the router's full
-softmax, g its renormalized top-k gates, e* = top-1 expert, H a small projection head per site
-(Linear-GELU-Linear, L2-normalized output) and tau the temperature:
-
-``--cl-views mixture`` (``info_nce``): the routed view z_r = H(sum_e g_e u_e) is the anchor, the fused view
-z_f = H(sum_e p_e u_e) of the same token its positive; negatives N(t) are the fused views of other tokens
-and queue keys whose top-1 expert differs from e*(t):
-
-    L = - mean_t log [ exp(z_r.z_f/tau) / ( exp(z_r.z_f/tau) + sum_{n in N(t)} exp(z_r.n/tau) ) ]
-
-``--cl-views expert`` (``expert_info_nce``): the fused view z_f = H(sum_e p_e u_e) is the anchor, the chosen
-expert's own view z_e* = H(u_e*) its positive; negatives are the same token's other experts' views
-H(u_e), e != e*, and queue keys (past chosen-expert views) whose expert differs from e*:
-
-    L = - mean_t log [ exp(z_f.z_e*/tau) / ( sum_e exp(z_f.z_e/tau) + sum_{q: y_q != e*} exp(z_f.q/tau) ) ]
-
-Its gradient moves p toward e* (z_f approaches z_e* only by weighting u_e* more: a sharper router) and
-pushes the experts' views apart (distinct experts), the paper's stated aim; the mixture reading's positive
-pair are two mixtures of the same u_e, which agree best when routing is one-hot *or* the experts are alike.
-
-``--cl-views sequence`` (``sequence_info_nce``, the default: docs/ablation.md): the views are routings, not
-heads' outputs. A token's routed view is its centred routing rho_t = c(p_t), c(v) = (v - 1/E) / |v - 1/E|
-(``routing_view``); a sequence's fused view is that of its real tokens' mean routing phi_s = c(mean_{t in s}
-p_t). The positive of token t is its own sequence's phi_s(t); the negatives are every other sequence's phi
-(all ranks) and the queue's past phi:
+``--cl-views sequence`` (the default; ``sequence_loss``): the views are routings. For each site and each
+sampled real token t, with p_t the router's full softmax over E experts and c(v) = (v - 1/E) / |v - 1/E| the
+centred unit routing (``routing_view``): the routed view is rho_t = c(p_t); a sequence's fused view is
+phi_s = c(mean_{t in s} p_t) over its real tokens. The positive of t is its own sequence's phi_s(t); the
+negatives every other sequence's phi (all ranks) and, with ``--queue``, the queue's past phi:
 
     L = - mean_t log [ exp(rho_t.phi_s(t)/tau) / ( sum_{s'} exp(rho_t.phi_s'/tau) + sum_q exp(rho_t.q/tau) ) ]
 
-why routings: any view made from u_e = A_e x can tell sequences apart by their content alone (x carries the
-domain), so the other two readings are solved without moving the router; here only the router can lower
-the loss, by routing the tokens of one sequence alike and other sequences elsewhere. why no same-expert
-mask here: the views *are* the expert choice, and with the mask one expert for every token would leave no
-negatives (loss 0): the mask would reward collapse. No projection heads, no momentum; the queue holds
-E-dimensional phi.
+why routings: any view made from the experts' activations u_e = A_e x can tell sequences apart by their
+content alone (x carries the domain), so the two head readings below are solved without moving the router;
+here only the router can lower the loss, by routing one sequence's tokens alike and other sequences
+elsewhere. why centred: routings are non-negative, so two diffuse routers' p have cosine ~1 whatever they
+prefer. why no same-expert mask: the views *are* the expert choice; with the mask, one expert for every token
+would leave no negatives (loss 0) and reward collapse. All sites at once: a few batched tensor ops over the
+stacked records, tokens weighted (no boolean indexing, no host sync).
 
-Keys (the positives, in-batch negatives and what is enqueued) come from H itself, with gradient, or with
-``--queue-momentum m > 0`` from an exponential-moving-average copy of H, without gradient, as in MoCo
-(``ContrastiveHeads``): keys in the queue then age slowly instead of coming from a head that keeps moving.
-Every reading is averaged over sites; in the two head readings same-expert entries are masked, never
-counted as negatives.
+The two *head readings* follow the abstract's per-token pair more literally; in our ablation neither moved the
+router (docs/ablation.md). H is a small projection head per site (Linear-GELU-Linear, unit output), g the
+renormalized top-k gates, e* the top-1 expert; queue keys and in-batch keys with the anchor's expert are
+masked, never counted as negatives:
+
+``--cl-views mixture`` (``mixture_loss``): anchor z_r = H(sum_e g_e u_e), positive z_f = H(sum_e p_e u_e) of
+the same token, negatives the other tokens' z_f and the queue:
+
+    L = - mean_t log [ exp(z_r.z_f/tau) / ( exp(z_r.z_f/tau) + sum_{n in N(t)} exp(z_r.n/tau) ) ]
+
+``--cl-views expert`` (``expert_loss``): anchor z_f = H(sum_e p_e u_e), positive the chosen expert's own view
+z_e* = H(u_e*), negatives the token's other experts' views H(u_e) and the queue (past chosen-expert views).
+
+With ``--queue-momentum m > 0`` the keys (positives, in-batch negatives, what is enqueued) come from an EMA
+copy of H, without gradient, as in MoCo: ``ContrastiveHeads.update_keys`` after every optimizer step.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from expert_queue import ExpertQueues
+from expert_queue import ExpertQueue
 from lora_moe import RouterRecord, sites
 from parallel import all_gather_varlen, all_gather_with_grad
 
-CL_VIEWS = ("mixture", "expert", "sequence")  # --cl-views: the readings above
+CL_VIEWS = ("sequence", "mixture", "expert")  # --cl-views: the readings above, the default first
+NEG_INF = float("-inf")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sequence reading (default)
+
+
+def routing_view(p):
+    """A routing p (..., E) as a unit vector: p minus the uniform routing, normalized."""
+    return F.normalize(p - 1.0 / p.shape[-1], dim=-1)
+
+
+def sample_positions(weight, num_sites: int, n: int, generator=None):
+    """For each site, at most ``n`` of the real tokens of ``weight`` (B, T), uniformly without replacement:
+    (positions (S, n') into B*T, their weights (S, n')), n' = min(n, B*T). why: the loss costs O(n * (B + K))
+    per site. Static shapes: the top-n of uniform scores, padding scored below every real token, so with fewer
+    than n real tokens every one is taken and the rest are padding with weight 0."""
+    w = weight.reshape(-1)  # (B*T,)
+    if n >= w.shape[0]:
+        pick = torch.arange(w.shape[0], device=w.device).expand(num_sites, -1)
+    else:
+        scores = torch.rand(num_sites, w.shape[0], generator=generator, device=w.device)
+        pick = scores.masked_fill(w[None] == 0, -1.0).topk(n, dim=1).indices  # (S, n)
+    return pick, w[pick]
+
+
+def sequence_views(probs, weight):
+    """(phi (S, B, E): every site's fused view of every sequence, present (B,): the sequence has real tokens)."""
+    count = weight.sum(1)  # (B,) real tokens per sequence
+    mean = (probs * weight[None, :, :, None]).sum(2) / count.clamp(min=1)[None, :, None]  # (S, B, T, E) -> (S, B, E)
+    return routing_view(mean), count > 0
+
+
+def sequence_info_nce(rho, seq, phi, present, q_keys=None, q_labels=None, temperature: float = 0.07):
+    """Per site and anchor, InfoNCE of routed views rho (S, n, E) against fused views phi (S, B, E): anchor t's
+    positive is phi[:, seq[t]], its negatives every other present row of phi and every filled queue entry
+    (q_keys (S, K, E), q_labels (S, K), -1 = empty). Returns the loss of every anchor, (S, n)."""
+    sim = rho @ phi.transpose(1, 2) / temperature  # (S, n, B)
+    pos = sim.gather(2, seq[..., None])  # (S, n, 1)
+    own = torch.zeros_like(sim, dtype=torch.bool).scatter(2, seq[..., None], True)
+    cols = [pos, sim.masked_fill(own | ~present[None, None, :], NEG_INF)]
+    if q_keys is not None:
+        cols.append((rho @ q_keys.transpose(1, 2) / temperature).masked_fill(q_labels[:, None, :] < 0, NEG_INF))
+    logits = torch.cat(cols, dim=2)
+    return logits.logsumexp(2) - logits[..., 0]  # cross-entropy with the positive in column 0
+
+
+def sequence_loss(rec: RouterRecord, weight, queue: ExpertQueue | None, tokens_per_site: int,
+                  temperature: float, generator=None, enqueue: bool = True):
+    """The sequence reading over a stacked record (S, B, T, ...) and token weights (B, T): mean over sites of
+    the mean over sampled real tokens (the formula at the top). Under torchrun the fused views are gathered
+    from every rank with gradient, so 2 ranks x B equal 1 process x 2B."""
+    S, B, T, E = rec.probs.shape
+    phi, present = sequence_views(rec.probs, weight)
+    keys, offset = all_gather_with_grad(phi.transpose(0, 1).contiguous())  # (B, S, E) -> (B_all, S, E)
+    keys, present = keys.transpose(0, 1), all_gather_varlen(present)  # (S, B_all, E), (B_all,)
+    pick, w = sample_positions(weight, S, tokens_per_site, generator)  # (S, n)
+    rho = routing_view(rec.probs.reshape(S, B * T, E).gather(1, pick[..., None].expand(-1, -1, E)))  # (S, n, E)
+    q_keys, q_labels = queue.contents() if queue is not None else (None, None)
+    per_token = sequence_info_nce(rho, pick // T + offset, keys, present, q_keys, q_labels, temperature)
+    loss = ((per_token * w).sum(1) / w.sum(1).clamp(min=1)).mean()
+    if queue is not None and enqueue:  # after the loss: no key is a negative twice
+        labels = keys.argmax(-1).masked_fill(~present[None], -1)  # (S, B_all): absent rows stay empty
+        queue.enqueue(keys.detach(), labels)
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The head readings (mixture, expert): per site, over real tokens
 
 
 class ProjectionHead(nn.Module):
@@ -89,6 +147,7 @@ class ContrastiveHeads(nn.Module):
 
     @torch.no_grad()
     def update_keys(self):
+        """The MoCo step, called after every optimizer step: the EMA key heads follow the query heads."""
         if self.key is not None:
             for k, q in zip(self.key.parameters(), self.query.parameters()):
                 k.lerp_(q, 1.0 - self.momentum)
@@ -100,90 +159,39 @@ def make_heads(model, dim: int = 64, momentum: float = 0.0) -> ContrastiveHeads:
     return ContrastiveHeads([m.r for _, m in s], dim, momentum).to(s[0][1].lora_A.device)
 
 
-def sample_tokens(rec: RouterRecord, n: int, generator=None) -> RouterRecord:
-    """At most ``n`` of the record's tokens, uniformly. why: the loss costs O(n * (n + K)) per site."""
-    if rec.probs.shape[0] <= n:
-        return rec
-    pick = torch.randperm(rec.probs.shape[0], generator=generator, device="cpu")[:n].to(rec.probs.device)
-    return RouterRecord(*(None if t is None else t[pick] for t in (getattr(rec, f.name) for f in fields(rec))))
-
-
-def expert_acts(rec: RouterRecord) -> torch.Tensor:
-    """(n, E, r) every expert's A_e x (the mixture and expert readings need them)."""
+def real_tokens(rec: RouterRecord, i: int, weight, n: int, generator=None):
+    """Site i's (probs (N, E), top-1 (N,), gates (N, E), acts (N, E, r)) over at most ``n`` of its real tokens,
+    uniformly. (Boolean indexing: the head readings are ablation arms; the default path has no such sync.)"""
     if rec.expert_acts is None:
-        raise RuntimeError("no expert activations recorded: call lora_moe.record_expert_acts(model, True) first")
-    return rec.expert_acts
-
-
-def site_views(rec: RouterRecord, heads: ContrastiveHeads, i: int):
-    """The mixture reading's views of one site's tokens: (z_r query, z_f key, top-1 labels)."""
-    u = expert_acts(rec)  # (n, E, r)
-    routed = (rec.gates.unsqueeze(-1) * u).sum(1)  # (n, E, r) -> (n, r)
-    fused = (rec.probs.unsqueeze(-1) * u).sum(1)
-    return heads.query[i](routed), heads.keys(i, fused), rec.topk_idx[:, 0]
-
-
-def expert_views(rec: RouterRecord, heads: ContrastiveHeads, i: int):
-    """The expert reading's views: (z_f (n, d) anchor, every expert's own view z_e (n, E, d), top-1 labels)."""
-    u = expert_acts(rec)  # (n, E, r)
-    fused = (rec.probs.unsqueeze(-1) * u).sum(1)  # (n, r): the router's probabilities carry the gradient
-    return heads.query[i](fused), heads.keys(i, u), rec.topk_idx[:, 0]
-
-
-def routing_view(p):
-    """A routing p (..., E) as a unit vector: p minus the uniform routing, normalized. why centred: routings are
-    non-negative, so two diffuse routers' p have cosine ~1 whatever they prefer; their deviations from
-    uniform point where they prefer."""
-    return F.normalize(p - 1.0 / p.shape[-1], dim=-1)
-
-
-def sequence_views(rec: RouterRecord):
-    """The sequence reading's fused views over all of the record's tokens: (phi (S, E) one per sequence
-    present, its top expert (S,), each token's index into phi (N,))."""
-    if rec.seq is None:
-        raise RuntimeError("the sequence reading needs the tokens' sequences: records from RouterRecord.valid")
-    present, which = torch.unique(rec.seq, return_inverse=True)  # which: (N,) in 0..S-1
-    total = rec.probs.new_zeros(len(present), rec.probs.shape[-1]).index_add(0, which, rec.probs)  # (S, E)
-    count = torch.bincount(which, minlength=len(present)).to(total.dtype)  # (S,) tokens per sequence
-    phi = routing_view(total / count[:, None])  # (S, E): each sequence's mean routing, centred
-    return phi, phi.argmax(-1), which
-
-
-def sequence_info_nce(rho, seq, phi, q_keys=None, temperature: float = 0.07):
-    """Mean InfoNCE of routed views rho (n, E) against fused sequence views phi (S, E): token t's positive is
-    phi[seq[t]], its negatives every other row of phi and every queue entry. Logits column 0 is the positive."""
-    n = rho.shape[0]
-    if n == 0:
-        return rho.sum() * 0.0
-    sim = rho @ phi.T / temperature  # (n, S)
-    pos = sim.gather(1, seq[:, None])  # (n, 1)
-    own = torch.zeros_like(sim, dtype=torch.bool).scatter(1, seq[:, None], True)
-    cols = [pos, sim.masked_fill(own, float("-inf"))]
-    if q_keys is not None and q_keys.shape[0]:
-        cols.append(rho @ q_keys.T / temperature)
-    return F.cross_entropy(torch.cat(cols, dim=1), torch.zeros(n, dtype=torch.long, device=rho.device))
+        raise RuntimeError("the head readings need every expert's A_e x: record_routing(model, expert_acts=True)")
+    keep = weight.reshape(-1) > 0
+    site = (rec.probs[i], rec.topk_idx[i, ..., 0], rec.gates[i], rec.expert_acts[i])
+    flat = [t.reshape(-1, *t.shape[2:])[keep] for t in site]  # (B, T, ...) -> (N, ...)
+    if flat[0].shape[0] > n:
+        pick = torch.randperm(flat[0].shape[0], generator=generator, device=flat[0].device)[:n]
+        flat = [t[pick] for t in flat]
+    return flat
 
 
 def info_nce(z_r, labels, keys, key_labels, q_keys=None, q_labels=None, temperature: float = 0.07,
              offset: int = 0):
     """Mean InfoNCE of anchors z_r (n, d) against keys (N, d) (anchor i's positive is keys[offset + i]).
 
-    Negatives: keys and queue entries whose expert label differs from the anchor's. Logits column 0 is the
-    positive; masked negatives are -inf, so an anchor with no negatives contributes exactly 0.
-    """
+    Negatives: keys and queue entries whose expert label differs from the anchor's (label -1: an empty queue
+    slot, never read). Logits column 0 is the positive; masked negatives are -inf, so an anchor with no
+    negatives contributes exactly 0."""
     n = z_r.shape[0]
     if n == 0:
         return z_r.sum() * 0.0
     rows = torch.arange(n, device=z_r.device)
     sim = z_r @ keys.T / temperature  # (n, N)
     pos = sim[rows, offset + rows]
-    neg = sim.masked_fill(labels[:, None] == key_labels[None, :], float("-inf"))  # also masks the positive
+    neg = sim.masked_fill(labels[:, None] == key_labels[None, :], NEG_INF)  # also masks the positive
     cols = [pos[:, None], neg]
-    if q_keys is not None and q_keys.shape[0]:
-        qs = (z_r @ q_keys.T / temperature).masked_fill(labels[:, None] == q_labels[None, :], float("-inf"))
-        cols.append(qs)
-    logits = torch.cat(cols, dim=1)
-    return F.cross_entropy(logits, torch.zeros(n, dtype=torch.long, device=z_r.device))
+    if q_keys is not None:
+        drop = (labels[:, None] == q_labels[None, :]) | (q_labels[None, :] < 0)
+        cols.append((z_r @ q_keys.T / temperature).masked_fill(drop, NEG_INF))
+    return F.cross_entropy(torch.cat(cols, dim=1), torch.zeros(n, dtype=torch.long, device=z_r.device))
 
 
 def expert_info_nce(z_f, z_e, labels, q_keys=None, q_labels=None, temperature: float = 0.07):
@@ -195,43 +203,49 @@ def expert_info_nce(z_f, z_e, labels, q_keys=None, q_labels=None, temperature: f
     sim = (z_e @ z_f.unsqueeze(-1)).squeeze(-1) / temperature  # (n, E, d) @ (n, d, 1) -> (n, E)
     pos = sim.gather(1, labels[:, None])  # (n, 1)
     own = torch.zeros_like(sim, dtype=torch.bool).scatter(1, labels[:, None], True)
-    cols = [pos, sim.masked_fill(own, float("-inf"))]
-    if q_keys is not None and q_keys.shape[0]:
-        qs = z_f @ q_keys.T / temperature  # (n, K)
-        cols.append(qs.masked_fill(labels[:, None] == q_labels[None, :], float("-inf")))
+    cols = [pos, sim.masked_fill(own, NEG_INF)]
+    if q_keys is not None:
+        drop = (labels[:, None] == q_labels[None, :]) | (q_labels[None, :] < 0)
+        cols.append((z_f @ q_keys.T / temperature).masked_fill(drop, NEG_INF))
     return F.cross_entropy(torch.cat(cols, dim=1), torch.zeros(n, dtype=torch.long, device=z_f.device))
 
 
-def contrastive_loss(records: list[RouterRecord], heads: ContrastiveHeads, queues: ExpertQueues | None = None,
-                     tokens_per_site: int = 256, temperature: float = 0.07, generator=None, enqueue: bool = True,
-                     views: str = "mixture"):
-    """Mean over sites of the expert-contrastive InfoNCE (``views``: "mixture", "expert" or "sequence", as
-    above). ``queues=None``: no memory queue; ``heads`` is unused (None) by the sequence reading.
-
-    Under torchrun the keys are all-gathered (with gradient when they have one) before the loss, so every
-    rank sees the global batch's negatives and enqueues the same keys: the queues stay identical on all ranks.
-    """
-    losses = []
-    for i, rec in enumerate(records):
-        q_keys, q_labels = queues[i].contents() if queues is not None else (None, None)
-        if views == "sequence":
-            phi, phi_labels, which = sequence_views(rec)  # over every real token, before sampling
-            keys, offset = all_gather_with_grad(phi)  # every rank's sequences: (S_all, E)
-            key_labels = all_gather_varlen(phi_labels)
-            rec = sample_tokens(replace(rec, seq=which), tokens_per_site, generator)  # anchors; seq indexes phi
-            losses.append(sequence_info_nce(routing_view(rec.probs), rec.seq + offset, keys, q_keys, temperature))
-        elif views == "expert":
-            rec = sample_tokens(rec, tokens_per_site, generator)
-            z_f, z_e, labels = expert_views(rec, heads, i)
-            losses.append(expert_info_nce(z_f, z_e, labels, q_keys, q_labels, temperature))
-            new_keys = z_e[torch.arange(len(labels), device=labels.device), labels]  # the chosen experts' views
-            keys, key_labels = all_gather_varlen(new_keys.detach()), all_gather_varlen(labels)
-        else:
-            rec = sample_tokens(rec, tokens_per_site, generator)
-            z_r, z_f, labels = site_views(rec, heads, i)
+def head_loss(views: str, rec: RouterRecord, weight, heads: ContrastiveHeads, queue: ExpertQueue | None,
+              tokens_per_site: int, temperature: float, generator=None, enqueue: bool = True):
+    """The mixture or expert reading: per site, over at most ``tokens_per_site`` real tokens; mean over sites.
+    Keys are gathered from every rank (with gradient where they have one) and enqueued after all sites' losses."""
+    losses, new_keys, new_labels = [], [], []
+    all_q_keys, all_q_labels = queue.contents() if queue is not None else (None, None)
+    for i in range(rec.probs.shape[0]):
+        p, top1, g, u = real_tokens(rec, i, weight, tokens_per_site, generator)  # u: (n, E, r)
+        q_keys, q_labels = (all_q_keys[i], all_q_labels[i]) if queue is not None else (None, None)
+        if views == "mixture":
+            z_r, z_f = heads.query[i]((g.unsqueeze(-1) * u).sum(1)), heads.keys(i, (p.unsqueeze(-1) * u).sum(1))
             keys, offset = all_gather_with_grad(z_f)  # with momentum z_f has no gradient, and neither has this
-            key_labels = all_gather_varlen(labels)
-            losses.append(info_nce(z_r, labels, keys, key_labels, q_keys, q_labels, temperature, offset))
-        if queues is not None and enqueue:
-            queues[i].enqueue(keys.detach(), key_labels)  # after the loss: no key is a negative twice
+            key_labels = all_gather_varlen(top1)
+            losses.append(info_nce(z_r, top1, keys, key_labels, q_keys, q_labels, temperature, offset))
+        else:  # expert: the router's probabilities carry the gradient through the fused anchor
+            z_f, z_e = heads.query[i]((p.unsqueeze(-1) * u).sum(1)), heads.keys(i, u)  # (n, d), (n, E, d)
+            losses.append(expert_info_nce(z_f, z_e, top1, q_keys, q_labels, temperature))
+            keys = all_gather_varlen(z_e[torch.arange(len(top1), device=top1.device), top1].detach())
+            key_labels = all_gather_varlen(top1)
+        new_keys.append(keys.detach())
+        new_labels.append(key_labels)
+    if queue is not None and enqueue:  # after the loss: no key is a negative twice
+        queue.enqueue(torch.stack(new_keys), torch.stack(new_labels))
     return torch.stack(losses).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def contrastive_loss(rec: RouterRecord, weight, views: str, heads: ContrastiveHeads | None,
+                     queue: ExpertQueue | None, tokens_per_site: int = 256, temperature: float = 0.07,
+                     generator=None, enqueue: bool = True):
+    """L_cl, the mean over sites of the reading ``views`` (the formulas above), over one forward's stacked
+    record (S, B, T, ...) (``lora_moe.record_routing`` + ``stack_records``) and token weights (B, T) (1 real,
+    0 padding). ``queue``: None = no memory queue, else read and then written (``enqueue``). ``heads``: the head
+    readings' projection heads (None for the sequence reading)."""
+    if views == "sequence":
+        return sequence_loss(rec, weight, queue, tokens_per_site, temperature, generator, enqueue)
+    return head_loss(views, rec, weight, heads, queue, tokens_per_site, temperature, generator, enqueue)

@@ -27,7 +27,7 @@ import cli
 import parallel
 from benchmarks import (BENCHMARKS, CMMLU_MED, DEFAULT_SHOTS, HERE, SAMPLE_DIRS, SAMPLE_SPLITS, SPLITS,
                         EvalDataError, build_prompt, load, pick_shots, shot_pool)
-from lora_moe import load_adapter
+from adapter_io import load_adapter
 from model import load_model, resolve_dtype
 from scoring import score_generate, score_logits
 from tiny_qwen import model_dir_or_demo

@@ -344,32 +344,6 @@ def load_model(path: str, dtype=torch.float32, device="cpu") -> Qwen3:
     return model.eval()
 
 
-def save_model(model: Qwen3, path: str):
-    """Write a HF-format checkpoint (config.json + model.safetensors) of ``model``."""
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(model.cfg.to_hf_dict(), f, indent=2)
-
-
-def init_weights(model: Qwen3, std: float = 0.02, seed: int = 0):
-    """Random init like HF (normal(0, std) for linears/embeddings, ones for norms), reproducible by seed."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.data.fill_(1.0)
-        elif name.endswith(".bias"):
-            p.data.zero_()
-        else:
-            p.data.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
 def resolve_dtype(name: str | None, device) -> torch.dtype:
     """``--dtype`` -> a torch dtype; no name: bfloat16 on CUDA, float32 elsewhere."""
     return getattr(torch, name or ("bfloat16" if torch.device(device).type == "cuda" else "float32"))
@@ -377,13 +351,3 @@ def resolve_dtype(name: str | None, device) -> torch.dtype:
 
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Load a Qwen3 checkpoint dir and print its shape.")
-    ap.add_argument("path")
-    a = ap.parse_args()
-    m = load_model(a.path)
-    print(m.cfg, f"\n{num_params(m) / 1e6:.1f}M parameters")

@@ -1,10 +1,14 @@
 """The hybrid objective, in one place: what one training micro-step minimizes.
 
-    L = L_LM + lambda_bal * L_bal + lambda_cl * L_cl
+    L = L_LM + lambda_bal * L_bal + lambda_cl * L_cl (+ lambda_z * L_z, off by default)
 
     L_LM  = - (1 / N_sup) * sum_{answer tokens t} log p(x_{t+1} | x_<=t)   (``lm_loss_sum`` / N_sup)
     L_bal = E * sum_e f_e * P_e, mean over sites                           (``lora_moe.balance_loss``)
     L_cl  = InfoNCE of routed vs fused views, mean over sites              (``contrastive.contrastive_loss``)
+    L_z   = mean logsumexp(router logits)^2, mean over sites               (``lora_moe.z_loss``)
+
+The routing terms read what the routers did in this forward, collected by ``lora_moe.record_routing`` and
+stacked over sites; they are off (weight 0) for plain LoRA (E = 1), which has no router.
 
 N_sup counts the supervised (assistant) tokens of the whole optimizer step: all micro-batches, all ranks.
 """
@@ -15,7 +19,7 @@ import torch.nn as nn
 
 from contrastive import contrastive_loss
 from data import IGNORE
-from lora_moe import balance_loss, router_records
+from lora_moe import balance_loss, record_routing, stack_records, token_weight, z_loss
 from parallel import is_distributed, world_size
 
 
@@ -60,47 +64,49 @@ def lm_loss_sum(model, hidden, labels, chunk: int):
 
 
 class HybridLoss(nn.Module):
-    """The adapted model, the contrastive heads and the weights of the three losses; ``forward`` returns one
-    micro-batch's share of the step's loss L and its parts.
+    """The adapted model, the contrastive heads and the weights of the loss terms; ``forward`` returns one
+    micro-batch's share of the step's loss L, its parts and (detached) what the routers did.
 
     why a module: DDP / FSDP wrap *this*, so every parameter use (LM head, routers, experts, heads) happens
     inside the wrapped call: FSDP has the parameters unsharded there, and DDP sees them all in one backward.
+    The memory queue and the sampling generator are state that DDP / FSDP must not touch: they are arguments.
     """
 
-    def __init__(self, model, heads, queues, generator, cfg):
+    def __init__(self, model, heads, cfg):
         super().__init__()
-        self.model, self.heads = model, heads
-        self.aux = (queues, generator)  # a tuple, not submodules: queues are synced by hand, not by DDP/FSDP
-        self.lambda_bal = 0.0 if cfg.no_balance else cfg.lambda_bal
-        self.lambda_cl = cfg.lambda_cl if cfg.uses_contrastive else 0.0
-        self.cfg = cfg
+        self.model, self.heads, self.cfg = model, heads, cfg
+        self.weights = cfg.loss_weights()  # {"balance": lambda_bal, "z": z-loss, "contrastive": lambda_cl}
 
-    @property
-    def queues(self):
-        return self.aux[0]
+    def forward(self, ids, labels, mask, sup_tokens: float, micro_steps: int, queue=None, generator=None):
+        """``sup_tokens``: supervised tokens of the whole step (N_sup); ``micro_steps``: micro-batches per step;
+        ``queue``: the expert memory queue (None: off), read and written by the contrastive term; ``generator``:
+        its token sampling.
 
-    def forward(self, ids, labels, mask, sup_tokens: float, micro_steps: int):
-        """``sup_tokens``: supervised tokens of the whole step (N_sup); ``micro_steps``: micro-batches per step.
-
-        Returns (loss to backpropagate, {"lm", "balance", "contrastive"}: this rank's detached parts, each
-        already divided so that summing over micro-steps and averaging over ranks gives the step's value)."""
-        c, (queues, gen) = self.cfg, self.aux
-        hidden = self.model.model(ids)  # (B, T, hidden); right padding needs no attention mask
-        # what the routers did, real tokens only; not gathered when no routing loss reads it (plain LoRA)
-        records = router_records(self.model, mask) if self.lambda_bal > 0 or self.lambda_cl > 0 else None
+        Returns (loss to backpropagate, {"lm", "balance", "z", "contrastive"}: this rank's detached parts, each
+        already divided so that summing over micro-steps and averaging over ranks gives the step's value, None
+        for a term that is off; routing: (topk_idx, probs) stacked over sites, detached, or None for plain LoRA)."""
+        c, lam = self.cfg, self.weights
+        routed = any(lam.values())  # plain LoRA (E = 1) has no router: nothing is recorded
+        with record_routing(self.model, expert_acts=lam["contrastive"] > 0 and c.cl_views != "sequence") as recs:
+            hidden = self.model.model(ids)  # (B, T, hidden); right padding needs no attention mask
         world = world_size()
         # LM: a sum over this micro-batch / N_sup of the whole step = this micro-batch's share of the global
         # token mean. DDP and FSDP *average* gradients over ranks, hence * world. why not a per-batch mean:
         # then 2 ranks x B would differ from 1 rank x 2B, and short answers would weigh more than long ones.
         lm = lm_loss_sum(self.model, hidden, labels, c.ce_chunk) / sup_tokens * world
-        loss, parts = lm, {"lm": lm.detach() / world, "balance": None, "contrastive": None}
-        # balance and contrastive: per-rank means, then averaged over ranks and micro-steps. why it is exact
-        # only with equal token counts per rank: a mean of means weighs every rank alike (tests use equal lengths)
-        if self.lambda_bal > 0:
-            bal = balance_loss(records, c.z_loss, sync=is_distributed()) / micro_steps
-            loss, parts["balance"] = loss + self.lambda_bal * bal, bal.detach()
-        if self.lambda_cl > 0:
-            cl = contrastive_loss(records, self.heads, queues, c.tokens_per_site, c.temperature, gen,
-                                  views=c.cl_views) / micro_steps
-            loss, parts["contrastive"] = loss + self.lambda_cl * cl, cl.detach()
-        return loss, parts
+        loss, parts = lm, {"lm": lm.detach() / world, "balance": None, "z": None, "contrastive": None}
+        if not routed:
+            return loss, parts, None
+        rec = stack_records(recs)  # (S, B, T, ...): every site at once
+        weight = token_weight(mask, rec.probs)  # (B, T): 1 real token, 0 padding
+        # the routing terms: per-rank means, then averaged over ranks and micro-steps. why it is exact only with
+        # equal token counts per rank: a mean of means weighs every rank alike (tests use equal lengths)
+        terms = {"balance": lambda: balance_loss(rec, weight, sync=is_distributed()),
+                 "z": lambda: z_loss(rec, weight),
+                 "contrastive": lambda: contrastive_loss(rec, weight, c.cl_views, self.heads, queue,
+                                                         c.tokens_per_site, c.temperature, generator)}
+        for name, term in terms.items():
+            if lam[name] > 0:
+                value = term() / micro_steps
+                loss, parts[name] = loss + lam[name] * value, value.detach()
+        return loss, parts, (rec.topk_idx.detach(), rec.probs.detach())

@@ -1,6 +1,7 @@
 """Everything distributed, in one place: process-group setup, sums, variable-length gathers (with and
-without gradient) and the gradient-sync switch for accumulation. train.py, eval.py, contrastive.py and
-expert_queue.py use these and never call ``torch.distributed`` themselves.
+without gradient), the DDP / FSDP2 wrap, the gradient-sync switch for accumulation and the optimizer state
+that is the same file on any number of ranks. Every other file uses these and never calls
+``torch.distributed`` itself.
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything here is the one-process identity.
 """
@@ -11,6 +12,9 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import fully_shard
 
 
 def setup() -> tuple[int, int, torch.device]:
@@ -152,3 +156,33 @@ def gradient_sync(wrapped, body, fsdp: bool, sync: bool):
     if wrapped is not body and not sync:
         return wrapped.no_sync()
     return contextlib.nullcontext()
+
+
+def wrap(body: nn.Module, blocks, fsdp: bool, device):
+    """(what the step calls, whether it is FSDP): under torchrun FSDP2 (``fully_shard`` per block of ``blocks``,
+    then the root) or DDP; in one process the module itself."""
+    if not is_distributed():
+        return body, False
+    if fsdp:
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(body)
+        return body, True
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(body, device_ids=ids), False
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a plain one or an FSDP2 shard (a DTensor; gathering it is a collective)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def optimizer_state(body: nn.Module, opt) -> dict:
+    """Every rank calls this (under FSDP it gathers): the optimizer state keyed by parameter name, full tensors
+    on CPU, so the same file resumes a 1-process, DDP or FSDP run."""
+    return get_optimizer_state_dict(body, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(body: nn.Module, opt, state: dict):
+    """The inverse of ``optimizer_state``, on any number of ranks."""
+    set_optimizer_state_dict(body, opt, state, options=StateDictOptions(full_state_dict=True))

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import Item
-from chat import generate
+from generate import generate
 from data import left_pad
 
 

@@ -15,6 +15,9 @@ import base64
 import json
 import os
 
+import torch
+from safetensors.torch import save_file
+
 # Qwen2/Qwen3 pre-tokenizer split regex (as in Qwen's tokenizer.json and qwen.tiktoken's reference code).
 QWEN_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -29,6 +32,35 @@ QWEN3_ADDED_TOKENS = [(151643 + i, tok, special) for i, (tok, special) in enumer
     ("<|repo_name|>", False), ("<|file_sep|>", False), ("<tool_response>", False), ("</tool_response>", False),
     ("<think>", False), ("</think>", False)])]
 QWEN3_VOCAB_SIZE = 151936  # Qwen3 checkpoints pad the embedding to this
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Random Qwen3 checkpoints in the Hugging Face layout
+
+
+def save_model(model, path: str):
+    """Write a HF-format checkpoint (config.json + model.safetensors) of ``model``."""
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(model.cfg.to_hf_dict(), f, indent=2)
+
+
+def init_weights(model, std: float = 0.02, seed: int = 0):
+    """Random init like HF (normal(0, std) for linears/embeddings, ones for norms), reproducible by seed."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.data.zero_()
+        else:
+            p.data.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
 
 
 def qwen_tiktoken_path() -> str:
@@ -115,7 +147,7 @@ TINY_CONFIG = dict(vocab_size=QWEN3_VOCAB_SIZE, hidden_size=128, intermediate_si
 
 def make_tiny_checkpoint(out_dir: str, seed: int = 0, **overrides) -> str:
     """A random Qwen3-shaped HF checkpoint (config.json, model.safetensors, tokenizer.json) in ``out_dir``."""
-    from model import Qwen3, Qwen3Config, init_weights, save_model
+    from model import Qwen3, Qwen3Config
 
     cfg = Qwen3Config(**{**TINY_CONFIG, **overrides})
     tmp = out_dir.rstrip("/") + ".tmp"

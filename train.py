@@ -19,20 +19,16 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
-import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
 import cli
 import parallel
-from checkpoint import (RunLock, full_tensor, gather_state, load_checkpoint, plan_resume, restore_rng,
-                        rng_state, save_checkpoint, trim_metrics)
+from checkpoint import (RunLock, gather_state, load_checkpoint, plan_resume, restore_rng, rng_state,
+                        save_checkpoint, trim_metrics)
 from contrastive import CL_VIEWS, make_heads
 from data import IGNORE, Batches, DataError, encode_all, read_jsonl
-from expert_queue import ExpertQueues
-from lora_moe import (TARGETS, LoRAMoEConfig, add_lora_moe, check_targets, per_layer, record_expert_acts,
-                      routing_stats, sites)
+from expert_queue import ExpertQueue
+from lora_moe import TARGETS, LoRAMoEConfig, add_lora_moe, check_targets, routing_stats, sites
 from model import Qwen3Config, load_model, resolve_dtype
 from objective import HybridLoss
 from tiny_qwen import model_dir_or_demo
@@ -53,9 +49,9 @@ class TrainConfig(LoRAMoEConfig):
     model: str | None = None          # HF Qwen3 checkpoint dir; None = the tiny random demo model
     dtype: str | None = None          # base dtype: default bfloat16 on CUDA, float32 on CPU
     grad_checkpointing: bool = False  # recompute each decoder block in backward
-    # the hybrid loss
+    # the hybrid loss: one weight per term, 0 = off
     lambda_bal: float = 0.01          # load balancing weight
-    z_loss: float = 0.0               # router z-loss weight (inside the balance term)
+    z_loss: float = 0.0               # router z-loss weight (a term of its own)
     lambda_cl: float = 1.0            # expert contrastive weight (1.0: see docs/ablation.md, "sequence reading")
     temperature: float = 0.07         # InfoNCE tau
     cl_views: str = "sequence"        # contrastive reading: sequence, mixture or expert (contrastive.py)
@@ -65,8 +61,6 @@ class TrainConfig(LoRAMoEConfig):
     proj_dim: int = 64                # projection head output (d)
     tokens_per_site: int = 256        # tokens sampled per site for the contrastive loss
     ce_chunk: int = 2048              # supervised positions per LM-head chunk
-    no_balance: bool = False          # ablations: drop a part of the loss
-    no_contrastive: bool = False
     # optimization
     batch_size: int = 4               # sequences per micro-batch per rank
     grad_accum: int = 1               # micro-batches per optimizer step
@@ -91,14 +85,32 @@ class TrainConfig(LoRAMoEConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.cl_views not in CL_VIEWS:
-            raise ValueError(f"cl_views {self.cl_views!r}: valid: {', '.join(CL_VIEWS)}")
-        if self.cl_views == "sequence" and self.queue_momentum > 0:
-            raise ValueError("--queue-momentum needs projection heads; the sequence reading has none (use 0)")
+        validate(self)
+
+    def loss_weights(self) -> dict:
+        """The weight of each routing term as trained: all 0 for plain LoRA (E = 1: no router to train)."""
+        routed = self.num_experts > 1
+        return {"balance": self.lambda_bal * routed, "z": self.z_loss * routed, "contrastive": self.lambda_cl * routed}
 
     @property
     def uses_contrastive(self) -> bool:
-        return not self.no_contrastive and self.lambda_cl > 0 and self.num_experts > 1
+        return self.loss_weights()["contrastive"] > 0
+
+
+def validate(cfg: TrainConfig):
+    """Every rule on how flags combine, in one place (each flag's own range is its parser's, in CHECKS): a
+    combination that would do nothing, or something other than it says, is refused with one line."""
+    if cfg.cl_views not in CL_VIEWS:
+        raise ValueError(f"--cl-views {cfg.cl_views!r}: valid: {', '.join(CL_VIEWS)}")
+    contrastive = cfg.lambda_cl > 0 and cfg.num_experts > 1
+    if cfg.queue and not contrastive:
+        raise ValueError("--queue holds negatives of the contrastive term, which is off (--lambda-cl 0 or "
+                         "--num-experts 1)")
+    if cfg.queue_momentum > 0 and not (contrastive and cfg.cl_views != "sequence"):
+        raise ValueError("--queue-momentum moves projection heads, which only the head readings have "
+                         "(--cl-views mixture|expert, with --lambda-cl > 0 and --num-experts > 1)")
+    if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise ValueError("--fsdp shards over processes: run under torchrun with --nproc_per_node >= 2")
 
 
 INF = float("inf")
@@ -113,7 +125,8 @@ CHECKS = {  # each numeric flag's parser, which states its valid range
     "queue_momentum": cli.in_range(0, 1, hi_open=True), "queue_size": cli.at_least(1),
     "proj_dim": cli.at_least(1), "tokens_per_site": cli.at_least(1), "ce_chunk": cli.at_least(1),
     "save_every": cli.at_least(1), "keep": cli.at_least(1), "log_every": cli.at_least(1)}
-# adapter and loss shapes a checkpoint was trained with: a resume must use the same ones
+# adapter and loss shapes a checkpoint was trained with: a resume must use the same ones (checkpoint.plan_resume
+# also refuses a resume that turns the contrastive term or the momentum heads on or off)
 FIXED_ON_RESUME = ("num_experts", "rank", "alpha", "top_k", "targets", "proj_dim", "queue_size", "queue",
                    "cl_views")
 
@@ -143,8 +156,6 @@ def parse_args(argv=None) -> TrainConfig:
             valid = f"; {typ.valid}" if hasattr(typ, "valid") else ""
             ap.add_argument(flag, type=typ, default=f.default, dest=f.name, help=f"default: {f.default}{valid}")
     ns = ap.parse_args(argv)
-    if ns.top_k > ns.num_experts:
-        ap.error(f"argument --top-k: {ns.top_k} must be <= --num-experts {ns.num_experts}")
     try:
         cfg = TrainConfig(**vars(ns))
     except ValueError as e:
@@ -193,40 +204,28 @@ def load_data(cfg: TrainConfig, tok, log):
 
 
 def build_model(cfg: TrainConfig, model_dir: str, device, rank: int, verbose: bool):
-    """The frozen base with fp32 LoRA-MoE adapters, the contrastive heads and queues, and the sampling RNG."""
+    """The frozen base with fp32 LoRA-MoE adapters, the contrastive heads and queue, and the sampling RNG."""
     model = load_model(model_dir, dtype=resolve_dtype(cfg.dtype, device), device=device)
     model.model.gradient_checkpointing = cfg.grad_checkpointing
     torch.manual_seed(cfg.seed)  # adapters start identical on every rank
     add_lora_moe(model, LoRAMoEConfig(**{f.name: getattr(cfg, f.name) for f in fields(LoRAMoEConfig)}), verbose)
-    heads, queues = build_contrastive(model, cfg, device)
-    record_expert_acts(model, heads is not None)  # the head readings read every expert's A_e x
-    gen = torch.Generator().manual_seed(cfg.seed * 100 + rank)  # token sampling for the contrastive loss
-    return model.train(), heads, queues, gen
+    if verbose and cfg.num_experts == 1:
+        print("num_experts 1: plain LoRA, no router: the balance, z and contrastive terms are off")
+    heads, queue = build_contrastive(model, cfg, device)
+    gen = torch.Generator(device).manual_seed(cfg.seed * 100 + rank)  # the contrastive loss's token sampling
+    return model.train(), heads, queue, gen
 
 
 def build_contrastive(model, cfg: TrainConfig, device):
-    """(projection heads, expert memory queues) for the adapted ``model``, each None where ``cfg`` has none:
-    heads for the two head readings, queues with ``--queue`` (routings of E numbers in the sequence reading)."""
+    """(projection heads, expert memory queue) for the adapted ``model``, each None where ``cfg`` has none:
+    heads for the two head readings, a queue with ``--queue`` (routings of E numbers in the sequence reading)."""
     if not cfg.uses_contrastive:
         return None, None
     seq = cfg.cl_views == "sequence"  # the sequence reading contrasts routings: no heads
     heads = None if seq else make_heads(model, cfg.proj_dim, cfg.queue_momentum)
     dim = cfg.num_experts if seq else cfg.proj_dim
-    queues = ExpertQueues(len(sites(model)), cfg.queue_size, dim).to(device) if cfg.queue else None
-    return heads, queues
-
-
-def wrap(body: HybridLoss, cfg: TrainConfig, world: int, device):
-    """(what the step calls, whether it is FSDP): FSDP2 per decoder block + root, or DDP, or the module itself."""
-    if world > 1 and cfg.fsdp:
-        for layer in body.model.model.layers:
-            fully_shard(layer)
-        fully_shard(body)
-        return body, True
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(body, device_ids=ids), False
-    return body, False
+    queue = ExpertQueue(len(sites(model)), cfg.queue_size, dim).to(device) if cfg.queue else None
+    return heads, queue
 
 
 def make_optimizer(body: HybridLoss, cfg: TrainConfig, device):
@@ -237,7 +236,7 @@ def make_optimizer(body: HybridLoss, cfg: TrainConfig, device):
 
 def restore_optimizer(body, opt, sched, gen, state: dict, cfg: TrainConfig) -> int:
     """Optimizer, schedule and RNG from a checkpoint's state; returns the step to continue from."""
-    set_optimizer_state_dict(body, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    parallel.load_optimizer_state(body, opt, state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     # the schedule is a function of (step, --lr, --steps, ...) of *this* run: re-derive it, so a resume with a
     # longer --steps extends the cosine and a new --lr or --weight-decay really applies (plan_resume logs it)
@@ -252,26 +251,30 @@ def restore_optimizer(body, opt, sched, gen, state: dict, cfg: TrainConfig) -> i
 # One optimizer step
 
 
-def train_step(wrapped, body, batches, params, opt, sched, cfg: TrainConfig, fsdp: bool, device) -> dict:
-    """Forward and backward every micro-batch, clip, step. Returns the step's losses (global means)."""
-    # N_sup, real and padding tokens of the whole step (all micro-batches, all ranks): one reduction
+def train_step(wrapped, body, batches, queue, gen, params, opt, sched, cfg: TrainConfig, fsdp: bool, device):
+    """Forward and backward every micro-batch, clip, step. Returns (the step's losses as global means, what
+    the routers did on the last micro-batch). One read from the device per step: the loss parts and the
+    gradient norm together, for the log and the non-finite guard."""
+    # N_sup, real and padding tokens of the whole step (all micro-batches, all ranks), from the CPU batches
     n_sup, n_tok, n_all = parallel.all_sum([float(sum(int((y[:, 1:] != IGNORE).sum()) for _, y, _ in batches)),
                                             float(sum(int(m.sum()) for _, _, m in batches)),
                                             float(sum(m.numel() for _, _, m in batches))], device)
-    sums = {"lm": 0.0, "balance": 0.0, "contrastive": 0.0}
+    names = ("lm", "balance", "z", "contrastive")
+    sums = torch.zeros(len(names), dtype=torch.float64, device=device)  # summed on the device, read once
     for j, (ids, labels, mask) in enumerate(batches):
         last = j == len(batches) - 1  # gradients are reduced over ranks on the last micro-step only
         with parallel.gradient_sync(wrapped, body, fsdp, sync=last):
-            loss, parts = wrapped(ids.to(device), labels.to(device), mask.to(device), n_sup, len(batches))
+            loss, parts, routing = wrapped(ids.to(device), labels.to(device), mask.to(device), n_sup, len(batches),
+                                           queue, gen)
             loss.backward()
-        for k, v in parts.items():
-            sums[k] += v.item() if v is not None else 0.0
-    grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else INF)))
+        sums += torch.stack([parts[k].double() if parts[k] is not None else sums.new_zeros(()) for k in names])
+    grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else INF))
     world = parallel.world_size()
-    lm, bal, cl = parallel.all_sum([sums["lm"], sums["balance"] / world, sums["contrastive"] / world], device)
-    if not all(math.isfinite(x) for x in (lm, bal, cl, grad_norm)):  # the same global values on every rank
-        raise FloatingPointError(f"non-finite loss (lm {lm}, balance {bal}, contrastive {cl}) or gradient norm "
-                                 f"({grad_norm}): stopped before the update; the last checkpoint is untouched "
+    sums = parallel.all_reduce_(sums / torch.tensor([1.0] + [world] * 3, dtype=torch.float64, device=device))
+    lm, bal, z, cl, grad_norm = torch.cat([sums, grad_norm.double().reshape(1)]).tolist()  # the one read
+    if not all(math.isfinite(x) for x in (lm, bal, z, cl, grad_norm)):  # the same global values on every rank
+        raise FloatingPointError(f"non-finite loss (lm {lm}, balance {bal}, contrastive {cl}, z {z}) or gradient "
+                                 f"norm ({grad_norm}): stopped before the update; the last checkpoint is untouched "
                                  "(try a lower --lr or a larger --temperature)")
     lr = opt.param_groups[0]["lr"]  # the lr this step used
     opt.step()
@@ -279,10 +282,13 @@ def train_step(wrapped, body, batches, params, opt, sched, cfg: TrainConfig, fsd
         body.heads.update_keys()  # the EMA key heads follow (momentum > 0 only)
     sched.step()
     opt.zero_grad(set_to_none=True)
-    bal, cl = (bal if body.lambda_bal > 0 else None), (cl if body.lambda_cl > 0 else None)
-    return {"loss": lm + body.lambda_bal * (bal or 0.0) + body.lambda_cl * (cl or 0.0), "lm": lm, "balance": bal,
-            "contrastive": cl, "lr": lr, "grad_norm": grad_norm, "tokens": n_tok,
-            "padding_share": (n_all - n_tok) / n_all}
+    lam = body.weights
+    out = {"loss": lm + lam["balance"] * bal + lam["z"] * z + lam["contrastive"] * cl, "lm": lm,
+           "balance": bal if lam["balance"] > 0 else None, "contrastive": cl if lam["contrastive"] > 0 else None,
+           "lr": lr, "grad_norm": grad_norm, "tokens": n_tok, "padding_share": (n_all - n_tok) / n_all}
+    if lam["z"] > 0:
+        out["z"] = z
+    return out, routing
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,14 +321,14 @@ def run(cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
     model_dir = parallel.broadcast_outcome(lambda: model_dir_or_demo(cfg.model))  # the demo made once, on rank 0
     tok = load_tokenizer(model_dir)
     batches = Batches(load_data(cfg, tok, log), cfg, tok.pad_id, rank, world)
-    model, heads, queues, gen = build_model(cfg, model_dir, device, rank, verbose=main)
+    model, heads, queue, gen = build_model(cfg, model_dir, device, rank, verbose=main)
 
-    # 2. resume: adapters, heads and queues go in before any wrapping (FSDP shards what is there)
-    state = load_checkpoint(ckpt, model, heads, queues, device) if ckpt else None
+    # 2. resume: adapters, heads and queue go in before any wrapping (FSDP shards what is there)
+    state = load_checkpoint(ckpt, model, heads, queue, device) if ckpt else None
 
     # 3. one module whose forward returns the loss, wrapped for DDP / FSDP; the optimizer over its shards
-    body = HybridLoss(model, heads, queues, gen, cfg)
-    wrapped, fsdp = wrap(body, cfg, world, device)
+    body = HybridLoss(model, heads, cfg)
+    wrapped, fsdp = parallel.wrap(body, body.model.model.layers, cfg.fsdp, device)
     params, opt, sched = make_optimizer(body, cfg, device)
     start = restore_optimizer(body, opt, sched, gen, state, cfg) if state else 0
     if main:
@@ -337,12 +343,12 @@ def run(cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
         # 4. one optimizer step over this step's micro-batches
         t0 = time.perf_counter()
         micro = batches(step)
-        rec = {"step": step + 1, **train_step(wrapped, body, micro, params, opt, sched, cfg, fsdp, device)}
-        rec["step_time"] = time.perf_counter() - t0
+        losses, routing = train_step(wrapped, body, micro, queue, gen, params, opt, sched, cfg, fsdp, device)
+        rec = {"step": step + 1, **losses, "step_time": time.perf_counter() - t0}
         rec["tokens_per_s"] = rec.pop("tokens") / rec["step_time"]
-        # 5. log: metrics.jsonl (+ per-layer routing of the last micro-batch's real tokens) and the bar
-        if main and (step + 1) % cfg.log_every == 0:
-            rec["routing"] = per_layer(routing_stats(model, micro[-1][2]))
+        # 5. log: metrics.jsonl (+ on logging steps, per-layer routing of the last micro-batch's real tokens)
+        if main and routing is not None and (step + 1) % cfg.log_every == 0:
+            rec["routing"] = routing_stats([n for n, _ in sites(model)], *routing, micro[-1][2].to(device))
         history.append(rec)
         if main:
             append_metrics(cfg.out, rec)
@@ -350,7 +356,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
             bar.update(1)
         # 6. checkpoint: every rank gathers (FSDP) and sends its RNG streams, rank 0 writes
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            tensors, optim = gather_state(body, opt)
+            tensors, optim = gather_state(body, queue, opt)
             rngs = parallel.all_gather_objects(rng_state(gen))
             if main:
                 save_checkpoint(cfg.out, step + 1, model, tensors, optim, sched, rngs, cfg, cfg.keep)

@@ -53,9 +53,9 @@ DOMAINS = ("north", "south", "east", "west", "red", "blue", "green", "black")  #
 E, R, TOP_K = 8, 4, 2
 LAMBDA_SUP = 0.1  # the supervised control's router cross-entropy weight (--lambda-sup)
 ARMS = {
-    "lora": dict(num_experts=1, top_k=1, rank=E * R, alpha=2.0 * E * R, no_balance=True),
-    "moe": dict(no_balance=True, no_contrastive=True),
-    "moe+bal": dict(no_contrastive=True),
+    "lora": dict(num_experts=1, top_k=1, rank=E * R, alpha=2.0 * E * R, lambda_bal=0.0, lambda_cl=0.0),
+    "moe": dict(lambda_bal=0.0, lambda_cl=0.0),
+    "moe+bal": dict(lambda_cl=0.0),
     "cl-mix": dict(cl_views="mixture", queue=True, lambda_cl=0.1),
     "cl-mix-m": dict(cl_views="mixture", queue=True, lambda_cl=0.1, queue_momentum=0.99),
     "cl-mix-nq": dict(cl_views="mixture", lambda_cl=0.1),
@@ -64,8 +64,8 @@ ARMS = {
     "cl-exp-nq": dict(cl_views="expert", lambda_cl=0.1),
     "cl-seq": dict(cl_views="sequence", queue=True, lambda_cl=1.0),
     "cl-seq-nq": dict(cl_views="sequence", lambda_cl=1.0),  # the defaults of train.py
-    "oracle": dict(top_k=1, no_balance=True, no_contrastive=True),
-    "supervised": dict(no_contrastive=True),
+    "oracle": dict(top_k=1, lambda_bal=0.0, lambda_cl=0.0),
+    "supervised": dict(lambda_cl=0.0),
 }
 QUICK_ARMS = ("lora", "cl-exp", "cl-seq-nq")
 
@@ -106,7 +106,8 @@ def make_base(path: str, logit_scale: float = 8.0) -> str:
     sqrt(128) * 0.02 * sqrt(128) ~ 3, so no adapter can take the LM loss below ~9 nats over 151,936 tokens
     and every arm would look equally bad. A larger final-norm weight is a sharper output temperature: the
     base stays frozen and random, but a confident prediction becomes expressible."""
-    from model import Qwen3, Qwen3Config, init_weights, save_model
+    from model import Qwen3, Qwen3Config
+    from tiny_qwen import init_weights, save_model
     from tiny_qwen import TINY_CONFIG, write_qwen_tokenizer
 
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
@@ -128,11 +129,10 @@ def make_base(path: str, logit_scale: float = 8.0) -> str:
 def measure(model, tok, examples, batch_size: int = 32) -> dict:
     """Held-out loss and exact match per domain, and per-site routing statistics at answer positions."""
     from data import IGNORE, collate, tokenize
-    from lora_moe import record_expert_acts, sites
+    from lora_moe import record_routing, sites
 
     model.eval()
     has_moe = bool(sites(model)) and sites(model)[0][1].E > 1
-    record_expert_acts(model, has_moe)
     D = len(DOMAINS)
     nll, n_tok, exact, count = np.zeros(D), np.zeros(D), np.zeros(D), np.zeros(D)
     joint = {name: np.zeros((D, E)) for name, _ in sites(model)} if has_moe else {}
@@ -140,7 +140,8 @@ def measure(model, tok, examples, batch_size: int = 32) -> dict:
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         ids, labels, mask = collate([tokenize(msgs, tok) for _, msgs in chunk], tok.pad_id)
-        hidden = model.model(ids)  # (B, T, hidden)
+        with record_routing(model, expert_acts=has_moe) as recs:
+            hidden = model.model(ids)  # (B, T, hidden)
         tgt = labels[:, 1:]  # position t predicts token t+1
         sel = tgt != IGNORE  # (B, T-1) answer positions
         logits = model.lm_head(hidden[:, :-1][sel]).float()  # (N, V)
@@ -155,20 +156,19 @@ def measure(model, tok, examples, batch_size: int = 32) -> dict:
         row_ok = (right | ~sel).all(1)
         np.add.at(exact, dom.numpy(), row_ok.numpy())
         np.add.at(count, dom.numpy(), 1)
-        for name, m in sites(model):
+        for (name, m), rec in zip(sites(model), recs):
             if name not in joint:
                 continue
-            top1 = m.record.topk_idx[:, :-1, 0][sel]  # (N,)
+            top1 = rec.topk_idx[:, :-1, 0][sel]  # (N,)
             np.add.at(joint[name], (dom_tok.numpy(), top1.numpy()), 1)
-            p = m.record.probs[:, :-1][sel]  # (N, E)
+            p = rec.probs[:, :-1][sel]  # (N, E)
             ent[name].append(float(-(p * p.clamp(min=1e-12).log()).sum(-1).mean()))
-            u = m.record.expert_acts[:, :-1][sel]  # (N, E, r): every expert's A_e x
+            u = rec.expert_acts[:, :-1][sel]  # (N, E, r): every expert's A_e x
             outs = torch.einsum("ner,oer->neo", u, m.lora_B.view(-1, m.E, m.r))  # (N, E, out): B_e A_e x
             outs = torch.nn.functional.normalize(outs, dim=-1)
             gram = outs @ outs.transpose(1, 2)  # (N, E, E)
             off = gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
             cos[name].append((off / (m.E * (m.E - 1))).mean().item())
-    record_expert_acts(model, False)
     res = {"loss": float(nll.sum() / n_tok.sum()), "loss_per_domain": (nll / n_tok).tolist(),
            "exact": (exact / count).tolist(), "exact_mean": float(exact.sum() / count.sum())}
     if has_moe:
@@ -202,30 +202,29 @@ def expert_ablation(model, tok, examples) -> list[list[float]]:
     return out.round(4).tolist()
 
 
-def router_gradient_share(model, tok, examples, cfg, heads, queues) -> float:
+def router_gradient_share(model, tok, examples, cfg, heads, queue) -> float:
     """||d(lambda_cl L_cl)/dW_router|| / ||d L_LM/dW_router|| on held-out examples, with the run's settings and
-    the checkpoint's heads and queues: how much of the routers' training signal the contrastive term is."""
+    the checkpoint's heads and queue: how much of the routers' training signal the contrastive term is."""
     from contrastive import contrastive_loss
     from data import collate, tokenize
-    from lora_moe import record_expert_acts, router_records, sites
+    from lora_moe import record_routing, sites, stack_records
     from objective import lm_loss_sum
 
     routers = [m.router.weight for _, m in sites(model)]
     ids, labels, mask = collate([tokenize(msgs, tok) for _, msgs in examples[:32]], tok.pad_id)
-    record_expert_acts(model, True)
     model.eval()
     norms = []
     for term in ("lm", "cl"):
-        hidden = model.model(ids)
+        with record_routing(model, expert_acts=cfg.cl_views != "sequence") as recs:
+            hidden = model.model(ids)
         if term == "lm":
             loss = lm_loss_sum(model, hidden, labels, 4096) / (labels[:, 1:] != -100).sum()
         else:
-            loss = cfg.lambda_cl * contrastive_loss(router_records(model, mask), heads, queues, cfg.tokens_per_site,
-                                                    cfg.temperature, torch.Generator().manual_seed(0),
-                                                    enqueue=False, views=cfg.cl_views)
+            loss = cfg.lambda_cl * contrastive_loss(stack_records(recs), mask.float(), cfg.cl_views, heads, queue,
+                                                    cfg.tokens_per_site, cfg.temperature,
+                                                    torch.Generator().manual_seed(0), enqueue=False)
         grads = torch.autograd.grad(loss, routers, allow_unused=True)
         norms.append(float(torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None))))
-    record_expert_acts(model, False)
     return norms[1] / max(norms[0], 1e-12)
 
 
@@ -312,40 +311,44 @@ def domain_of(ids, word_ids) -> torch.Tensor:
 
 def install_domain_routing(arm: str, tok, lambda_sup: float = LAMBDA_SUP):
     """oracle: every token of a domain-d sequence goes to expert d (top-1, the router unused); supervised:
-    the hybrid loss gains LAMBDA_SUP * the routers' cross-entropy to the domain, on real tokens."""
+    the hybrid loss gains LAMBDA_SUP * the routers' cross-entropy to the domain, on real tokens. Both replace
+    ``lora_moe.route`` (the routing rule every site calls) in this run's own process only."""
+    import lora_moe
     import objective
-    from lora_moe import LoRAMoELinear, RouterRecord, router_records
     from model import Qwen3Model
 
     word_ids = [tok.encode(w)[0] for w in DOMAINS]
-    forward = Qwen3Model.forward
+    forward, route, hybrid = Qwen3Model.forward, lora_moe.route, objective.HybridLoss.forward
+    router_ce = []  # the supervised arm's per-site cross-entropies of the current forward
 
     def remember_domain(self, input_ids, *args, **kw):
         if input_ids.shape[1] > 1:  # a whole sequence, not a decode step
             DOMAIN_OF_BATCH["d"] = domain_of(input_ids, word_ids)
         return forward(self, input_ids, *args, **kw)
 
+    def domain_route(x, weight, top_k):
+        E, d = weight.shape[0], DOMAIN_OF_BATCH["d"].to(x.device)
+        if arm == "supervised":
+            rec = route(x, weight, top_k)
+            if "mask" in DOMAIN_OF_BATCH:  # training: the CE over real tokens, with gradient into the router
+                m = DOMAIN_OF_BATCH["mask"]
+                router_ce.append(torch.nn.functional.cross_entropy(rec.logits[m], d[:, None].expand_as(m)[m]))
+            return rec
+        logits = torch.full((*x.shape[:-1], E), -30.0, device=x.device).scatter(
+            -1, d[:, None, None].expand(*x.shape[:-1], 1), 30.0)  # (B, T, E): the domain's expert wins
+        return route(logits, torch.eye(E, device=x.device), top_k)  # the rule itself applied to these logits
+
+    def with_router_ce(self, ids, labels, mask, sup_tokens, micro_steps, *args, **kw):
+        DOMAIN_OF_BATCH["mask"], router_ce[:] = mask, []
+        try:
+            loss, parts, routing = hybrid(self, ids, labels, mask, sup_tokens, micro_steps, *args, **kw)
+        finally:
+            DOMAIN_OF_BATCH.pop("mask")
+        return loss + lambda_sup * torch.stack(router_ce).mean() / micro_steps, parts, routing
+
     Qwen3Model.forward = remember_domain
-    if arm == "oracle":
-        def route(self, x):
-            d = DOMAIN_OF_BATCH["d"].to(x.device)[:, None, None].expand(*x.shape[:-1], 1)  # (B, T, 1)
-            logits = torch.full((*x.shape[:-1], self.E), -30.0, device=x.device).scatter(-1, d, 30.0)
-            probs = logits.softmax(-1)
-            top_p, top_i = probs.topk(self.top_k, dim=-1)
-            gates = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
-            return RouterRecord(logits, probs, top_i, gates)
-
-        LoRAMoELinear.route = route
+    lora_moe.route = domain_route
     if arm == "supervised":
-        hybrid = objective.HybridLoss.forward
-
-        def with_router_ce(self, ids, labels, mask, sup_tokens, micro_steps):
-            loss, parts = hybrid(self, ids, labels, mask, sup_tokens, micro_steps)
-            dom = DOMAIN_OF_BATCH["d"].to(ids.device)[:, None].expand_as(mask)[mask]
-            ce = torch.stack([torch.nn.functional.cross_entropy(r.logits, dom)
-                              for r in router_records(self.model, mask)]).mean()
-            return loss + lambda_sup * ce / micro_steps, parts
-
         objective.HybridLoss.forward = with_router_ce
 
 
@@ -399,12 +402,12 @@ def run_one(arm: str, seed: int, a) -> dict:
     if arm in ("oracle", "supervised"):
         install_domain_routing(arm, tok, a.lambda_sup)
     hist = train(cfg)
-    # the run's model, heads and queues once (as train.py builds them); each checkpoint refills them
-    model, heads, queues, _ = build_model(cfg, a.model, torch.device("cpu"), 0, verbose=False)
+    # the run's model, heads and queue once (as train.py builds them); each checkpoint refills them
+    model, heads, queue, _ = build_model(cfg, a.model, torch.device("cpu"), 0, verbose=False)
     over_steps = []
     for step in range(a.eval_every, a.steps + 1, a.eval_every):
-        load_checkpoint(os.path.join(work, f"ckpt-{step:06d}"), model, heads, queues, torch.device("cpu"))
-        share = router_gradient_share(model, tok, held_out, cfg, heads, queues) if cfg.uses_contrastive else None
+        load_checkpoint(os.path.join(work, f"ckpt-{step:06d}"), model, heads, queue, torch.device("cpu"))
+        share = router_gradient_share(model, tok, held_out, cfg, heads, queue) if cfg.uses_contrastive else None
         r = measure(model, tok, held_out)
         over_steps.append({"step": step, "loss": r["loss"], "exact_mean": r["exact_mean"], "router_grad_share": share,
                            "nmi_mean": float(np.mean(r["nmi"])) if "nmi" in r else None})

@@ -18,7 +18,8 @@ QWEN3_06B_4L = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
 
 def make_checkpoint(path, **overrides):
     """Write (once) a random HF-format checkpoint of the 4-layer Qwen3-0.6B shape; return its dir."""
-    from model import Qwen3, Qwen3Config, init_weights, save_model
+    from model import Qwen3, Qwen3Config
+    from tiny_qwen import init_weights, save_model
 
     if not os.path.exists(os.path.join(path, "model.safetensors")):
         save_model(init_weights(Qwen3(Qwen3Config(**{**QWEN3_06B_4L, **overrides}))), path)

@@ -44,7 +44,7 @@ def main():
     load_s, load_rss, fwd_rss = map(float, out.split())
     weights_mb = os.path.getsize(os.path.join(path, "model.safetensors")) / 2 ** 20
 
-    from chat import generate
+    from generate import generate
     from model import load_model
     from transformers import Qwen3ForCausalLM
 

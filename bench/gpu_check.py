@@ -117,7 +117,7 @@ def main():
     agree = sum(x == y for x, y in zip(fast, slow)) / len(items)
     check("eval trie scoring = plain path (bf16)", agree >= 0.95, agreement=agree)
 
-    from chat import generate
+    from generate import generate
 
     ids = torch.randint(0, 151936, (8, 512), device=device)
     with torch.inference_mode():  # timeit: median of 5 after a warm-up, CUDA-synchronized

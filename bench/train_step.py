@@ -5,7 +5,7 @@
 Same random Qwen3-0.6B-shaped base (cut to --layers, real Qwen vocabulary), same bundled data, same
 batches (train.py's length-bucketed order), fp32 CPU, AdamW. Arms, each in a fresh process:
   peft  : transformers Qwen3ForCausalLM + peft LoRA r=16 on all 7 projections, loss = model(labels=...).loss
-  lora  : train.py, plain-LoRA baseline (--num-experts 1 --top-k 1 --rank 16 --no-balance)
+  lora  : train.py, plain-LoRA baseline (--num-experts 1 --top-k 1 --rank 16: no router, no routing terms)
   full  : train.py, full SparseDoctor with its defaults (E=8, r=8, top-2, balance + contrastive, sequence reading)
 Tokens/s counts real (non-padding) tokens; the first step is warmup and not counted.
 """
@@ -28,7 +28,7 @@ def run_arm(arm, path, a):
     from train import TrainConfig, train
 
     if arm in ("lora", "full"):
-        kw = dict(num_experts=1, top_k=1, rank=16, alpha=32, no_balance=True) if arm == "lora" else {}
+        kw = dict(num_experts=1, top_k=1, rank=16, alpha=32) if arm == "lora" else {}
         cfg = TrainConfig(model=path, out=tempfile.mkdtemp(), steps=a.steps, batch_size=a.batch, max_len=a.max_len,
                           dropout=0.0, progress=False, save_every=10**9, **kw)
         hist = train(cfg)

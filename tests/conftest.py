@@ -61,3 +61,24 @@ def qwen_tok_dir(tmp_path_factory):
 def require_shared():
     assert os.path.isdir(BENCH), f"../shared/benchmarks not found at {BENCH} (set SPARSEDOCTOR_SHARED)"
     return BENCH
+
+
+def forward_records(model, x, mask=None, expert_acts=False):
+    """model(x) (``mask`` (B, T) bool: left padding, passed as the attention mask) inside ``record_routing``:
+    (the stacked RouterRecord (S, B, T, ...), token weights (B, T))."""
+    from lora_moe import record_routing, stack_records, token_weight
+
+    with record_routing(model, expert_acts) as recs:
+        model(x, attention_mask=None if mask is None else mask.long())
+    rec = stack_records(recs)
+    return rec, token_weight(mask, rec.probs)
+
+
+def one_site(logits, topk_idx=None, top_k=1):
+    """A stacked record of one site over N tokens from router logits (N, E), and its weights (1, N)."""
+    from lora_moe import RouterRecord
+
+    probs = logits.softmax(-1)
+    idx = probs.topk(top_k, -1).indices if topk_idx is None else topk_idx
+    rec = RouterRecord(logits[None, None], probs[None, None], idx[None, None], torch.zeros_like(probs)[None, None])
+    return rec, torch.ones(1, logits.shape[0])

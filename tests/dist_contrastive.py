@@ -11,9 +11,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from contrastive import contrastive_loss, make_heads  # noqa: E402
-from expert_queue import ExpertQueues  # noqa: E402
-from lora_moe import LoRAMoEConfig, add_lora_moe, record_expert_acts, router_records, sites  # noqa: E402
-from model import Qwen3, Qwen3Config, init_weights  # noqa: E402
+from expert_queue import ExpertQueue  # noqa: E402
+from lora_moe import LoRAMoEConfig, add_lora_moe, record_routing, sites, stack_records  # noqa: E402
+from model import Qwen3, Qwen3Config  # noqa: E402
+from tiny_qwen import init_weights  # noqa: E402
 
 STEPS, B, T = 4, 4, 6
 
@@ -27,11 +28,10 @@ def build(momentum=0.0, views="mixture"):
     with torch.no_grad():
         for _, m in sites(model):
             m.lora_B.normal_(0, 0.05)
-    record_expert_acts(model, True)
     if views == "sequence":  # routings, no heads; the queue holds E = 4 dims; 6 > the 2 ranks' 4 per step
-        return model, None, ExpertQueues(len(sites(model)), size=6, dim=4)
+        return model, None, ExpertQueue(len(sites(model)), size=6, dim=4)
     heads = make_heads(model, dim=16, momentum=momentum)
-    queues = ExpertQueues(len(sites(model)), size=40, dim=16)  # 40: the 2 ranks' 48 keys per step wrap it
+    queues = ExpertQueue(len(sites(model)), size=40, dim=16)  # 40: the 2 ranks' 48 keys per step wrap it
     return model, heads, queues
 
 
@@ -42,10 +42,12 @@ def run(rank=0, world=1, views="mixture", momentum=0.0):
     losses = []
     for step in range(STEPS):
         ids = data[step].chunk(world)[rank]  # each rank its share of the global batch
-        logits = model(ids)
+        with record_routing(model, expert_acts=views != "sequence") as recs:
+            logits = model(ids)
         lm = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
-        cl = contrastive_loss(router_records(model), heads, queues, tokens_per_site=10_000, temperature=0.1,
-                              views=views)
+        rec = stack_records(recs)
+        cl = contrastive_loss(rec, torch.ones(ids.shape), views, heads, queues, tokens_per_site=10_000,
+                              temperature=0.1)
         loss = lm + 0.5 * cl
         loss.backward()
         with torch.no_grad():

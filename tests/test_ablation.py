@@ -121,8 +121,9 @@ spec = importlib.util.spec_from_file_location("ablation", {os.path.join(ROOT, 'b
 ab = importlib.util.module_from_spec(spec); spec.loader.exec_module(ab)
 from tokenizer import Tokenizer
 from data import collate, tokenize
-from lora_moe import LoRAMoEConfig, add_lora_moe, sites
-from model import Qwen3, Qwen3Config, init_weights
+from lora_moe import LoRAMoEConfig, add_lora_moe, record_routing
+from model import Qwen3, Qwen3Config
+from tiny_qwen import init_weights
 tok = Tokenizer({qwen_tok_dir!r})
 ab.install_domain_routing("oracle", tok)
 cfg = Qwen3Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -130,9 +131,10 @@ cfg = Qwen3Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_h
 model = add_lora_moe(init_weights(Qwen3(cfg)), LoRAMoEConfig(num_experts=8, rank=2, top_k=1), verbose=False)
 ex = ab.make_examples(16, 0, ab.permutations())
 ids, _, _ = collate([tokenize(m, tok) for _, m in ex], tok.pad_id)
-model(ids)
+with record_routing(model) as recs:
+    model(ids)
 want = torch.tensor([d for d, _ in ex])[:, None].expand(ids.shape)
-print(all(torch.equal(m.record.topk_idx[..., 0], want) for _, m in sites(model)))
+print(len(recs) == 7 and all(torch.equal(r.topk_idx[..., 0], want) for r in recs))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.stdout.strip().endswith("True"), r.stderr[-2000:]

@@ -7,40 +7,51 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import forward_records
 from contrastive import contrastive_loss, info_nce, make_heads
-from expert_queue import ExpertQueue, ExpertQueues
-from lora_moe import LoRAMoEConfig, add_lora_moe, record_expert_acts, router_records, sites
-from model import Qwen3, Qwen3Config, init_weights
+from expert_queue import ExpertQueue
+from lora_moe import LoRAMoEConfig, add_lora_moe, sites
+from model import Qwen3, Qwen3Config
+from tiny_qwen import init_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def filled(q: ExpertQueue, site: int = 0):
+    """One site's filled entries, oldest first: (keys (m, d), labels (m,))."""
+    order = (q.ptr + torch.arange(q.size)) % q.size
+    keys, labels = q.keys[site, order], q.labels[site, order]
+    return keys[labels >= 0], labels[labels >= 0]
+
+
 def test_ring_buffer_fifo_and_wraparound():
-    q = ExpertQueue(size=5, dim=2)
-    assert q.contents()[0].shape == (0, 2)
-    v = lambda a, b: (torch.arange(a, b).float()[:, None].repeat(1, 2), torch.arange(a, b))  # noqa: E731
+    q = ExpertQueue(2, size=5, dim=2)
+    assert filled(q)[0].shape == (0, 2)
+    v = lambda a, b: (torch.arange(a, b).float()[None, :, None].repeat(2, 1, 2),  # noqa: E731
+                      torch.arange(a, b)[None].repeat(2, 1))
     q.enqueue(*v(0, 3))
-    assert q.contents()[1].tolist() == [0, 1, 2] and int(q.ptr) == 3
+    assert filled(q)[1].tolist() == [0, 1, 2] and int(q.ptr) == 3
     q.enqueue(*v(3, 6))  # 3 more into 5 slots: wraps, 0 is evicted
-    assert q.contents()[1].tolist() == [1, 2, 3, 4, 5] and int(q.ptr) == 1
-    assert torch.equal(q.contents()[0][:, 0], torch.tensor([1.0, 2, 3, 4, 5]))
+    assert filled(q)[1].tolist() == [1, 2, 3, 4, 5] and int(q.ptr) == 1
+    assert torch.equal(filled(q, 1)[0][:, 0], torch.tensor([1.0, 2, 3, 4, 5]))
     q.enqueue(*v(6, 18))  # a batch larger than K: only the newest 5 survive
-    assert q.contents()[1].tolist() == [13, 14, 15, 16, 17]
+    assert filled(q)[1].tolist() == [13, 14, 15, 16, 17]
     size = sum(b.numel() for b in q.buffers())
     for i in range(200):
         q.enqueue(*v(i, i + 7))
-    assert sum(b.numel() for b in q.buffers()) == size == 5 * (2 + 1) + 1  # K*(d+1) + the pointer
+    assert sum(b.numel() for b in q.buffers()) == size == 2 * 5 * (2 + 1) + 1  # S*K*(d+1) + the pointer
+    keys, labels = q.contents()
+    keys += 1  # a copy: what a loss read cannot change under it
+    assert not torch.equal(keys, q.keys)
 
 
 def test_queue_state_dict_roundtrip():
-    qs = ExpertQueues(3, size=7, dim=4)
-    for i in range(3):
-        qs[i].enqueue(torch.randn(5 + i, 4), torch.randint(0, 4, (5 + i,)))
-    fresh = ExpertQueues(3, size=7, dim=4)
-    fresh.load_state_dict(qs.state_dict())
-    for a, b in zip(qs.queues, fresh.queues):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.labels, b.labels) and torch.equal(a.ptr, b.ptr)
-    assert qs.nbytes() == 3 * (7 * 4 * 4 + 7 * 8 + 8)
+    q = ExpertQueue(3, size=7, dim=4)
+    q.enqueue(torch.randn(3, 5, 4), torch.randint(0, 4, (3, 5)))
+    fresh = ExpertQueue(3, size=7, dim=4)
+    fresh.load_state_dict(q.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(q.buffers(), fresh.buffers()))
+    assert q.nbytes() == 3 * (7 * 4 * 4 + 7 * 8) + 8
 
 
 def reference_info_nce(z_r, labels, keys, key_labels, qk, ql, tau):
@@ -83,41 +94,56 @@ def tiny_adapted(E=4, k=2):
     model = init_weights(Qwen3(cfg), seed=0)
     torch.manual_seed(0)
     add_lora_moe(model, LoRAMoEConfig(num_experts=E, rank=4, top_k=k, dropout=0.0), verbose=False)
-    record_expert_acts(model, True)
     return model
 
 
 def test_gradients_reach_heads_routers_and_A_but_not_the_queue():
     model = tiny_adapted()
     heads = make_heads(model, dim=16)
-    queues = ExpertQueues(len(sites(model)), size=32, dim=16)
+    queue = ExpertQueue(len(sites(model)), size=32, dim=16)
     ids = torch.randint(0, 64, (2, 10))
-    model(ids)
-    contrastive_loss(router_records(model), heads, queues, temperature=0.1)  # fills the queues
-    model(ids)
-    loss = contrastive_loss(router_records(model), heads, queues, temperature=0.1)
+    contrastive_loss(*forward_records(model, ids, expert_acts=True), "mixture", heads, queue, temperature=0.1)
+    loss = contrastive_loss(*forward_records(model, ids, expert_acts=True), "mixture", heads, queue, temperature=0.1)
     loss.backward()
     for _, m in sites(model):
         assert m.router.weight.grad.abs().sum() > 0
         assert m.lora_A.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters())
-    assert not any(b.requires_grad for b in queues.buffers())
-    assert all(int((q.labels >= 0).sum()) == 32 for q in queues.queues)  # 2 steps x 20 tokens fill K=32
+    assert not any(b.requires_grad for b in queue.buffers())
+    assert int((queue.labels >= 0).sum()) == 32 * len(sites(model))  # 2 steps x 20 tokens fill K=32
 
 
-def test_padding_never_enters_and_sampling_bounds_tokens():
+@pytest.mark.parametrize("views", ["mixture", "sequence"])
+def test_padding_never_enters_and_sampling_bounds_tokens(views):
+    """Head readings: one key per real token is enqueued (16 = 20 - 4 padding), at most tokens_per_site. Sequence
+    reading: padding is neither an anchor nor in its sequence's view, so changing the padded tokens' ids
+    changes nothing; with 5 tokens sampled per site the loss is another estimate of the same quantity."""
     model = tiny_adapted()
     heads = make_heads(model, dim=16)
-    ids = torch.randint(0, 64, (2, 10))
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[0, :4] = False
-    queues = ExpertQueues(len(sites(model)), size=100, dim=16)
-    model(ids, attention_mask=mask.long())
-    contrastive_loss(router_records(model, mask), heads, queues)
-    assert all(int((q.labels >= 0).sum()) == 16 for q in queues.queues)  # 20 tokens - 4 padding
-    queues = ExpertQueues(len(sites(model)), size=100, dim=16)
-    contrastive_loss(router_records(model, mask), heads, queues, tokens_per_site=5)
-    assert all(int((q.labels >= 0).sum()) == 5 for q in queues.queues)
+    dim = 16 if views == "mixture" else 4
+    queue = ExpertQueue(len(sites(model)), size=100, dim=dim)
+    acts = views == "mixture"
+    full = contrastive_loss(*forward_records(model, ids, mask, acts), views, heads, queue)
+    if views == "mixture":
+        assert int((queue.labels >= 0).sum()) == 16 * len(sites(model))
+    else:
+        assert int((queue.labels >= 0).sum()) == 2 * len(sites(model))  # one fused view per sequence
+        other = ids.clone()
+        other[0, :4] = (other[0, :4] + 5) % 64
+        again = contrastive_loss(*forward_records(model, other, mask), views, None, None)
+        assert torch.allclose(again, contrastive_loss(*forward_records(model, ids, mask), views, None, None))
+        rec, w = forward_records(model, ids, mask)
+        assert not torch.allclose(contrastive_loss(rec, torch.ones_like(w), views, None, None), again)
+    queue = ExpertQueue(len(sites(model)), size=100, dim=dim)
+    gen = torch.Generator().manual_seed(0)
+    few = contrastive_loss(*forward_records(model, ids, mask, acts), views, heads, queue, tokens_per_site=5,
+                           generator=gen)
+    if views == "mixture":
+        assert int((queue.labels >= 0).sum()) == 5 * len(sites(model))
+    assert torch.isfinite(few) and not torch.allclose(few, full)
 
 
 @pytest.mark.parametrize("views, momentum", [("mixture", 0.0), ("expert", 0.9), ("sequence", 0.0)])
@@ -180,18 +206,18 @@ def test_contrastive_loss_equals_the_formula_end_to_end(views, momentum):
         with torch.no_grad():  # key heads != query heads, so using the wrong one shows
             for p in heads.key.parameters():
                 p.add_(0.1 * torch.randn_like(p))
-    queues = ExpertQueues(len(sites(model)), size=8, dim=16)
-    g = torch.Generator().manual_seed(3)
-    for q in queues.queues:
-        q.enqueue(F.normalize(torch.randn(8, 16, generator=g), dim=-1), torch.randint(0, 4, (8,), generator=g))
-    model(torch.randint(0, 64, (2, 6)))
-    recs = router_records(model)
-    got = contrastive_loss(recs, heads, queues, tokens_per_site=1000, temperature=0.1, enqueue=False, views=views)
+    S = len(sites(model))
+    queue = ExpertQueue(S, size=10, dim=16)
+    g = torch.Generator().manual_seed(3)  # 8 entries of other labels, 2 slots left empty
+    queue.enqueue(F.normalize(torch.randn(S, 8, 16, generator=g), dim=-1), torch.randint(0, 4, (S, 8), generator=g))
+    rec, weight = forward_records(model, torch.randint(0, 64, (2, 6)), expert_acts=True)
+    got = contrastive_loss(rec, weight, views, heads, queue, tokens_per_site=1000, temperature=0.1, enqueue=False)
     key_head = heads.key if momentum else heads.query
     want = []
-    for i, rec in enumerate(recs):
-        u, p, gates, top1 = rec.expert_acts, rec.probs, rec.gates, rec.topk_idx[:, 0]
-        qk, ql = queues[i].contents()
+    for i in range(S):
+        u, p, gates, top1 = (rec.expert_acts[i].reshape(12, 4, 4), rec.probs[i].reshape(12, 4),
+                             rec.gates[i].reshape(12, 4), rec.topk_idx[i, ..., 0].reshape(12))
+        qk, ql = filled(queue, i)
         fused = (p[:, :, None] * u).sum(1)
         if views == "expert":
             want.append(reference_expert_info_nce(heads.query[i](fused), key_head[i](u), top1, qk, ql, 0.1))
@@ -210,14 +236,13 @@ def test_expert_reading_sharpens_the_router_toward_its_choice():
     opt = torch.optim.SGD(routers, lr=0.5)
 
     def top1_prob():
-        model(ids)
-        return torch.stack([r.probs.max(-1).values.mean() for r in router_records(model)]).mean()
+        return forward_records(model, ids)[0].probs.max(-1).values.mean()
 
     before = top1_prob().item()
     for _ in range(20):
         opt.zero_grad()
-        model(ids)
-        contrastive_loss(router_records(model), heads, None, temperature=0.1, views="expert").backward()
+        contrastive_loss(*forward_records(model, ids, expert_acts=True), "expert", heads, None,
+                         temperature=0.1).backward()
         opt.step()
     assert top1_prob().item() > before + 0.05
 
@@ -257,22 +282,24 @@ def test_sequence_reading_equals_the_formula_end_to_end():
     """contrastive_loss(views="sequence") over a real forward with padding = the formula by hand from p alone
     (over real tokens, sequences numbered by batch row), with a queue; it enqueues one phi per sequence."""
     model = tiny_adapted()
-    queues = ExpertQueues(len(sites(model)), size=8, dim=4)
+    S = len(sites(model))
+    queue = ExpertQueue(S, size=10, dim=4)
     g = torch.Generator().manual_seed(3)
-    for q in queues.queues:
-        q.enqueue(F.normalize(torch.rand(5, 4, generator=g), dim=-1), torch.randint(0, 4, (5,), generator=g))
-    model(torch.randint(0, 64, (3, 6), generator=g))
+    queue.enqueue(F.normalize(torch.rand(S, 5, 4, generator=g), dim=-1), torch.randint(0, 4, (S, 5), generator=g))
+    ids = torch.randint(0, 64, (3, 6), generator=g)
     mask = torch.ones(3, 6, dtype=torch.bool)
-    mask[1, 4:] = False  # padding: neither an anchor nor part of its sequence's phi
-    recs = router_records(model, mask)
-    assert recs[0].seq.tolist() == [0] * 6 + [1] * 4 + [2] * 6
-    want = torch.stack([reference_sequence_info_nce(r.probs, r.seq, queues[i].contents()[0], 0.1)
-                        for i, r in enumerate(recs)]).mean()
-    got = contrastive_loss(recs, None, queues, tokens_per_site=1000, temperature=0.1, views="sequence")
+    mask[1, 4:] = False  # padding (right, as train.py pads): neither an anchor nor part of its sequence's phi
+    rec, _ = forward_records(model, ids)  # right padding needs no attention mask
+    weight = mask.float()
+    keep, seq = mask.reshape(-1), torch.arange(3)[:, None].expand(3, 6).reshape(-1)[mask.reshape(-1)]
+    probs = [rec.probs[i].reshape(18, 4)[keep] for i in range(S)]
+    want = torch.stack([reference_sequence_info_nce(p, seq, filled(queue, i)[0], 0.1)
+                        for i, p in enumerate(probs)]).mean()
+    got = contrastive_loss(rec, weight, "sequence", None, queue, tokens_per_site=1000, temperature=0.1)
     assert torch.allclose(got, want, atol=1e-5)
-    keys, labels = queues[0].contents()
+    keys, labels = filled(queue, 0)
     assert keys.shape == (8, 4) and torch.allclose(keys[-3:].norm(dim=-1), torch.ones(3))
-    phi1 = F.normalize(recs[0].probs[recs[0].seq == 1].mean(0) - 0.25, dim=0)
+    phi1 = F.normalize(probs[0][seq == 1].mean(0) - 0.25, dim=0)
     assert torch.allclose(keys[-2], phi1, atol=1e-6) and labels[-2] == phi1.argmax()
 
 
@@ -287,21 +314,17 @@ def test_sequence_reading_routes_each_sequence_alike_and_sequences_apart():
     opt = torch.optim.SGD(routers, lr=2.0)
 
     def within_and_between():
-        model(ids)
-        w, b = [], []
-        for r in router_records(model):
-            phi, _, which = sequence_views(r)
-            sim = routing_view(r.probs) @ phi.T  # (N, S)
-            own = torch.zeros_like(sim, dtype=torch.bool).scatter(1, which[:, None], True)
-            w.append(sim[own].mean())
-            b.append(sim[~own].mean())
-        return torch.stack(w).mean().item(), torch.stack(b).mean().item()
+        with torch.no_grad():
+            rec, weight = forward_records(model, ids)
+            phi, _ = sequence_views(rec.probs, weight)  # (S, B, E)
+            sim = routing_view(rec.probs).flatten(1, 2) @ phi.transpose(1, 2)  # (S, B*T, B)
+            own = (torch.arange(4)[:, None].expand(4, 12).reshape(-1)[:, None] == torch.arange(4)).expand_as(sim)
+        return sim[own].mean().item(), sim[~own].mean().item()
 
     (w0, b0) = within_and_between()
     for _ in range(30):
         opt.zero_grad()
-        model(ids)
-        contrastive_loss(router_records(model), None, None, temperature=0.1, views="sequence").backward()
+        contrastive_loss(*forward_records(model, ids), "sequence", None, None, temperature=0.1).backward()
         opt.step()
     w1, b1 = within_and_between()
     assert w1 >= w0 and (w1 - b1) > (w0 - b0) + 0.15

@@ -2,9 +2,12 @@
 import pytest
 import torch
 
-from conftest import hf_tiny
-from lora_moe import (TARGETS, LoRAMoEConfig, LoRAMoELinear, RouterRecord, add_lora_moe, balance_loss, load_adapter,
-                      reference_forward, router_records, routing_stats, save_adapter, sites)
+from lora_moe import record_routing, stack_records
+
+from adapter_io import load_adapter, save_adapter
+from conftest import forward_records, hf_tiny, one_site
+from lora_moe import (TARGETS, LoRAMoEConfig, LoRAMoELinear, add_lora_moe, balance_loss, reference_forward,
+                      routing_stats, sites, z_loss)
 from model import load_model
 
 
@@ -74,23 +77,16 @@ def test_dense_masked_equals_per_expert_loop(E, k):
     assert g1[2].abs().sum() > 0  # the router learns through the gates
 
 
-def fake_record(logits, top_k=1, topk_idx=None):
-    """A router record for given logits (the gates are not read by the balance loss)."""
-    probs = logits.softmax(-1)
-    idx = probs.topk(top_k, -1).indices if topk_idx is None else topk_idx
-    return RouterRecord(logits, probs, idx, torch.zeros_like(probs))
-
-
 def test_balance_loss_values():
     # uniform routing: exactly 1.0 (top-k slots spread evenly, P uniform)
     E = 4
     logits = torch.zeros(8, E, requires_grad=True)
-    rec = fake_record(logits, topk_idx=torch.arange(8).remainder(E)[:, None])  # ties broken evenly
-    assert balance_loss([rec]).item() == pytest.approx(1.0, abs=1e-6)
+    rec = one_site(logits, topk_idx=torch.arange(8).remainder(E)[:, None])  # ties broken evenly
+    assert balance_loss(*rec).item() == pytest.approx(1.0, abs=1e-6)
     # full collapse with top-1: E
     collapse = torch.full((8, E), -1e4)
     collapse[:, 2] = 1e4
-    assert balance_loss([fake_record(collapse)]).item() == pytest.approx(E, abs=1e-4)
+    assert balance_loss(*one_site(collapse)).item() == pytest.approx(E, abs=1e-4)
 
 
 def test_balance_loss_hand_value_fails_if_softmaxed_twice():
@@ -100,7 +96,7 @@ def test_balance_loss_hand_value_fails_if_softmaxed_twice():
     expect = 3 * (f * p.mean(0)).sum()
     twice = 3 * (f * p.softmax(-1).mean(0)).sum()
     assert abs(expect - twice) > 1e-2  # the test can tell the two apart
-    assert balance_loss([fake_record(logits)]).item() == pytest.approx(expect.item(), abs=1e-6)
+    assert balance_loss(*one_site(logits)).item() == pytest.approx(expect.item(), abs=1e-6)
 
 
 def test_balance_loss_ignores_padding(tmp_path):
@@ -109,15 +105,14 @@ def test_balance_loss_ignores_padding(tmp_path):
     x = torch.randint(0, 1000, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[0, :3] = False
-    model(x, attention_mask=mask.long())
-    a = balance_loss(router_records(model, mask))
+    a = balance_loss(*forward_records(model, x, mask))
     # change only the padding tokens: valid-token routing is the same (positions count from real tokens)
     x2 = x.clone()
     x2[0, :3] = (x2[0, :3] + 7) % 1000
-    model(x2, attention_mask=mask.long())
-    b = balance_loss(router_records(model, mask))
+    rec, weight = forward_records(model, x2, mask)
+    b = balance_loss(rec, weight)
     assert torch.allclose(a, b, atol=1e-6)
-    assert not torch.allclose(balance_loss(router_records(model)), b, atol=1e-6)  # counting padding would change it
+    assert not torch.allclose(balance_loss(rec, torch.ones_like(weight)), b, atol=1e-6)  # counting padding would
 
 
 def test_balance_loss_gradient_reaches_only_the_router():
@@ -129,8 +124,11 @@ def test_balance_loss_gradient_reaches_only_the_router():
     model = torch.nn.Module()
     model.site = layer
     x = torch.randn(2, 5, 16)
-    layer(x)
-    balance_loss(router_records(model), z_loss_weight=1e-3).backward()
+    with record_routing(model) as recs:
+        layer(x)
+    rec = stack_records(recs)
+    weight = torch.ones(2, 5)
+    (balance_loss(rec, weight) + 1e-3 * z_loss(rec, weight)).backward()
     assert layer.router.weight.grad.abs().sum() > 0
     assert layer.lora_A.grad is None and layer.lora_B.grad is None
     # and the gradient is that of E * sum(f.detach() * P): f is a constant
@@ -162,9 +160,9 @@ def test_every_site_gets_gradients(tmp_path):
 def test_routing_stats(tmp_path):
     hf_tiny(tmp_path)
     model = add_lora_moe(load_model(str(tmp_path)), LoRAMoEConfig(num_experts=4, rank=2, top_k=2), verbose=False)
-    model(torch.randint(0, 1000, (2, 8)))
-    stats = routing_stats(model)
-    assert len(stats) == 14
+    rec, _ = forward_records(model, torch.randint(0, 1000, (2, 8)))
+    stats = routing_stats([n for n, _ in sites(model)], rec.topk_idx, rec.probs)
+    assert len(stats) == 2  # per layer
     for s in stats.values():
         assert sum(s["load"]) == pytest.approx(1.0, abs=1e-3)
         assert 0 <= s["load_entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-4

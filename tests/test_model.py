@@ -101,7 +101,7 @@ def test_kv_cache_with_left_padding(tmp_path):
 
 
 def test_greedy_generate_matches_transformers(tmp_path):
-    from chat import generate
+    from generate import generate
 
     hf = hf_tiny(tmp_path, tie=True, vocab=500)
     ours = load_model(str(tmp_path))

@@ -11,15 +11,15 @@ from conftest import ROOT, small_cfg
 
 
 def tiny_model(E=4, k=2, seed=0):
-    from lora_moe import LoRAMoEConfig, add_lora_moe, record_expert_acts
-    from model import Qwen3, Qwen3Config, init_weights
+    from lora_moe import LoRAMoEConfig, add_lora_moe
+    from model import Qwen3, Qwen3Config
+    from tiny_qwen import init_weights
 
     cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=8)
     model = init_weights(Qwen3(cfg), seed=seed)
     torch.manual_seed(seed)
     add_lora_moe(model, LoRAMoEConfig(num_experts=E, rank=4, top_k=k, dropout=0.0), verbose=False)
-    record_expert_acts(model, True)
     return model
 
 
@@ -30,8 +30,9 @@ def tiny_model(E=4, k=2, seed=0):
 def test_generate_pads_each_row_after_its_own_end():
     """A batch whose rows stop at different steps: after its end token a row holds only padding, and the
     rows still running continue exactly as without stopping."""
-    from chat import generate
-    from model import Qwen3, Qwen3Config, init_weights
+    from generate import generate
+    from model import Qwen3, Qwen3Config
+    from tiny_qwen import init_weights
 
     cfg = Qwen3Config(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=8)
@@ -56,8 +57,8 @@ def test_chat_with_adapter_answers_as_the_adapted_model(tiny_dir, tmp_path):
     import subprocess
     import sys
 
-    from chat import generate
-    from lora_moe import load_adapter
+    from generate import generate
+    from adapter_io import load_adapter
     from model import load_model
     from tokenizer import Tokenizer, apply_chat_template
     from train import train
@@ -88,14 +89,14 @@ def step_once(tiny_dir, out, batches):
     import train as T
     from objective import HybridLoss
 
-    cfg = small_cfg(tiny_dir, out, dropout=0.0, no_balance=True, no_contrastive=True, clip=0.0)
+    cfg = small_cfg(tiny_dir, out, dropout=0.0, lambda_bal=0.0, lambda_cl=0.0, queue=False, clip=0.0)
     T.seed_everything(0)
-    model, heads, queues, gen = T.build_model(cfg, tiny_dir, torch.device("cpu"), 0, verbose=False)
-    body = HybridLoss(model, heads, queues, gen, cfg)
+    model, heads, queue, gen = T.build_model(cfg, tiny_dir, torch.device("cpu"), 0, verbose=False)
+    body = HybridLoss(model, heads, cfg)
     params, opt, sched = T.make_optimizer(body, cfg, torch.device("cpu"))
     grads = []
     opt.step = lambda: grads.extend(p.grad.clone() for p in params)
-    rec = T.train_step(body, body, batches, params, opt, sched, cfg, False, torch.device("cpu"))
+    rec, _ = T.train_step(body, body, batches, queue, gen, params, opt, sched, cfg, False, torch.device("cpu"))
     return rec, grads
 
 
@@ -117,38 +118,41 @@ def test_grad_accumulation_equals_the_doubled_batch(tiny_dir, tmp_path):
 
 
 def test_routing_stats_never_count_padding():
-    from lora_moe import routing_stats
+    from conftest import forward_records
+    from lora_moe import routing_stats, sites
 
     model = tiny_model()
+    names = [n for n, _ in sites(model)]
     x = torch.randint(0, 64, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.bool)
     mask[1, 5:] = False  # right padding, as in training
-    model(x)
-    a = routing_stats(model, mask)
+    rec, _ = forward_records(model, x)
+    a = routing_stats(names, rec.topk_idx, rec.probs, mask)
     x2 = x.clone()
     x2[1, 5:] = (x2[1, 5:] + 11) % 64  # other padding tokens
-    model(x2)
-    assert routing_stats(model, mask) == a
-    assert routing_stats(model) != a  # the stats can tell: counting padding would change them
+    rec, _ = forward_records(model, x2)
+    assert routing_stats(names, rec.topk_idx, rec.probs, mask) == a
+    assert routing_stats(names, rec.topk_idx, rec.probs) != a  # the stats can tell: counting padding changes them
 
 
-@pytest.mark.parametrize("switch, value, gone", [("queue", False, "queues."), ("no_contrastive", True, "heads."),
-                                                 ("no_balance", True, None)])
+@pytest.mark.parametrize("switch, value, gone", [("queue", False, "queue."), ("lambda_cl", 0.0, "heads."),
+                                                 ("lambda_bal", 0.0, None)])
 def test_each_ablation_switch_removes_its_part(tiny_dir, tmp_path, switch, value, gone):
-    """no --queue: no queue (no buffers saved, in-batch negatives only); --no-contrastive: no heads, no term;
-    --no-balance: no balance term. The full run has all three."""
+    """no --queue: no queue (no buffers saved, in-batch negatives only); --lambda-cl 0: no heads, no term;
+    --lambda-bal 0: no balance term. The full run has all three."""
     from safetensors.torch import load_file
 
     from train import train
 
     full = train(small_cfg(tiny_dir, tmp_path / "full", steps=2, save_every=2))
-    off = train(small_cfg(tiny_dir, tmp_path / "off", steps=2, save_every=2, **{switch: value}))
+    extra = {"queue": False} if switch == "lambda_cl" else {}  # the queue needs the term it serves
+    off = train(small_cfg(tiny_dir, tmp_path / "off", steps=2, save_every=2, **{switch: value}, **extra))
     saved_full = load_file(tmp_path / "full" / "ckpt-000002" / "adapter.safetensors")
     saved_off = load_file(tmp_path / "off" / "ckpt-000002" / "adapter.safetensors")
-    assert any(k.startswith("queues.") for k in saved_full) and any(k.startswith("heads.") for k in saved_full)
+    assert any(k.startswith("queue.") for k in saved_full) and any(k.startswith("heads.") for k in saved_full)
     if gone:
         assert not any(k.startswith(gone) for k in saved_off)
-    key = {"queue": "contrastive", "no_contrastive": "contrastive", "no_balance": "balance"}[switch]
+    key = {"queue": "contrastive", "lambda_cl": "contrastive", "lambda_bal": "balance"}[switch]
     if switch == "queue":  # the term stays, but without the queue's negatives it is another number
         assert off[1][key] is not None and off[1][key] != pytest.approx(full[1][key], rel=1e-6)
     else:
@@ -156,12 +160,14 @@ def test_each_ablation_switch_removes_its_part(tiny_dir, tmp_path, switch, value
         assert off[0]["loss"] == pytest.approx(off[0]["lm"] + 0.01 * (off[0]["balance"] or 0) + 0.1 * (off[0]["contrastive"] or 0))
 
 
-def test_z_loss_reaches_the_balance_term(tiny_dir, tmp_path):
+def test_z_loss_is_its_own_term(tiny_dir, tmp_path):
+    """--z-loss adds lambda_z * mean(logsumexp(logits)^2), logged as "z", also with the balance term off."""
     from train import train
 
     a = train(small_cfg(tiny_dir, tmp_path / "a", steps=1))
-    b = train(small_cfg(tiny_dir, tmp_path / "b", steps=1, z_loss=0.5))
-    assert b[0]["balance"] > a[0]["balance"] + 1e-3 and b[0]["lm"] == pytest.approx(a[0]["lm"], rel=1e-6)
+    b = train(small_cfg(tiny_dir, tmp_path / "b", steps=1, z_loss=0.5, lambda_bal=0.0))
+    assert "z" not in a[0] and b[0]["z"] > 0 and b[0]["lm"] == pytest.approx(a[0]["lm"], rel=1e-6)
+    assert b[0]["loss"] == pytest.approx(b[0]["lm"] + 0.5 * b[0]["z"] + 0.1 * b[0]["contrastive"], rel=1e-6)
 
 
 def test_keep_prunes_to_the_newest(tiny_dir, tmp_path):
@@ -176,10 +182,10 @@ def test_keep_prunes_to_the_newest(tiny_dir, tmp_path):
 
 
 def test_topk_gates_are_renormalized():
-    from lora_moe import LoRAMoEConfig, LoRAMoELinear
+    from lora_moe import LoRAMoEConfig, LoRAMoELinear, route
 
     layer = LoRAMoELinear(torch.nn.Linear(8, 8), LoRAMoEConfig(num_experts=5, rank=2, top_k=2, dropout=0.0))
-    rec = layer.route(torch.randn(4, 8))
+    rec = route(torch.randn(4, 8), layer.router.weight, layer.top_k)
     assert torch.allclose(rec.gates.sum(-1), torch.ones(4))  # the kept gates sum to 1
     assert ((rec.gates > 0).sum(-1) == 2).all()
     p = rec.probs.gather(-1, rec.topk_idx)
@@ -188,43 +194,44 @@ def test_topk_gates_are_renormalized():
 
 def test_balance_loss_falls_when_routing_evens_out():
     """Minimizing the balance loss must spread the load: gradient descent on it raises the load entropy."""
-    from lora_moe import RouterRecord, balance_loss
+    from conftest import one_site
+    from lora_moe import balance_loss
 
     torch.manual_seed(0)
     logits = (torch.randn(256, 4) + torch.tensor([3.0, 0, 0, 0])).requires_grad_()
     opt = torch.optim.SGD([logits], lr=5.0)
 
     def record():
-        p = logits.softmax(-1)
-        return RouterRecord(logits, p, p.topk(1, -1).indices, torch.zeros_like(p))
+        return one_site(logits)
 
     def top_share():
         return (torch.bincount(logits.argmax(-1), minlength=4).float() / 256).max().item()
 
-    first, share = balance_loss([record()]).item(), top_share()
+    first, share = balance_loss(*record()).item(), top_share()
     for _ in range(50):
         opt.zero_grad()
-        balance_loss([record()]).backward()
+        balance_loss(*record()).backward()
         opt.step()
-    assert balance_loss([record()]).item() < first - 0.5 and top_share() < share - 0.1
+    assert balance_loss(*record()).item() < first - 0.5 and top_share() < share - 0.1
 
 
 def test_keys_enter_the_queue_only_after_the_loss():
     """With an empty queue, a step's loss equals the in-batch-only loss: its own keys are not yet negatives."""
+    from conftest import forward_records
     from contrastive import contrastive_loss, make_heads
-    from expert_queue import ExpertQueues
-    from lora_moe import router_records, sites
+    from expert_queue import ExpertQueue
+    from lora_moe import sites
 
     model = tiny_model()
     heads = make_heads(model, dim=16)
-    model(torch.randint(0, 64, (2, 10)))
-    recs = router_records(model)
-    queues = ExpertQueues(len(sites(model)), size=64, dim=16)
-    with_queue = contrastive_loss(recs, heads, queues, temperature=0.1)
-    in_batch = contrastive_loss(recs, heads, None, temperature=0.1)
+    rec, w = forward_records(model, torch.randint(0, 64, (2, 10)), expert_acts=True)
+    queue = ExpertQueue(len(sites(model)), size=64, dim=16)
+    with_queue = contrastive_loss(rec, w, "mixture", heads, queue, temperature=0.1)
+    in_batch = contrastive_loss(rec, w, "mixture", heads, None, temperature=0.1)
     assert torch.allclose(with_queue, in_batch)
-    assert all(int((q.labels >= 0).sum()) == 20 for q in queues.queues)  # and then they were enqueued
-    assert not torch.allclose(contrastive_loss(recs, heads, queues, temperature=0.1, enqueue=False), in_batch)
+    assert int((queue.labels >= 0).sum()) == 20 * len(sites(model))  # and then they were enqueued
+    assert not torch.allclose(contrastive_loss(rec, w, "mixture", heads, queue, temperature=0.1, enqueue=False),
+                              in_batch)
 
 
 def test_batches_are_length_bucketed():
@@ -257,8 +264,10 @@ def test_adapter_implies_chat_and_shot_defaults(tiny_dir, tmp_path):
 
 
 def test_adapter_mismatch_lists_the_fields(tmp_path):
-    from lora_moe import LoRAMoEConfig, add_lora_moe, load_adapter, save_adapter
-    from model import Qwen3, Qwen3Config, init_weights, save_model
+    from adapter_io import load_adapter, save_adapter
+    from lora_moe import LoRAMoEConfig, add_lora_moe
+    from model import Qwen3, Qwen3Config
+    from tiny_qwen import init_weights, save_model
 
     cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=8)

@@ -26,7 +26,7 @@ def one_line_exit(capsys, fn):
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--top-k", "9"], "--top-k: 9 must be <= --num-experts 8"),
+    (["--top-k", "9"], "top_k=9 must be in [1, num_experts=8]"),
     (["--rank", "0"], "--rank: must be >= 1, got 0"),
     (["--num-experts", "0"], "--num-experts: must be >= 1"),
     (["--batch-size", "0"], "--batch-size: must be >= 1"),
@@ -46,7 +46,11 @@ def one_line_exit(capsys, fn):
     (["--data", "/nonexistent.jsonl"], "--data: /nonexistent.jsonl is not found"),
     (["--data", ROOT], "is a directory"),
     (["--model", ROOT], "--model: " + ROOT + " has no config.json"),
-    (["--queue-momentum", "0.9"], "--queue-momentum needs projection heads; the sequence reading has none"),
+    (["--queue-momentum", "0.9"], "--queue-momentum moves projection heads, which only the head readings have"),
+    (["--queue-momentum", "0.9", "--cl-views", "mixture", "--lambda-cl", "0"], "--queue-momentum moves projection"),
+    (["--queue", "--lambda-cl", "0"], "--queue holds negatives of the contrastive term, which is off"),
+    (["--queue", "--num-experts", "1", "--top-k", "1"], "--queue holds negatives of the contrastive term"),
+    (["--fsdp"], "--fsdp shards over processes: run under torchrun"),
     (["--cl-views", "experts"], "invalid choice: 'experts'"),
 ])
 def test_bad_train_flags(capsys, flags, needle):
@@ -198,8 +202,7 @@ def test_resume_with_other_adapter_shapes_is_refused(tiny_dir, done_run, tmp_pat
 
 
 @pytest.mark.parametrize("change, needle", [
-    (dict(no_contrastive=True), "'contrastive loss on': (True, False)"),
-    (dict(lambda_cl=0.0), "'contrastive loss on': (True, False)"),
+    (dict(lambda_cl=0.0, queue=False), "'contrastive loss on': (True, False)"),
     (dict(queue_momentum=0.9), "'momentum key heads': (False, True)"),
 ])
 def test_resume_that_switches_a_loss_part_is_refused(tiny_dir, done_run, tmp_path, change, needle):
@@ -215,7 +218,7 @@ def test_resume_that_switches_a_loss_part_is_refused(tiny_dir, done_run, tmp_pat
 def test_resume_from_an_invalid_train_config_is_refused(tiny_dir, done_run, tmp_path):
     """A config whose checksums are right but whose values are not (edited, manifest rewritten)."""
     from checkpoint import RunDirError, find_resume
-    from lora_moe import write_manifest
+    from adapter_io import write_manifest
     from train import train
 
     run = copy_run(done_run, tmp_path)
@@ -230,7 +233,7 @@ def test_resume_from_an_invalid_train_config_is_refused(tiny_dir, done_run, tmp_
 
 
 def test_corrupted_checkpoint_is_refused_on_adapter_load(tiny_dir, done_run, tmp_path):
-    from lora_moe import load_adapter
+    from adapter_io import load_adapter
     from model import load_model
 
     run = copy_run(done_run, tmp_path)

@@ -111,7 +111,7 @@ def test_chat_template_inline_reasoning_moves_into_think_block():
 
 def test_generate_text_roundtrip_on_tiny_demo_checkpoint(tmp_path):
     import torch
-    from chat import generate
+    from generate import generate
     from model import load_model
     from tiny_qwen import make_tiny_checkpoint
 
@@ -130,8 +130,9 @@ def test_generate_text_roundtrip_on_tiny_demo_checkpoint(tmp_path):
 
 def test_tiny_top_p_keeps_only_the_argmax(tmp_path):
     import torch
-    from chat import generate
-    from model import Qwen3, Qwen3Config, init_weights
+    from generate import generate
+    from model import Qwen3, Qwen3Config
+    from tiny_qwen import init_weights
 
     cfg = Qwen3Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=8)

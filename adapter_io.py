@@ -1,0 +1,144 @@
+"""Saving and loading only the adapters: ``adapter.safetensors`` + ``adapter_config.json`` + ``manifest.json``.
+
+An adapter dir (or a train.py checkpoint, which is one plus its training state) holds the trainable tensors,
+the adapters' ``LoRAMoEConfig`` with a hash of the base model's config, and the sha256 of every file. Nothing
+is trusted before it is checked: the manifest first (a dir without one is refused), then the config with the
+same rules as train.py's flags (before anything is allocated), then the base, then every tensor's shape.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, fields
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from lora_moe import LoRAMoEConfig, add_lora_moe, adapter_config, sites
+
+CKPT_NAME = re.compile(r"ckpt-(\d+)")  # a train.py checkpoint dir's name; the one pattern for it
+
+
+def base_config_hash(model) -> str:
+    return hashlib.sha256(json.dumps(asdict(model.cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def adapter_state(model: nn.Module) -> dict:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model: nn.Module, path: str, tensors: dict | None = None):
+    """Trainable tensors as ``adapter.safetensors`` + ``adapter_config.json`` (the LoRAMoEConfig, base hash) +
+    ``manifest.json``. ``tensors`` replaces the model's own trainable tensors (train.py passes them gathered
+    from FSDP shards, plus the contrastive heads and queues)."""
+    os.makedirs(path, exist_ok=True)
+    state = {n: t.contiguous().cpu() for n, t in (adapter_state(model) if tensors is None else tensors).items()}
+    save_file(state, os.path.join(path, "adapter.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w", encoding="utf-8") as f:
+        json.dump({**asdict(adapter_config(model)), "base_config_hash": base_config_hash(model),
+                   "base_config": asdict(model.cfg)}, f, indent=2)
+    write_manifest(path)
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(path: str):
+    """``manifest.json``: the sha256 of every file in the dir, so corruption is caught on load."""
+    files = sorted(f for f in os.listdir(path) if f != "manifest.json" and os.path.isfile(os.path.join(path, f)))
+    with open(os.path.join(path, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump({name: file_sha256(os.path.join(path, name)) for name in files}, f, indent=1)
+
+
+def verify_manifest(path: str):
+    """Check every file named in ``manifest.json`` against its sha256. why a missing manifest is an error: if
+    deleting it switched the check off, an edited adapter would load silently."""
+    manifest = os.path.join(path, "manifest.json")
+    if not os.path.isfile(manifest):
+        raise ValueError(f"{manifest} not found: not a complete adapter or checkpoint dir (its files cannot be "
+                         "checked)")
+    with open(manifest, encoding="utf-8") as f:
+        sums = json.load(f)
+    if not isinstance(sums, dict) or "adapter.safetensors" not in sums:
+        raise ValueError(f"{manifest} does not list adapter.safetensors: not a SparseDoctor manifest")
+    for name, digest in sums.items():
+        file = os.path.join(path, os.path.basename(str(name)))
+        if not os.path.isfile(file) or file_sha256(file) != digest:
+            raise ValueError(f"{file} is missing or does not match the checkpoint's manifest.json: "
+                             "corrupted or edited")
+
+
+def resolve_adapter_dir(path: str) -> str:
+    """An adapter/checkpoint dir, a train.py run dir, or its ``latest`` file -> the adapter dir."""
+    if os.path.isfile(path) and os.path.basename(path) == "latest":
+        path = os.path.dirname(path) or "."
+    named = os.path.join(path, "latest")
+    if not os.path.exists(os.path.join(path, "adapter_config.json")) and os.path.isfile(named):
+        with open(named, encoding="utf-8") as f:
+            name = f.read(64).strip()
+        if not CKPT_NAME.fullmatch(name):  # why: a hand-edited latest must not point outside the run dir
+            raise ValueError(f"{path}/latest names {name[:40]!r}, not a ckpt-NNNNNN checkpoint of this run")
+        path = os.path.join(path, name)
+    return path
+
+
+def read_adapter_config(path: str) -> LoRAMoEConfig:
+    """An adapter dir's LoRAMoEConfig, checked with the rules of train.py's flags before anything is allocated."""
+    cfg_file = os.path.join(path, "adapter_config.json")
+    with open(cfg_file, encoding="utf-8") as f:
+        cfg = json.load(f)
+    missing = [k for k in ("base_config_hash", *(f.name for f in fields(LoRAMoEConfig)))
+               if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise ValueError(f"{cfg_file} is not a SparseDoctor adapter config: missing {missing}")
+    try:
+        return LoRAMoEConfig(**{f.name: cfg[f.name] for f in fields(LoRAMoEConfig)})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: {e}") from None
+
+
+def load_adapter(model: nn.Module, path: str) -> dict:
+    """Add (if needed) and fill the adapters saved by ``save_adapter``; returns any extra tensors saved with them.
+
+    ``path``: an adapter dir, a train.py checkpoint, a run dir or its ``latest`` file (the newest checkpoint)."""
+    path = resolve_adapter_dir(path)
+    cfg_file = os.path.join(path, "adapter_config.json")
+    if not os.path.exists(cfg_file):
+        raise FileNotFoundError(f"{cfg_file} not found: an adapter dir holds adapter_config.json + "
+                                "adapter.safetensors")
+    verify_manifest(path)
+    saved = read_adapter_config(path)
+    with open(cfg_file, encoding="utf-8") as f:
+        raw = json.load(f)
+    if raw["base_config_hash"] != base_config_hash(model):
+        theirs, ours = raw.get("base_config") or {}, asdict(model.cfg)
+        diff = {k: (theirs.get(k), ours[k]) for k in ours if theirs.get(k) != ours[k]}
+        raise ValueError(f"adapter {path} was trained on a different base model: "
+                         f"(adapter's, this base's) = {diff}")
+    if not sites(model):
+        add_lora_moe(model, saved, verbose=False)
+    elif adapter_config(model) != saved:
+        present = asdict(adapter_config(model))
+        diff = {k: (v, present[k]) for k, v in asdict(saved).items() if present[k] != v}
+        raise ValueError(f"adapter {path} does not match this model's adapters: (saved, present) = {diff}")
+    state = load_file(os.path.join(path, "adapter.safetensors"), device=str(next(model.parameters()).device))
+    params = dict(model.named_parameters())
+    want = set(adapter_state(model))
+    missing = sorted(want - state.keys())
+    if missing:
+        raise KeyError(f"adapter {path} lacks tensors: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    with torch.no_grad():
+        for n in want:
+            if params[n].shape != state[n].shape:
+                raise ValueError(f"adapter tensor {n}: saved {tuple(state[n].shape)}, "
+                                 f"model {tuple(params[n].shape)}")
+            params[n].copy_(state[n])
+    return {k: v for k, v in state.items() if k not in want}
