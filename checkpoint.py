@@ -299,3 +299,18 @@ def load_checkpoint(path: str, model, heads, queue, device) -> dict:
     if queue is not None:
         queue.load_state_dict({k[6:]: v.to(device) for k, v in extra.items() if k.startswith("queue.")})
     return read_training_state(path)
+
+
+def write_run_config(cfg, model_dir: str, world: int):
+    """``OUT/config.json``: this run's resolved settings (the model dir, the world size), also printed."""
+    os.makedirs(cfg.out, exist_ok=True)
+    resolved = {**asdict(cfg), "model": model_dir, "world_size": world}
+    with open(os.path.join(cfg.out, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(resolved, f, indent=2)
+    print("config:", json.dumps(resolved))
+
+
+def append_metrics(out: str, rec: dict):
+    """One step's metrics as one line of ``OUT/metrics.jsonl``."""
+    with open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")

@@ -10,12 +10,11 @@ run (data, model + adapters, resume, parallel wrapping, optimizer), one training
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -23,8 +22,8 @@ from tqdm import tqdm
 
 import cli
 import parallel
-from checkpoint import (RunLock, gather_state, load_checkpoint, plan_resume, restore_rng, rng_state,
-                        save_checkpoint, trim_metrics)
+from checkpoint import (RunLock, append_metrics, gather_state, load_checkpoint, plan_resume, restore_rng,
+                        rng_state, save_checkpoint, trim_metrics, write_run_config)
 from contrastive import CL_VIEWS, make_heads
 from data import IGNORE, Batches, DataError, encode_all, read_jsonl
 from expert_queue import ExpertQueue
@@ -366,19 +365,6 @@ def run(cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
         log(f"done: {len(history)} steps, lm {history[0]['lm']:.3f} -> {history[-1]['lm']:.3f}; "
             f"adapters in {cfg.out}/latest")
     return history
-
-
-def write_run_config(cfg: TrainConfig, model_dir: str, world: int):
-    os.makedirs(cfg.out, exist_ok=True)
-    resolved = {**asdict(cfg), "model": model_dir, "world_size": world}
-    with open(os.path.join(cfg.out, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(resolved, f, indent=2)
-    print("config:", json.dumps(resolved))
-
-
-def append_metrics(out: str, rec: dict):
-    with open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec) + "\n")
 
 
 def main(argv=None):
