@@ -180,22 +180,22 @@ def equal_length_data(path, n=16):
                                ensure_ascii=False) + "\n")
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-accum", "ddp-default"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-accum", "ddp-default", "ddp-default-accum"])
 def test_two_ranks_equal_one_process_with_the_doubled_batch(tiny_dir, tmp_path, mode):
     """torchrun --nproc_per_node=2 (gloo) x batch 2 == 1 process x batch 4, all three losses on: the same
     per-step losses and, after 4 AdamW steps, the same adapters, heads and queues. ddp / fsdp / ddp-accum use
     the mixture reading with heads and the queue; ddp-default train.py's defaults (the sequence reading: no
-    heads, no queue). ddp-accum: 2 micro-batches a step (DDP's no_sync on the first). ddp also resumes the
+    heads, no queue). *-accum: 2 micro-batches a step (DDP's no_sync on the first). ddp also resumes the
     1-process run at step 2 on 2 ranks."""
     from safetensors.torch import load_file
 
     common = equal_length_args(tiny_dir, tmp_path) + ["--dropout", "0", "--queue-size", "64", "--proj-dim", "16",
                                                       "--tokens-per-site", "100000", "--save-every", "1"]
-    heads = mode != "ddp-default"
+    heads = not mode.startswith("ddp-default")
     if heads:
         common += ["--cl-views", "mixture", "--lambda-cl", "0.1", "--queue"]
     b1, b2 = (["--batch-size", "2", "--grad-accum", "2"], ["--batch-size", "1", "--grad-accum", "2"]) \
-        if mode == "ddp-accum" else (["--batch-size", "4"], ["--batch-size", "2"])
+        if mode.endswith("accum") else (["--batch-size", "4"], ["--batch-size", "2"])
     m1 = train_cli(common + b1, tmp_path / "one")
     m2 = train_cli(common + b2 + (["--fsdp"] if mode == "fsdp" else []), tmp_path / "two", nproc=2)
     assert len(m1) == len(m2) == 4
