@@ -1,8 +1,11 @@
 """Training data: jsonl -> chat messages -> token ids with assistant-only labels -> length-bucketed batches.
 
 Accepted line shapes (one JSON object per line):
-    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}          (OpenAI / HF chat)
+    {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}            (ShareGPT)
+    {"data": ["question", "answer", "question", "answer", ...]}                           (HuatuoGPT)
     {"prompt": "...", "response": "..."}            {"instruction": "...", "input": "...", "output": "..."}
+A UTF-8 byte-order mark at the start of the file is skipped.
 """
 from __future__ import annotations
 
@@ -14,6 +17,13 @@ import torch
 from tokenizer import render_turns
 
 IGNORE = -100  # label of tokens without loss (prompt, template, padding)
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+MAX_LINE = 64 << 20  # bytes; why a bound: a device file or a jsonl without newlines must not eat the memory
+
+
+def answer_mask(labels):
+    """(B, T) labels -> (B, T-1) bool: the positions t whose next token t+1 carries loss (an answer token)."""
+    return labels[:, 1:] != IGNORE
 
 
 class DataError(ValueError):
@@ -33,6 +43,10 @@ def to_messages(obj) -> list[dict]:
                     or not isinstance(m.get("content"), str):
                 raise DataError("each message needs role system/user/assistant and a string content, "
                                 f"got {m!r:.80}")
+    elif "conversations" in obj:
+        msgs = sharegpt_messages(obj["conversations"])
+    elif "data" in obj:
+        msgs = huatuo_messages(obj["data"])
     elif "prompt" in obj and "response" in obj:
         _strings(obj, "prompt", "response")
         msgs = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
@@ -41,8 +55,8 @@ def to_messages(obj) -> list[dict]:
         user = obj["instruction"] + ("\n\n" + obj["input"] if obj.get("input") else "")
         msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
     else:
-        raise DataError(f"unknown shape with keys {sorted(obj)}: expected 'messages', 'prompt'+'response' "
-                        "or 'instruction'(+'input')+'output'")
+        raise DataError(f"unknown shape with keys {sorted(obj)}: expected 'messages', 'conversations', 'data', "
+                        "'prompt'+'response' or 'instruction'(+'input')+'output'")
     for m in msgs:
         try:
             m["content"].encode("utf-8")
@@ -51,6 +65,26 @@ def to_messages(obj) -> list[dict]:
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError("no assistant turn: nothing to learn from")
     return msgs
+
+
+def sharegpt_messages(turns) -> list[dict]:
+    """ShareGPT's [{"from": "human"|"gpt"|"system", "value": ...}] -> chat messages."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError("'conversations' must be a non-empty list")
+    msgs = []
+    for t in turns:
+        if not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES or not isinstance(t.get("value"), str):
+            raise DataError(f"each conversation turn needs from {'/'.join(SHAREGPT_ROLES)} and a string value, "
+                            f"got {t!r:.80}")
+        msgs.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+    return msgs
+
+
+def huatuo_messages(texts) -> list[dict]:
+    """HuatuoGPT's ["question", "answer", ...] (alternating, user first) -> chat messages."""
+    if not isinstance(texts, list) or len(texts) < 2 or len(texts) % 2 or not all(isinstance(t, str) for t in texts):
+        raise DataError("'data' must be a list of strings alternating question, answer (an even number >= 2)")
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
 
 
 def _strings(obj: dict, *keys):
@@ -76,7 +110,11 @@ def read_jsonl(path: str, skip_bad: bool = False) -> tuple[list[list[dict]], int
     """All examples of a jsonl file; a bad line stops with file:line (or is skipped and counted)."""
     out, bad = [], 0
     with open(path, "rb") as f:  # bytes: a non-UTF-8 line is reported with its line number
-        for n, line in enumerate(f, 1):
+        for n, line in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
+            if len(line) > MAX_LINE:
+                raise DataError(f"{path}:{n}: a line longer than {MAX_LINE >> 20} MiB: not a jsonl file")
+            if n == 1 and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (some editors write one)
+                line = line[3:]
             if not line.strip():
                 continue
             try:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from contrastive import contrastive_loss
-from data import IGNORE
+from data import answer_mask
 from lora_moe import balance_loss, record_routing, stack_records, token_weight, z_loss
 from parallel import is_distributed, world_size
 
@@ -57,7 +57,7 @@ class FrozenHeadCE(torch.autograd.Function):
 def lm_loss_sum(model, hidden, labels, chunk: int):
     """Sum of next-token cross-entropy over supervised positions; the LM head runs only there, in chunks."""
     h, y = hidden[:, :-1], labels[:, 1:]  # position t predicts token t+1
-    sel = y != IGNORE
+    sel = answer_mask(labels)
     if model.lm_head.weight.requires_grad:
         raise ValueError("lm_loss_sum expects a frozen LM head (the base model is frozen)")
     return FrozenHeadCE.apply(h[sel], model.lm_head.weight, y[sel], chunk)  # h[sel]: (N, hidden), y[sel]: (N,)

@@ -4,174 +4,35 @@
     torchrun --nproc_per_node=8 train.py --model Qwen3-4B --data med.jsonl --dtype bfloat16
 
 L = L_LM (assistant tokens only) + lambda_bal * L_bal (load balancing) + lambda_cl * L_cl (expert contrastive);
-the objective lives in objective.py. This file reads top to bottom: the config and its flags, building the
-run (data, model + adapters, resume, parallel wrapping, optimizer), one training step, the loop.
+the objective lives in objective.py, every flag in config.py (``python train.py --help``). This file reads top
+to bottom: building the run (data, model + adapters, resume, parallel wrapping, optimizer), one training step,
+the loop.
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import random
 import time
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import cli
+import config
 import parallel
 from checkpoint import (RunLock, append_metrics, gather_state, load_checkpoint, plan_resume, restore_rng,
                         rng_state, save_checkpoint, trim_metrics, write_run_config)
-from contrastive import CL_VIEWS, make_heads
-from data import IGNORE, Batches, DataError, encode_all, read_jsonl
+from config import FIXED_ON_RESUME, TrainConfig
+from contrastive import make_heads
+from data import Batches, DataError, answer_mask, encode_all, read_jsonl
 from expert_queue import ExpertQueue
-from lora_moe import TARGETS, LoRAMoEConfig, add_lora_moe, check_targets, routing_stats, sites
-from model import Qwen3Config, load_model, resolve_dtype
+from lora_moe import LoRAMoEConfig, add_lora_moe, routing_stats, sites
+from model import load_model, resolve_dtype
 from objective import HybridLoss
 from tiny_qwen import model_dir_or_demo
 from tokenizer import load_tokenizer
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@dataclass
-class TrainConfig(LoRAMoEConfig):
-    """Every flag of train.py (``--num-experts`` for ``num_experts``). The adapter fields (num_experts,
-    rank, alpha, top_k, dropout, targets) and their defaults come from ``LoRAMoEConfig``."""
-    # data
-    data: str = os.path.join(HERE, "data", "med_sample.jsonl")
-    max_len: int = 512                # tokens per example; longer ones are truncated
-    skip_bad: bool = False            # skip malformed jsonl lines (counted) instead of stopping
-    # model
-    model: str | None = None          # HF Qwen3 checkpoint dir; None = the tiny random demo model
-    dtype: str | None = None          # base dtype: default bfloat16 on CUDA, float32 on CPU
-    grad_checkpointing: bool = False  # recompute each decoder block in backward
-    # the hybrid loss: one weight per term, 0 = off
-    lambda_bal: float = 0.01          # load balancing weight
-    z_loss: float = 0.0               # router z-loss weight (a term of its own)
-    lambda_cl: float = 1.0            # expert contrastive weight (1.0: see docs/ablation.md, "sequence reading")
-    temperature: float = 0.07         # InfoNCE tau
-    cl_views: str = "sequence"        # contrastive reading: sequence, mixture or expert (contrastive.py)
-    queue_momentum: float = 0.0       # EMA momentum of the key heads (MoCo); 0 = keys from the heads themselves
-    queue: bool = False               # --queue: the expert memory queue's negatives (off: docs/ablation.md)
-    queue_size: int = 1024            # expert memory queue entries per site (K)
-    proj_dim: int = 64                # projection head output (d)
-    tokens_per_site: int = 256        # tokens sampled per site for the contrastive loss
-    ce_chunk: int = 2048              # supervised positions per LM-head chunk
-    # optimization
-    batch_size: int = 4               # sequences per micro-batch per rank
-    grad_accum: int = 1               # micro-batches per optimizer step
-    steps: int = 100                  # optimizer steps
-    lr: float = 1e-3                  # LoRA-MoE on the tiny demo; use ~2e-4 on a real Qwen3
-    warmup: int = 10                  # linear warmup steps, then cosine down to min_lr_ratio * lr
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    clip: float = 1.0                 # gradient-norm clip; 0 = off
-    seed: int = 0
-    # parallelism
-    fsdp: bool = False                # under torchrun: FSDP2 (fully_shard per decoder block) instead of DDP
-    # run directory, checkpoints, logging
-    out: str = "runs/sparsedoctor"
-    save_every: int = 50
-    keep: int = 2                     # checkpoints kept
-    resume: str | None = None         # a run dir (its newest valid checkpoint), or a checkpoint dir; empty: fresh
-    overwrite: bool = False           # start over in an --out that holds an earlier run
-    log_every: int = 1                # steps between per-layer routing stats in metrics.jsonl
-    progress: bool = True             # --no-progress: no progress bar
-    debug: bool = False               # tracebacks instead of one-line errors
-
-    def __post_init__(self):
-        super().__post_init__()
-        validate(self)
-
-    def loss_weights(self) -> dict:
-        """The weight of each routing term as trained: all 0 for plain LoRA (E = 1: no router to train)."""
-        routed = self.num_experts > 1
-        return {"balance": self.lambda_bal * routed, "z": self.z_loss * routed, "contrastive": self.lambda_cl * routed}
-
-    @property
-    def uses_contrastive(self) -> bool:
-        return self.loss_weights()["contrastive"] > 0
-
-
-def validate(cfg: TrainConfig):
-    """Every rule on how flags combine, in one place (each flag's own range is its parser's, in CHECKS): a
-    combination that would do nothing, or something other than it says, is refused with one line."""
-    if cfg.cl_views not in CL_VIEWS:
-        raise ValueError(f"--cl-views {cfg.cl_views!r}: valid: {', '.join(CL_VIEWS)}")
-    contrastive = cfg.lambda_cl > 0 and cfg.num_experts > 1
-    if cfg.queue and not contrastive:
-        raise ValueError("--queue holds negatives of the contrastive term, which is off (--lambda-cl 0 or "
-                         "--num-experts 1)")
-    if cfg.queue_momentum > 0 and not (contrastive and cfg.cl_views != "sequence"):
-        raise ValueError("--queue-momentum moves projection heads, which only the head readings have "
-                         "(--cl-views mixture|expert, with --lambda-cl > 0 and --num-experts > 1)")
-    if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        raise ValueError("--fsdp shards over processes: run under torchrun with --nproc_per_node >= 2")
-
-
-INF = float("inf")
-CHECKS = {  # each numeric flag's parser, which states its valid range
-    "num_experts": cli.at_least(1), "rank": cli.at_least(1), "top_k": cli.at_least(1),
-    "alpha": cli.in_range(0, INF, lo_open=True), "dropout": cli.in_range(0, 1, hi_open=True),
-    "max_len": cli.at_least(2), "batch_size": cli.at_least(1), "grad_accum": cli.at_least(1),
-    "steps": cli.at_least(1), "lr": cli.in_range(0, INF, lo_open=True), "warmup": cli.at_least(0),
-    "min_lr_ratio": cli.in_range(0, 1), "weight_decay": cli.at_least(0, float), "clip": cli.at_least(0, float),
-    "seed": cli.at_least(0), "lambda_bal": cli.at_least(0, float), "z_loss": cli.at_least(0, float),
-    "lambda_cl": cli.at_least(0, float), "temperature": cli.in_range(0, INF, lo_open=True),
-    "queue_momentum": cli.in_range(0, 1, hi_open=True), "queue_size": cli.at_least(1),
-    "proj_dim": cli.at_least(1), "tokens_per_site": cli.at_least(1), "ce_chunk": cli.at_least(1),
-    "save_every": cli.at_least(1), "keep": cli.at_least(1), "log_every": cli.at_least(1)}
-# adapter and loss shapes a checkpoint was trained with: a resume must use the same ones (checkpoint.plan_resume
-# also refuses a resume that turns the contrastive term or the momentum heads on or off)
-FIXED_ON_RESUME = ("num_experts", "rank", "alpha", "top_k", "targets", "proj_dim", "queue_size", "queue",
-                   "cl_views")
-
-
-def parse_targets(s: str) -> tuple:
-    try:
-        return check_targets(t.strip() for t in s.split(",") if t.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def parse_args(argv=None) -> TrainConfig:
-    """Flags -> TrainConfig; every value checked here, before anything is loaded."""
-    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "progress":
-            ap.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
-        elif f.type == "bool":
-            ap.add_argument(flag, action="store_true", dest=f.name)
-        elif f.name == "cl_views":
-            ap.add_argument(flag, choices=CL_VIEWS, default=f.default, help=f"default: {f.default}")
-        elif f.name == "targets":
-            ap.add_argument(flag, type=parse_targets, default=TARGETS, help=f"default: {','.join(TARGETS)}")
-        else:
-            typ = CHECKS.get(f.name, str)
-            valid = f"; {typ.valid}" if hasattr(typ, "valid") else ""
-            ap.add_argument(flag, type=typ, default=f.default, dest=f.name, help=f"default: {f.default}{valid}")
-    ns = ap.parse_args(argv)
-    try:
-        cfg = TrainConfig(**vars(ns))
-    except ValueError as e:
-        ap.error(str(e))
-    if not os.path.isfile(cfg.data):
-        ap.error(f"argument --data: {cfg.data} is {'a directory' if os.path.isdir(cfg.data) else 'not found'}, "
-                 "expected a jsonl file")
-    if cfg.model is not None:
-        for name in ("config.json", "tokenizer.json"):
-            if not os.path.isfile(os.path.join(cfg.model, name)):
-                ap.error(f"argument --model: {cfg.model} has no {name}: expected a Hugging Face Qwen3 checkpoint")
-        try:
-            Qwen3Config.from_json(os.path.join(cfg.model, "config.json"))
-        except (ValueError, KeyError, TypeError, UnicodeError) as e:
-            ap.error(f"argument --model: {cfg.model}/config.json: {cli.message(e)}")
-    return cfg
-
 
 def seed_everything(seed: int):
     random.seed(seed)
@@ -255,7 +116,7 @@ def train_step(wrapped, body, batches, queue, gen, params, opt, sched, cfg: Trai
     the routers did on the last micro-batch). One read from the device per step: the loss parts and the
     gradient norm together, for the log and the non-finite guard."""
     # N_sup, real and padding tokens of the whole step (all micro-batches, all ranks), from the CPU batches
-    n_sup, n_tok, n_all = parallel.all_sum([float(sum(int((y[:, 1:] != IGNORE).sum()) for _, y, _ in batches)),
+    n_sup, n_tok, n_all = parallel.all_sum([float(sum(int(answer_mask(y).sum()) for _, y, _ in batches)),
                                             float(sum(int(m.sum()) for _, _, m in batches)),
                                             float(sum(m.numel() for _, _, m in batches))], device)
     names = ("lm", "balance", "z", "contrastive")
@@ -267,7 +128,7 @@ def train_step(wrapped, body, batches, queue, gen, params, opt, sched, cfg: Trai
                                            queue, gen)
             loss.backward()
         sums += torch.stack([parts[k].double() if parts[k] is not None else sums.new_zeros(()) for k in names])
-    grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else INF))
+    grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf))
     world = parallel.world_size()
     sums = parallel.all_reduce_(sums / torch.tensor([1.0] + [world] * 3, dtype=torch.float64, device=device))
     lm, bal, z, cl, grad_norm = torch.cat([sums, grad_norm.double().reshape(1)]).tolist()  # the one read
@@ -365,6 +226,11 @@ def run(cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
         log(f"done: {len(history)} steps, lm {history[0]['lm']:.3f} -> {history[-1]['lm']:.3f}; "
             f"adapters in {cfg.out}/latest")
     return history
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """Flags -> TrainConfig (config.py: every flag, its --help, its range and how flags combine)."""
+    return config.parse_args(argv, description=__doc__)
 
 
 def main(argv=None):

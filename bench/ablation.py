@@ -128,7 +128,7 @@ def make_base(path: str, logit_scale: float = 8.0) -> str:
 @torch.no_grad()
 def measure(model, tok, examples, batch_size: int = 32) -> dict:
     """Held-out loss and exact match per domain, and per-site routing statistics at answer positions."""
-    from data import IGNORE, collate, tokenize
+    from data import answer_mask, collate, tokenize
     from lora_moe import record_routing, sites
 
     model.eval()
@@ -143,7 +143,7 @@ def measure(model, tok, examples, batch_size: int = 32) -> dict:
         with record_routing(model, expert_acts=has_moe) as recs:
             hidden = model.model(ids)  # (B, T, hidden)
         tgt = labels[:, 1:]  # position t predicts token t+1
-        sel = tgt != IGNORE  # (B, T-1) answer positions
+        sel = answer_mask(labels)  # (B, T-1) answer positions
         logits = model.lm_head(hidden[:, :-1][sel]).float()  # (N, V)
         y = tgt[sel]
         dom = torch.tensor([d for d, _ in chunk])
@@ -206,7 +206,7 @@ def router_gradient_share(model, tok, examples, cfg, heads, queue) -> float:
     """||d(lambda_cl L_cl)/dW_router|| / ||d L_LM/dW_router|| on held-out examples, with the run's settings and
     the checkpoint's heads and queue: how much of the routers' training signal the contrastive term is."""
     from contrastive import contrastive_loss
-    from data import collate, tokenize
+    from data import answer_mask, collate, tokenize
     from lora_moe import record_routing, sites, stack_records
     from objective import lm_loss_sum
 
@@ -218,7 +218,7 @@ def router_gradient_share(model, tok, examples, cfg, heads, queue) -> float:
         with record_routing(model, expert_acts=cfg.cl_views != "sequence") as recs:
             hidden = model.model(ids)
         if term == "lm":
-            loss = lm_loss_sum(model, hidden, labels, 4096) / (labels[:, 1:] != -100).sum()
+            loss = lm_loss_sum(model, hidden, labels, 4096) / answer_mask(labels).sum()
         else:
             loss = cfg.lambda_cl * contrastive_loss(stack_records(recs), mask.float(), cfg.cl_views, heads, queue,
                                                     cfg.tokens_per_site, cfg.temperature,
@@ -237,7 +237,7 @@ def probe_ceiling(model_dir: str, tok, examples, seed: int = 0) -> dict:
     """Per layer and router input (attention in: q/k/v; o_proj in; MLP in: gate/up; down_proj in): held-out
     accuracy of a linear classifier from the router input x to the domain over answer positions, and
     NMI(domain; k-means cluster) with k = E. Train / test: the two halves of ``examples``."""
-    from data import IGNORE, collate, tokenize
+    from data import answer_mask, collate, tokenize
     from model import load_model
 
     model = load_model(model_dir)
@@ -254,7 +254,7 @@ def probe_ceiling(model_dir: str, tok, examples, seed: int = 0) -> dict:
         ids, labels, _ = collate([tokenize(msgs, tok) for _, msgs in chunk], tok.pad_id)
         feats.clear()
         model.model(ids)
-        sel = labels[:, 1:] != IGNORE  # answer positions (those that predict an answer token)
+        sel = answer_mask(labels)  # answer positions (those that predict an answer token)
         doms.append(torch.tensor([d for d, _ in chunk])[:, None].expand_as(sel)[sel])
         for key, (x,) in feats.items():
             xs.setdefault(key, []).append(x[:, :-1][sel])

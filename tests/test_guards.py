@@ -164,3 +164,54 @@ def test_an_adapter_without_its_manifest_is_refused(tmp_path):
     (ad / "adapter.safetensors").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="manifest.json not found"):
         load_adapter(load_model(str(tmp_path / "base")), str(ad))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# flags and data
+
+
+def test_every_train_flag_says_what_it_does(capsys):
+    """--help: every option has its own sentence (not only a default), in the groups of config.HELP."""
+    from dataclasses import fields
+
+    import config
+
+    assert set(config.HELP_OF) == {f.name for f in fields(config.TrainConfig)}
+    assert all(len(text.split()) >= 3 for text in config.HELP_OF.values())
+    with pytest.raises(SystemExit):
+        config.parse_args(["--help"])
+    out = capsys.readouterr().out
+    for group in config.HELP:
+        assert f"\n{group}:\n" in out
+    assert "--queue-momentum" in out and "head readings only" in out
+
+
+@pytest.mark.parametrize("line, want", [
+    ({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
+                        {"from": "gpt", "value": "a"}]}, ["system", "user", "assistant"]),
+    ({"data": ["q1", "a1", "q2", "a2"]}, ["user", "assistant", "user", "assistant"]),
+])
+def test_sharegpt_and_huatuo_lines_become_chat_messages(tmp_path, line, want):
+    from data import read_jsonl
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(line, ensure_ascii=False).encode() + b"\n")  # with a BOM
+    (msgs,), bad = read_jsonl(str(path))
+    assert [m["role"] for m in msgs] == want and bad == 0
+    assert msgs[-1]["content"] in ("a", "a2")
+
+
+@pytest.mark.parametrize("line, needle", [
+    ({"conversations": [{"from": "robot", "value": "x"}]}, "from system/human/user/gpt/assistant"),
+    ({"conversations": []}, "'conversations' must be a non-empty list"),
+    ({"data": ["only a question"]}, "alternating question, answer"),
+    ({"data": ["q", 3]}, "alternating question, answer"),
+])
+def test_bad_sharegpt_and_huatuo_lines_name_file_and_line(tmp_path, line, needle):
+    from data import DataError, read_jsonl
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(DataError, match=rf"d.jsonl:2: .*{__import__('re').escape(needle)}"):
+        read_jsonl(str(path))
+    assert len(read_jsonl(str(path), skip_bad=True)[0]) == 1

@@ -1,0 +1,224 @@
+"""Every flag of train.py: ``TrainConfig`` (one field per flag, ``--num-experts`` for ``num_experts``), what each
+does (``HELP``, shown by ``--help`` in groups), each flag's own range (``CHECKS``) and, in ``validate``, every
+rule on how flags combine. A bad value or a combination that would do nothing stops here with one line,
+before anything is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+import cli
+from contrastive import CL_VIEWS
+from lora_moe import TARGETS, LoRAMoEConfig, check_targets
+from model import Qwen3Config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class TrainConfig(LoRAMoEConfig):
+    """The adapter fields (num_experts, rank, alpha, top_k, dropout, targets) and their defaults come from
+    ``LoRAMoEConfig``; the rest are the run's."""
+    data: str = os.path.join(HERE, "data", "med_sample.jsonl")
+    max_len: int = 512
+    skip_bad: bool = False
+    model: str | None = None
+    dtype: str | None = None
+    grad_checkpointing: bool = False
+    lambda_bal: float = 0.01
+    z_loss: float = 0.0
+    lambda_cl: float = 1.0
+    cl_views: str = "sequence"
+    temperature: float = 0.07
+    tokens_per_site: int = 256
+    queue: bool = False
+    queue_size: int = 1024
+    queue_momentum: float = 0.0
+    proj_dim: int = 64
+    ce_chunk: int = 2048
+    batch_size: int = 4
+    grad_accum: int = 1
+    steps: int = 100
+    lr: float = 1e-3
+    warmup: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    seed: int = 0
+    fsdp: bool = False
+    out: str = "runs/sparsedoctor"
+    save_every: int = 50
+    keep: int = 2
+    resume: str | None = None
+    overwrite: bool = False
+    log_every: int = 1
+    progress: bool = True
+    debug: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        validate(self)
+
+    def loss_weights(self) -> dict:
+        """The weight of each routing term as trained: all 0 for plain LoRA (E = 1: no router to train)."""
+        routed = self.num_experts > 1
+        return {"balance": self.lambda_bal * routed, "z": self.z_loss * routed, "contrastive": self.lambda_cl * routed}
+
+    @property
+    def uses_contrastive(self) -> bool:
+        return self.loss_weights()["contrastive"] > 0
+
+
+HELP = {  # group -> {field: what it does and what it goes with}; --help prints these, with default and range
+    "adapters": {
+        "num_experts": "LoRA experts per adapted projection (E); 1 = plain LoRA: no router, routing terms off",
+        "rank": "rank r of each expert",
+        "alpha": "the adapters' output is scaled by alpha / rank",
+        "top_k": "experts each token is routed to (<= --num-experts); = E is dense routing",
+        "dropout": "dropout on the adapters' input",
+        "targets": "comma-separated projections to adapt, of " + ",".join(TARGETS),
+    },
+    "model": {
+        "model": "Hugging Face Qwen3 checkpoint dir (config.json, *.safetensors, tokenizer.json); "
+                 "none: the tiny random demo model",
+        "dtype": "the frozen base's dtype (default: bfloat16 on CUDA, float32 on CPU); adapters stay float32",
+        "grad_checkpointing": "recompute each decoder block in backward: less memory, ~30%% more compute",
+    },
+    "losses (one weight per term; 0 = off)": {
+        "lambda_bal": "weight of the load-balancing term E sum_e f_e P_e",
+        "z_loss": "weight of the router z-loss mean(logsumexp(logits)^2)",
+        "lambda_cl": "weight of the expert contrastive term (docs/ablation.md chose 1.0)",
+        "cl_views": "contrastive reading: sequence (routings; the default), or mixture / expert "
+                    "(projection heads over the experts' activations)",
+        "temperature": "InfoNCE temperature tau",
+        "tokens_per_site": "anchor tokens sampled per adapted projection for the contrastive term",
+        "queue": "add the expert memory queue's past keys as negatives (needs the contrastive term)",
+        "queue_size": "queue entries per adapted projection (K), with --queue",
+        "queue_momentum": "EMA momentum of the key heads (MoCo), head readings only; 0 = keys from the heads",
+        "proj_dim": "projection heads' output size, head readings only",
+        "ce_chunk": "answer positions per LM-head chunk (memory of the logits, not the result)",
+    },
+    "data": {
+        "data": "training jsonl: messages, prompt/response, instruction/input/output, ShareGPT conversations "
+                "or a HuatuoGPT data list per line",
+        "max_len": "tokens per example; longer ones are truncated (examples with no answer token left dropped)",
+        "skip_bad": "skip malformed lines (counted) instead of stopping at the first",
+    },
+    "optimisation": {
+        "batch_size": "sequences per micro-batch per process",
+        "grad_accum": "micro-batches per optimizer step (the step's batch: batch-size x grad-accum x processes)",
+        "steps": "optimizer steps in all (on resume: the total, not the steps still to run)",
+        "lr": "peak learning rate of AdamW (~2e-4 on a real Qwen3; 1e-3 suits the tiny demo)",
+        "warmup": "linear warmup steps, then cosine down to --min-lr-ratio x --lr at --steps",
+        "min_lr_ratio": "the cosine schedule's floor, as a share of --lr",
+        "weight_decay": "AdamW weight decay",
+        "clip": "gradient-norm clip; 0 = off",
+        "seed": "seed of the adapters' init, the batch order, dropout and token sampling",
+        "fsdp": "under torchrun: shard the base with FSDP2 instead of replicating it (DDP)",
+    },
+    "run directory": {
+        "out": "run dir: config.json, metrics.jsonl, ckpt-NNNNNN/, latest (one run per dir)",
+        "save_every": "steps between checkpoints (the last step is always saved)",
+        "keep": "checkpoints kept (older ones pruned)",
+        "resume": "continue exactly from a run dir's newest valid checkpoint, or a checkpoint dir; a new dir "
+                  "starts fresh",
+        "overwrite": "start over in an --out that holds an earlier run (removes only what train.py wrote)",
+        "log_every": "steps between per-layer routing statistics in metrics.jsonl",
+        "progress": "no progress bar",
+        "debug": "tracebacks instead of one-line errors",
+    },
+}
+INF = float("inf")
+CHECKS = {  # each numeric flag's parser, which states its valid range
+    "num_experts": cli.at_least(1), "rank": cli.at_least(1), "top_k": cli.at_least(1),
+    "alpha": cli.in_range(0, INF, lo_open=True), "dropout": cli.in_range(0, 1, hi_open=True),
+    "max_len": cli.at_least(2), "batch_size": cli.at_least(1), "grad_accum": cli.at_least(1),
+    "steps": cli.at_least(1), "lr": cli.in_range(0, INF, lo_open=True), "warmup": cli.at_least(0),
+    "min_lr_ratio": cli.in_range(0, 1), "weight_decay": cli.at_least(0, float), "clip": cli.at_least(0, float),
+    "seed": cli.at_least(0), "lambda_bal": cli.at_least(0, float), "z_loss": cli.at_least(0, float),
+    "lambda_cl": cli.at_least(0, float), "temperature": cli.in_range(0, INF, lo_open=True),
+    "queue_momentum": cli.in_range(0, 1, hi_open=True), "queue_size": cli.at_least(1),
+    "proj_dim": cli.at_least(1), "tokens_per_site": cli.at_least(1), "ce_chunk": cli.at_least(1),
+    "save_every": cli.at_least(1), "keep": cli.at_least(1), "log_every": cli.at_least(1)}
+# adapter and loss shapes a checkpoint was trained with: a resume must use the same ones (checkpoint.plan_resume
+# also refuses a resume that turns the contrastive term or the momentum heads on or off)
+FIXED_ON_RESUME = ("num_experts", "rank", "alpha", "top_k", "targets", "proj_dim", "queue_size", "queue",
+                   "cl_views")
+
+
+def validate(cfg: TrainConfig):
+    """Every rule on how flags combine, in one place (each flag's own range is its parser's, in CHECKS): a
+    combination that would do nothing, or something other than it says, is refused with one line."""
+    if cfg.cl_views not in CL_VIEWS:
+        raise ValueError(f"--cl-views {cfg.cl_views!r}: valid: {', '.join(CL_VIEWS)}")
+    contrastive = cfg.lambda_cl > 0 and cfg.num_experts > 1
+    if cfg.queue and not contrastive:
+        raise ValueError("--queue holds negatives of the contrastive term, which is off (--lambda-cl 0 or "
+                         "--num-experts 1)")
+    if cfg.queue_momentum > 0 and not (contrastive and cfg.cl_views != "sequence"):
+        raise ValueError("--queue-momentum moves projection heads, which only the head readings have "
+                         "(--cl-views mixture|expert, with --lambda-cl > 0 and --num-experts > 1)")
+    if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise ValueError("--fsdp shards over processes: run under torchrun with --nproc_per_node >= 2")
+
+
+def parse_targets(s: str) -> tuple:
+    try:
+        return check_targets(t.strip() for t in s.split(",") if t.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_flag(group, f):
+    """One field as a flag: its help sentence, default and valid range."""
+    text, flag = HELP_OF[f.name], "--" + f.name.replace("_", "-")
+    if f.name == "progress":
+        group.add_argument("--no-progress", action="store_false", dest="progress", help=text)
+    elif f.type == "bool":
+        group.add_argument(flag, action="store_true", dest=f.name, help=text)
+    elif f.name == "cl_views":
+        group.add_argument(flag, choices=CL_VIEWS, default=f.default, help=f"{text} (default: {f.default})")
+    elif f.name == "targets":
+        group.add_argument(flag, type=parse_targets, default=TARGETS, help=f"{text} (default: all)")
+    elif f.name == "dtype":
+        group.add_argument(flag, choices=["float32", "bfloat16"], default=None, help=text)
+    elif f.default is None:
+        group.add_argument(flag, default=None, dest=f.name, help=text)
+    else:
+        typ = CHECKS.get(f.name, str)
+        valid = f"; {typ.valid}" if hasattr(typ, "valid") else ""
+        group.add_argument(flag, type=typ, default=f.default, dest=f.name,
+                           help=f"{text} (default: {f.default}{valid})")
+
+
+HELP_OF = {name: text for group in HELP.values() for name, text in group.items()}
+
+
+def parse_args(argv=None, description: str = "") -> TrainConfig:
+    """Flags -> TrainConfig; every value checked here, before anything is loaded."""
+    ap = cli.Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    for title, names in HELP.items():
+        group = ap.add_argument_group(title)
+        for name in names:
+            add_flag(group, by_name[name])
+    ns = ap.parse_args(argv)
+    try:
+        cfg = TrainConfig(**vars(ns))
+    except ValueError as e:
+        ap.error(str(e))
+    if not os.path.isfile(cfg.data):
+        kind = "a directory" if os.path.isdir(cfg.data) else "not a regular file" if os.path.exists(cfg.data) \
+            else "not found"
+        ap.error(f"argument --data: {cfg.data} is {kind}, expected a jsonl file")
+    if cfg.model is not None:
+        for name in ("config.json", "tokenizer.json"):
+            if not os.path.isfile(os.path.join(cfg.model, name)):
+                ap.error(f"argument --model: {cfg.model} has no {name}: expected a Hugging Face Qwen3 checkpoint")
+        try:
+            Qwen3Config.from_json(os.path.join(cfg.model, "config.json"))
+        except (ValueError, KeyError, TypeError, UnicodeError) as e:
+            ap.error(f"argument --model: {cfg.model}/config.json: {cli.message(e)}")
+    return cfg
