@@ -59,6 +59,8 @@ def find_file(data_dir: str, name: str, bench: str) -> str:
     for root, _, files in os.walk(data_dir):
         path = os.path.join(root, os.path.basename(name))
         if os.path.basename(name) in files and path.replace(os.sep, "/").endswith(name):
+            if not os.path.isfile(path):  # why: a device or fifo named like the file would be read without end
+                raise EvalDataError(f"{path} is not a regular file")
             return path
     raise EvalDataError(f"{bench}: {name} not found under {data_dir}. Expected the official files from "
                         f"{SOURCES[bench]}; --data-dir may point at the folder holding them or at the repo's "
@@ -68,9 +70,14 @@ def find_file(data_dir: str, name: str, bench: str) -> str:
 def read_csv(path: str) -> list[dict]:
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: tolerate a BOM; csv handles CRLF
-            return list(csv.DictReader(f))
+            rows = list(csv.DictReader(f))
     except (UnicodeDecodeError, csv.Error) as e:
         raise EvalDataError(f"{path}: not a UTF-8 CSV file ({e})") from None
+    for n, r in enumerate(rows):
+        if None in r or None in r.values():  # DictReader's marks of a row with more / fewer fields than the header
+            raise EvalDataError(f"{path}: row {n + 2} has {'more' if None in r else 'fewer'} fields than the "
+                                "header (a truncated or damaged file?)")
+    return rows
 
 
 def read_json(path: str):

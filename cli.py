@@ -62,6 +62,11 @@ def run(fn, debug: bool):
     """Call ``fn``; a user mistake ends as ``error: ...`` on one line with exit status 2."""
     try:
         return fn()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except USER_ERRORS as e:
         if debug:
             raise

@@ -101,7 +101,12 @@ def read_predictions(path: str) -> dict:
     need = {"id", "subject", "gold", "correct"}
     if not rows or not all(isinstance(r, dict) and need <= r.keys() for r in rows):
         raise EvalDataError(f"{path}: not an eval.py predictions.jsonl (lines need id, subject, gold, correct)")
-    return {r["id"]: r for r in rows}
+    by_id = {r["id"]: r for r in rows}
+    if len(by_id) < len(rows):
+        dup = next(i for i in by_id if sum(r["id"] == i for r in rows) > 1)
+        raise EvalDataError(f"{path}: {len(rows) - len(by_id)} duplicate question ids (e.g. {dup!r}): "
+                            "not one run's predictions")
+    return by_id
 
 
 def compare(path_a: str, path_b: str) -> dict:
@@ -158,6 +163,7 @@ def load_questions(args, data_dir: str, split: str):
 
 def evaluate(args) -> dict:
     rank, world, device = parallel.setup()
+    parallel.broadcast_outcome(lambda: check_out(args.out, args.overwrite))
     bench = args.benchmark
     data_dir, split = resolve_data(args, rank)
     items, shots, pool, skipped = load_questions(args, data_dir, split)
@@ -189,13 +195,31 @@ def evaluate(args) -> dict:
     return summary
 
 
+RESULT_FILES = ("predictions.jsonl", "summary.json")  # all that eval.py writes into --out
+
+
+def check_out(out: str, overwrite: bool):
+    """An eval dir holds one run's results: another run's are replaced only with --overwrite (before any work)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise EvalDataError(f"--out {out} is a file, not a directory")
+    held = [n for n in RESULT_FILES if os.path.exists(os.path.join(out, n))]
+    if held and not overwrite:
+        raise EvalDataError(f"{out} holds earlier results ({', '.join(held)}): choose another --out, or "
+                            "--overwrite replaces them")
+
+
 def write_results(out: str, records: list[dict], summary: dict):
+    """predictions.jsonl and summary.json, each written to a temp file first and renamed, the summary last:
+    a failure leaves the earlier pair (or nothing) in place, never a cut-off file."""
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "predictions.jsonl"), "w", encoding="utf-8") as f:
-        for r in sorted(records, key=lambda r: r["id"]):
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, ensure_ascii=False, indent=2)
+    texts = {"predictions.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                          for r in sorted(records, key=lambda r: r["id"])),
+             "summary.json": json.dumps(summary, ensure_ascii=False, indent=2)}
+    for name, text in texts.items():
+        with open(os.path.join(out, name + ".tmp"), "w", encoding="utf-8") as f:
+            f.write(text)
+    for name in texts:
+        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
     s = summary
     chat = ", chat" if s["chat"] else ""
     print(f"{s['benchmark']} {s['split']} ({s['n']} questions, {s['shots']}-shot, {s['mode']}{chat}): "
@@ -226,6 +250,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=cli.at_least(1), default=8)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     ap.add_argument("--out", default=None, help="output dir (default: runs/eval/<benchmark>)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the results an --out already holds")
     ap.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     args = ap.parse_args(argv)
     if args.benchmark not in BENCHMARKS:

@@ -11,6 +11,7 @@ the loop.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import fields
@@ -22,8 +23,9 @@ from tqdm import tqdm
 import cli
 import config
 import parallel
-from checkpoint import (RunLock, append_metrics, gather_state, load_checkpoint, plan_resume, restore_rng,
-                        rng_state, save_checkpoint, trim_metrics, write_run_config)
+from checkpoint import gather_state, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from run_dir import (RunLock, append_metrics, plan_resume, prepare_out_dir, prune, trim_metrics,
+                     write_run_config)
 from config import FIXED_ON_RESUME, TrainConfig
 from contrastive import make_heads
 from data import Batches, DataError, answer_mask, encode_all, read_jsonl
@@ -194,6 +196,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
     if main:
         if ckpt:
             log(f"resuming from {ckpt} at step {start}")
+        prepare_out_dir(cfg, ckpt, log)  # only now, once all is loaded: what --overwrite removes
         trim_metrics(cfg.out, start)  # the steps after the checkpoint are logged again below
         write_run_config(cfg, model_dir, world)
 
@@ -219,7 +222,8 @@ def run(cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
             tensors, optim = gather_state(body, queue, opt)
             rngs = parallel.all_gather_objects(rng_state(gen))
             if main:
-                save_checkpoint(cfg.out, step + 1, model, tensors, optim, sched, rngs, cfg, cfg.keep)
+                saved = save_checkpoint(cfg.out, step + 1, model, tensors, optim, sched, rngs, cfg)
+                prune(cfg.out, cfg.keep, protect={os.path.basename(saved)})
             parallel.barrier()
     bar.close()
     if history:

@@ -62,7 +62,7 @@ def test_a_checkpoint_with_any_non_finite_value_is_never_written(tmp_path, bad):
     from checkpoint import save_checkpoint
 
     with pytest.raises(FloatingPointError, match="non-finite values"):
-        save_checkpoint(str(tmp_path), 1, None, {"w": torch.tensor([1.0, bad])}, {}, None, None, None, 1)
+        save_checkpoint(str(tmp_path), 1, None, {"w": torch.tensor([1.0, bad])}, {}, None, None, None)
     assert os.listdir(tmp_path) == []
 
 
@@ -90,7 +90,7 @@ def test_an_infinite_gradient_norm_with_a_finite_loss_is_not_applied(tiny_dir, t
 def test_a_run_dir_holding_only_metrics_is_an_earlier_run(tiny_dir, tmp_path):
     """metrics.jsonl alone (its checkpoints deleted) is still a run's history: a fresh start stops without
     --overwrite and leaves it byte-identical."""
-    from checkpoint import RunDirError
+    from run_dir import RunDirError
     from train import train
 
     run = tmp_path / "r"

@@ -125,12 +125,12 @@ def copy_run(done_run, tmp_path):
 
 
 def test_fresh_start_into_an_earlier_run_is_refused_and_changes_nothing(tiny_dir, done_run, tmp_path):
-    from checkpoint import RunDirError
+    from run_dir import RunDirError
     from train import train
 
     run = copy_run(done_run, tmp_path)
     before = tree(run)
-    with pytest.raises(RunDirError, match="holds an earlier run: --resume .* --overwrite"):
+    with pytest.raises(RunDirError, match=r"holds an earlier run \(.*\): --resume .* --overwrite"):
         train(small_cfg(tiny_dir, run, steps=2))
     assert tree(run) == before
     hist = train(small_cfg(tiny_dir, run, steps=2, save_every=1, overwrite=True))
@@ -140,7 +140,7 @@ def test_fresh_start_into_an_earlier_run_is_refused_and_changes_nothing(tiny_dir
 
 
 def test_prune_by_parsed_step_never_latest_nor_the_new_one(tmp_path):
-    from checkpoint import prune
+    from run_dir import prune
 
     for s in (2, 10, 100, 1000):
         (tmp_path / f"ckpt-{s:06d}").mkdir()
@@ -152,7 +152,7 @@ def test_prune_by_parsed_step_never_latest_nor_the_new_one(tmp_path):
 
 @pytest.mark.parametrize("latest", ["missing", "dangling", "hostile"])
 def test_resume_falls_back_to_the_newest_valid_checkpoint(tiny_dir, done_run, tmp_path, latest):
-    from checkpoint import find_resume
+    from run_dir import find_resume
 
     run = copy_run(done_run, tmp_path)
     if latest == "missing":
@@ -191,7 +191,7 @@ def test_resume_trims_metrics_and_applies_a_new_lr(tiny_dir, done_run, tmp_path,
 
 
 def test_resume_with_other_adapter_shapes_is_refused(tiny_dir, done_run, tmp_path):
-    from checkpoint import RunDirError
+    from run_dir import RunDirError
     from train import train
 
     run = copy_run(done_run, tmp_path)
@@ -207,7 +207,7 @@ def test_resume_with_other_adapter_shapes_is_refused(tiny_dir, done_run, tmp_pat
 ])
 def test_resume_that_switches_a_loss_part_is_refused(tiny_dir, done_run, tmp_path, change, needle):
     """The contrastive term on/off and momentum key heads decide which tensors a checkpoint holds."""
-    from checkpoint import RunDirError
+    from run_dir import RunDirError
     from train import train
 
     run = copy_run(done_run, tmp_path)
@@ -217,7 +217,7 @@ def test_resume_that_switches_a_loss_part_is_refused(tiny_dir, done_run, tmp_pat
 
 def test_resume_from_an_invalid_train_config_is_refused(tiny_dir, done_run, tmp_path):
     """A config whose checksums are right but whose values are not (edited, manifest rewritten)."""
-    from checkpoint import RunDirError, find_resume
+    from run_dir import RunDirError, find_resume
     from adapter_io import write_manifest
     from train import train
 
@@ -269,7 +269,7 @@ def test_a_booby_trapped_pickle_is_never_run(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_a_second_run_into_a_locked_dir_stops(tiny_dir, tmp_path):
-    from checkpoint import RunDirError, RunLock
+    from run_dir import RunDirError, RunLock
     from train import train
 
     lock = RunLock(str(tmp_path / "busy"))
@@ -295,7 +295,7 @@ def test_a_non_finite_checkpoint_is_never_written(tmp_path):
     from checkpoint import save_checkpoint
 
     with pytest.raises(FloatingPointError, match="non-finite values"):
-        save_checkpoint(str(tmp_path), 1, None, {"w": torch.tensor([1.0, float("nan")])}, {}, None, None, None, 1)
+        save_checkpoint(str(tmp_path), 1, None, {"w": torch.tensor([1.0, float("nan")])}, {}, None, None, None)
     assert os.listdir(tmp_path) == []
 
 

@@ -1,0 +1,209 @@
+"""Run and eval directories never lose what the command did not write (issue 21): each case stops with one
+line (exit 2 from the command line) and leaves every file byte-identical, or works as a user would expect."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, small_cfg
+
+
+def tree(path) -> dict:
+    """{relative path: bytes} of every file under path, the lock file aside."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            if name != ".lock":
+                full = os.path.join(root, name)
+                out[os.path.relpath(full, path)] = open(full, "rb").read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dir, tmp_path_factory):
+    """Two finished 6-step runs: A (seed 7) and B (seed 0), checkpoints every 3 steps, 3 kept."""
+    from train import train
+
+    base = tmp_path_factory.mktemp("runs")
+    train(small_cfg(tiny_dir, base / "A", seed=7, keep=3))
+    train(small_cfg(tiny_dir, base / "B", keep=3))
+    return base
+
+
+def copy(runs, tmp_path, name):
+    import shutil
+
+    shutil.copytree(runs / name, tmp_path / name)
+    return tmp_path / name
+
+
+def test_resuming_another_run_into_a_dir_holding_a_run_is_refused(tiny_dir, runs, tmp_path):
+    """--resume A --out B, B holding a run: refused, B untouched; into an empty --out it continues A there."""
+    from run_dir import RunDirError
+    from train import train
+
+    a, b = copy(runs, tmp_path, "A"), copy(runs, tmp_path, "B")
+    before = tree(b)
+    with pytest.raises(RunDirError, match="would mix two runs"):
+        train(small_cfg(tiny_dir, b, steps=8, seed=7, resume=str(a)))
+    assert tree(b) == before
+    hist = train(small_cfg(tiny_dir, tmp_path / "C", steps=8, seed=7, resume=str(a)))
+    assert [h["step"] for h in hist] == [7, 8] and tree(a) == tree(runs / "A")
+
+
+def test_a_rewind_needs_overwrite_and_then_replaces_the_newer_steps(tiny_dir, runs, tmp_path):
+    """--resume R/ckpt-000003 in R (newest ckpt-000006): refused, untouched; --steps not past the checkpoint:
+    refused, untouched; with --overwrite the newer checkpoint goes and steps 4-8 are logged once, in order."""
+    from run_dir import RunDirError
+    from train import train
+
+    r = copy(runs, tmp_path, "B")
+    before = tree(r)
+    with pytest.raises(RunDirError, match="rewinds"):
+        train(small_cfg(tiny_dir, r, steps=8, resume=str(r / "ckpt-000003")))
+    with pytest.raises(RunDirError, match="nothing to run"):
+        train(small_cfg(tiny_dir, r, steps=3, resume=str(r / "ckpt-000003")))
+    with pytest.raises(RunDirError, match="nothing to run"):
+        train(small_cfg(tiny_dir, r, steps=5, resume=str(r)))
+    assert tree(r) == before
+    train(small_cfg(tiny_dir, r, steps=8, resume=str(r / "ckpt-000003"), overwrite=True))
+    assert [json.loads(line)["step"] for line in open(r / "metrics.jsonl")] == list(range(1, 9))
+    assert (r / "latest").read_text() == "ckpt-000008"
+    assert json.load(open(r / "ckpt-000006" / "train_config.json"))["steps"] == 8  # written again by the new run
+
+
+def test_overwrite_removes_only_what_train_wrote(tiny_dir, runs, tmp_path):
+    """Files of the user's beside a run survive --overwrite; a ckpt-7/ holding something else, or a config.json
+    that is not a run's, stops --overwrite before anything is removed."""
+    from run_dir import RunDirError
+    from train import train
+
+    r = copy(runs, tmp_path, "B")
+    (r / "notes.txt").write_text("mine")
+    (r / "ckpt-7").mkdir()
+    (r / "ckpt-7" / "thesis.tex").write_text("\\documentclass{article}")
+    before = tree(r)
+    with pytest.raises(RunDirError, match=r"holds \['ckpt-7'\], which train.py did not write"):
+        train(small_cfg(tiny_dir, r, overwrite=True))
+    assert tree(r) == before
+    (r / "ckpt-7" / "thesis.tex").unlink()
+    (r / "ckpt-7").rmdir()
+    train(small_cfg(tiny_dir, r, steps=2, save_every=2, overwrite=True))
+    assert (r / "notes.txt").read_text() == "mine"
+    assert [json.loads(line)["step"] for line in open(r / "metrics.jsonl")] == [1, 2]
+    assert sorted(d for d in os.listdir(r) if d.startswith("ckpt-")) == ["ckpt-000002"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"project": "not a training run"}')
+    with pytest.raises(RunDirError, match="holds an earlier run"):
+        train(small_cfg(tiny_dir, other))
+    with pytest.raises(RunDirError, match=r"\['config.json'\], which train.py did not write"):
+        train(small_cfg(tiny_dir, other, overwrite=True))
+    assert (other / "config.json").read_text() == '{"project": "not a training run"}'
+
+
+def test_a_bad_data_file_with_overwrite_loses_nothing(tiny_dir, runs, tmp_path):
+    """--overwrite removes the earlier run only once everything is loaded: a bad --data stops it first."""
+    from data import DataError
+    from train import train
+
+    r = copy(runs, tmp_path, "B")
+    before = tree(r)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": 1}\n')
+    with pytest.raises(DataError):
+        train(small_cfg(tiny_dir, r, overwrite=True, data=str(bad)))
+    assert tree(r) == before
+
+
+def test_falling_back_past_a_corrupted_checkpoint_warns(tiny_dir, runs, tmp_path, capsys):
+    from run_dir import find_resume
+
+    r = copy(runs, tmp_path, "B")
+    with open(r / "ckpt-000006" / "adapter.safetensors", "r+b") as f:
+        f.seek(-2, 2)
+        f.write(b"\x00\x01")
+    assert find_resume(str(r)) == str(r / "ckpt-000003")
+    out = capsys.readouterr().out
+    assert "warning:" in out and "ckpt-000006" in out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eval dirs
+
+
+def eval_cli(*args):
+    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_an_eval_dir_holding_results_is_not_replaced_silently(tiny_dir, tmp_path):
+    out = str(tmp_path / "E")
+    assert eval_cli("cmexam", "--model", tiny_dir, "--out", out, "--limit", "2").returncode == 0
+    before = tree(out)
+    r = eval_cli("cmmlu-med", "--model", tiny_dir, "--out", out, "--limit", "2")
+    assert r.returncode == 2 and "holds earlier results" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert tree(out) == before
+    assert eval_cli("cmmlu-med", "--model", tiny_dir, "--out", out, "--limit", "2", "--overwrite").returncode == 0
+    assert json.load(open(os.path.join(out, "summary.json")))["benchmark"] == "cmmlu-med"
+
+
+def test_a_failed_eval_write_leaves_the_earlier_results(tmp_path, monkeypatch):
+    import eval as ev
+
+    out = str(tmp_path / "E")
+    ev.write_results(out, [{"id": "a", "x": 1}], {"benchmark": "cmexam", "split": "val", "n": 1, "shots": 0,
+                                                  "mode": "logits", "chat": False, "accuracy_micro": 1.0,
+                                                  "accuracy_micro_ci95": None, "accuracy_macro": 1.0,
+                                                  "single_answer": {"accuracy": 1.0},
+                                                  "multi_answer": {"accuracy": None}, "unparsable": 0})
+    before = tree(out)
+    real = os.replace
+
+    def fail_on_summary(src, dst):
+        if dst.endswith("summary.json"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_summary)
+    with pytest.raises(OSError):
+        ev.write_results(out, [{"id": "b"}], {"benchmark": "cmb"})
+    monkeypatch.undo()
+    assert json.load(open(os.path.join(out, "summary.json")))["benchmark"] == "cmexam"
+    assert all(line.strip() for line in open(os.path.join(out, "predictions.jsonl")))  # whole lines only
+    assert before["summary.json"] == tree(out)["summary.json"]
+
+
+def test_compare_refuses_duplicate_question_ids(tmp_path):
+    rows = [{"id": "q1", "subject": "s", "gold": "A", "correct": True},
+            {"id": "q1", "subject": "s", "gold": "A", "correct": False}]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    b.write_text(json.dumps(rows[0]) + "\n")
+    r = eval_cli("compare", str(a), str(b))
+    assert r.returncode == 2 and "duplicate question ids" in r.stderr
+
+
+def test_a_truncated_benchmark_csv_is_refused(tmp_path):
+    from benchmarks import EvalDataError, load
+
+    d = tmp_path / "cmexam"
+    d.mkdir()
+    (d / "val.csv").write_text("Question,Options,Answer,Clinical Department\n"
+                               '问题一,"A 甲\nB 乙",A,内科\n'
+                               '问题二,"A 甲\nB 乙"\n', encoding="utf-8")
+    with pytest.raises(EvalDataError, match="row 3 has fewer fields than the header"):
+        load("cmexam", str(d), "val")
+
+
+def test_ctrl_c_is_one_line_and_exit_130():
+    import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(interrupted, debug=False)
+    assert e.value.code == 130
