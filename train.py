@@ -23,6 +23,7 @@ from tqdm import tqdm
 import cli
 import config
 import parallel
+import prepare
 from checkpoint import gather_state, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from run_dir import (RunLock, append_metrics, plan_resume, prepare_out_dir, prune, trim_metrics,
                      write_run_config)
@@ -60,6 +61,9 @@ def load_data(cfg: TrainConfig, tok, log):
     items, counts = encode_all(examples, tok, cfg.max_len)
     log(f"data: {len(items)} examples from {cfg.data} ({bad} bad lines skipped, {counts['truncated']} truncated "
         f"to {cfg.max_len} tokens, {counts['dropped_no_target']} dropped with no answer left)")
+    if not prepare.checked(cfg.data):
+        log(f"warning: {cfg.data} has not been checked against the benchmarks: a score on questions trained on is "
+            "worthless (python prepare.py decontaminate --help)")
     if not items:
         raise DataError(f"{cfg.data}: no example keeps an answer token within --max-len {cfg.max_len}")
     return items

@@ -221,7 +221,7 @@ def test_shared_prefix_scoring_equals_the_plain_path(tiny_ckpt, tmp_path, chat):
 
 def run_eval(bench, data_dir, split, out, model, extra=()):
     args = ev.parse_args([bench, "--model", model, "--data-dir", data_dir, "--split", split, "--out", str(out),
-                          "--batch-size", "4", *extra])
+                          "--batch-size", "4", "--overwrite", *extra])  # one --out for every benchmark here
     ev.evaluate(args)
     return [json.loads(l) for l in open(out / "predictions.jsonl", encoding="utf-8")]
 

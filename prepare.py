@@ -1,0 +1,203 @@
+"""Training data from what users bring: a benchmark's training split as chat jsonl, and a training jsonl checked
+against the benchmarks' own files (decontamination), so that a score is not on questions trained on.
+
+    python prepare.py export cmexam --data-dir CMExam/data --split train --out cmexam_train.jsonl
+    python prepare.py decontaminate med.jsonl --bench cmexam=CMExam/data --bench cmmlu-med=CMMLU/data \\
+        --out med.clean.jsonl [--n 13]
+
+``export``: one chat example per question (benchmarks.py's loaders): the question and its options as the user
+turn, the answer letters and, where the file has one (CMExam's Explanation, CMB's explanation), the
+explanation as the assistant turn.
+
+``decontaminate``: every training example (all its turns) and every question of every split of the named
+benchmarks are normalised (NFKC, so full-width characters become half-width; lower case; only letters and
+digits kept, so punctuation and spaces do not matter) and cut into character n-grams (n = 13, as the GPT-3
+paper and lm-evaluation-harness use, on characters since Chinese has no spaces); an example that shares one
+n-gram with a question (or contains a question shorter than n whole) touches it. Writes the examples that
+touch nothing to ``--out`` (byte for byte), the matched pairs to ``OUT.matches.jsonl`` and a stamp
+``OUT.decontam.json`` (the clean file's sha256 and what it was checked against) that train.py looks for: a
+``--data`` without a matching stamp gets one warning line.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import unicodedata
+
+import cli
+from benchmarks import (BENCHMARKS, CMMLU_MED, SPLITS, EvalDataError, cmb_rows, find_file, load, options_text,
+                        read_csv)
+from data import DataError, parse_line
+
+STAMP = ".decontam.json"  # beside the clean file: OUT + STAMP
+
+
+def normalize(text: str) -> str:
+    """NFKC, lower case, letters and digits only: the text that n-grams are cut from."""
+    return "".join(c for c in unicodedata.normalize("NFKC", text).lower() if unicodedata.category(c)[0] in "LN")
+
+
+def ngrams(text: str, n: int) -> set:
+    return {text[i:i + n] for i in range(len(text) - n + 1)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# export
+
+
+def explanations(bench: str, data_dir: str, split: str) -> dict:
+    """{item id: explanation} where the split's file has one (the loaders leave it out: it is answer-side)."""
+    if bench == "cmexam":
+        name = {"test": "test_with_annotations.csv", "val": "val.csv", "train": "train.csv"}[split]
+        rows = read_csv(find_file(data_dir, name, bench))
+        return {f"cmexam-{split}-{n}": (r.get("Explanation") or "").strip() for n, r in enumerate(rows)}
+    if bench == "cmb":
+        _, rows = cmb_rows(data_dir, split)
+        return {f"cmb-{split}-{r.get('id', n)}": str(r.get("explanation") or "").strip()
+                for n, r in enumerate(rows) if isinstance(r, dict)}
+    return {}
+
+
+def export(bench: str, data_dir: str, split: str, out: str) -> int:
+    items, _ = load(bench, data_dir, split, list(CMMLU_MED) if bench == "cmmlu-med" else None)
+    why = explanations(bench, data_dir, split)
+    lines = []
+    for it in items:
+        answer = f"答案：{it.answer}" + (f"\n解析：{why[it.id]}" if why.get(it.id) else "")
+        msgs = [{"role": "user", "content": f"{it.question}\n{options_text(it)}"},
+                {"role": "assistant", "content": answer}]
+        lines.append(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+    write_atomically(out, "".join(lines).encode("utf-8"))
+    print(f"{bench} {split}: {len(lines)} examples ({sum(bool(why.get(i.id)) for i in items)} with an explanation) "
+          f"-> {out}")
+    return len(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# decontaminate
+
+
+def benchmark_index(specs: list[tuple[str, str]], n: int):
+    """(n-gram -> [(bench, split, id)], short questions [(normalised text, (bench, split, id))], splits read)."""
+    index, short, read = {}, [], []
+    for bench, data_dir in specs:
+        for split in SPLITS[bench]:
+            try:
+                items, _ = load(bench, data_dir, split, list(CMMLU_MED) if bench == "cmmlu-med" else None)
+            except EvalDataError as e:
+                if "not found" in str(e):  # a split the user does not have: say so, go on
+                    print(f"{bench} {split}: not found under {data_dir}, not checked")
+                    continue
+                raise
+            read.append(f"{bench} {split}")
+            for it in items:
+                q, key = normalize(it.question), (bench, split, it.id)
+                if len(q) < n:
+                    short.append((q, key)) if q else None
+                for g in ngrams(q, n):
+                    index.setdefault(g, []).append(key)
+    if not read:
+        raise EvalDataError(f"no {'/'.join(b for b, _ in specs)} file found under "
+                            f"{', '.join(d for _, d in specs)}: nothing to check against")
+    return index, short, read
+
+
+def decontaminate(path: str, specs: list[tuple[str, str]], out: str, n: int = 13) -> dict:
+    """Check ``path`` against the benchmarks ``specs`` [(name, data dir)]; write the clean file, the matches and
+    the stamp; return {"bench split": training examples touching it}."""
+    index, short, read = benchmark_index(specs, n)
+    keep, matches, touched = [], [], {s: set() for s in read}
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                text = normalize(" ".join(m["content"] for m in parse_line(raw.lstrip(b"\xef\xbb\xbf"))))
+            except DataError:
+                keep.append(raw)  # not ours to judge: train.py reports it with its line number
+                continue
+            hits = {}
+            for g in ngrams(text, n):
+                for key in index.get(g, ()):
+                    hits.setdefault(key, g)
+            for q, key in short:
+                if q in text:
+                    hits.setdefault(key, q)
+            for (bench, split, qid), g in sorted(hits.items()):
+                matches.append({"line": line_no, "benchmark": bench, "split": split, "id": qid, "ngram": g})
+                touched[f"{bench} {split}"].add(line_no)
+            if not hits:
+                keep.append(raw)
+    clean = b"".join(keep)
+    write_atomically(out, clean)
+    write_atomically(out + ".matches.jsonl", "".join(json.dumps(m, ensure_ascii=False) + "\n"
+                                                     for m in matches).encode("utf-8"))
+    stamp = {"sha256": hashlib.sha256(clean).hexdigest(), "source": os.path.abspath(path), "n": n,
+             "checked_against": read}
+    write_atomically(out + STAMP, json.dumps(stamp, indent=1).encode("utf-8"))
+    counts = {s: len(lines) for s, lines in touched.items()}
+    for s, c in counts.items():
+        print(f"{s}: {c} training examples touch it")
+    removed = len({m["line"] for m in matches})
+    print(f"{removed} examples removed, {len(keep)} lines kept -> {out} (pairs: {out}.matches.jsonl)")
+    return counts
+
+
+def checked(path: str) -> bool:
+    """Whether ``path`` is a file ``decontaminate`` wrote (its stamp beside it, the sha256 matching)."""
+    try:
+        with open(path + STAMP, encoding="utf-8") as f:
+            want = json.load(f)["sha256"]
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest() == want
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def write_atomically(path: str, data: bytes):
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def bench_spec(s: str) -> tuple[str, str]:
+    name, _, data_dir = s.partition("=")
+    if name not in BENCHMARKS or not data_dir:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected NAME=DIR with NAME one of {', '.join(BENCHMARKS)}")
+    return name, data_dir
+
+
+def main(argv=None):
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="a benchmark split as chat jsonl")
+    ex.add_argument("benchmark", choices=BENCHMARKS)
+    ex.add_argument("--data-dir", required=True, help="folder with the benchmark's official files")
+    ex.add_argument("--split", default="train", help="cmexam: train/val/test, cmb: val/test, cmmlu-med: dev/test")
+    ex.add_argument("--out", required=True, help="the jsonl to write")
+    de = sub.add_parser("decontaminate", help="drop training examples that share an n-gram with a benchmark")
+    de.add_argument("data", help="training jsonl")
+    de.add_argument("--bench", type=bench_spec, action="append", required=True,
+                    help="NAME=DIR, a benchmark and its official files; repeat for several")
+    de.add_argument("--out", required=True, help="the clean jsonl to write (never the input itself)")
+    de.add_argument("--n", type=cli.at_least(4), default=13, help="n-gram length in characters (default: 13)")
+    a = ap.parse_args(argv)
+    if a.command == "export":
+        if a.split not in SPLITS[a.benchmark]:
+            ap.error(f"--split {a.split}: {a.benchmark} has {', '.join(SPLITS[a.benchmark])}")
+        return cli.run(lambda: export(a.benchmark, a.data_dir, a.split, a.out), False)
+    if os.path.abspath(a.out) == os.path.abspath(a.data):
+        ap.error("--out must not be the input file: the input stays as it is")
+    if not os.path.isfile(a.data):
+        ap.error(f"{a.data}: not a regular file")
+    return cli.run(lambda: decontaminate(a.data, a.bench, a.out, a.n), False)
+
+
+if __name__ == "__main__":
+    main()

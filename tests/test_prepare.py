@@ -1,0 +1,98 @@
+"""prepare.py: a benchmark split as training data, and decontamination of training data against benchmarks."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, small_cfg
+
+SAMPLE = os.path.join(ROOT, "data", "bench_sample")
+QUESTIONS = ["患者男性，45岁，反复上腹痛3年，进食后加重，最可能的诊断是",
+             "下列哪种药物可用于治疗急性心肌梗死后的室性心律失常",
+             "小儿营养不良最早出现的症状是体重不增还是身高落后"]
+
+
+def cmexam_dir(tmp_path):
+    d = tmp_path / "CMExam" / "data"
+    d.mkdir(parents=True)
+    rows = "".join(f'{q},"A 甲\nB 乙",A,内科,解析{i}\n' for i, q in enumerate(QUESTIONS))
+    (d / "val.csv").write_text("Question,Options,Answer,Clinical Department,Explanation\n" + rows, encoding="utf-8")
+    return d
+
+
+def test_export_writes_question_options_answer_and_explanation(tmp_path):
+    from data import read_jsonl
+    from prepare import export
+
+    d = cmexam_dir(tmp_path)
+    assert export("cmexam", str(d), "val", str(tmp_path / "ex.jsonl")) == 3
+    examples, bad = read_jsonl(str(tmp_path / "ex.jsonl"))
+    user, answer = examples[1][0]["content"], examples[1][1]["content"]
+    assert user == QUESTIONS[1] + "\nA. 甲\nB. 乙" and answer == "答案：A\n解析：解析1" and bad == 0
+    n = export("cmmlu-med", os.path.join(SAMPLE, "cmmlu"), "dev", str(tmp_path / "cm.jsonl"))
+    assert n > 0 and all(m[1]["content"].startswith("答案：") for m in read_jsonl(str(tmp_path / "cm.jsonl"))[0])
+
+
+def line(user, answer="答案：A"):
+    return json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]},
+                      ensure_ascii=False) + "\n"
+
+
+def test_decontaminate_finds_duplicates_and_near_duplicates_and_nothing_else(tmp_path, capsys):
+    """Verbatim, re-punctuated with spaces, and full-width copies of benchmark questions are found; an unrelated
+    question that shares short medical phrases is not; a malformed line is kept for train.py to report."""
+    from prepare import checked, decontaminate
+
+    near = "患者 男性 ， ４５岁 ; 反复上腹痛３年 ， 进食后加重 . 最可能的诊断是？"  # spaces, punctuation, full-width
+    lines = [line("请回答：" + QUESTIONS[0]),
+             line(near),
+             line("患者男性，30岁，咳嗽发热2天，最合适的检查是什么？", "答案：B，胸片"),
+             "{not json\n",
+             line("题目", "答案：C\n解析：" + QUESTIONS[2])]  # the question inside the answer counts too
+    src = tmp_path / "train.jsonl"
+    src.write_text("".join(lines), encoding="utf-8")
+    out = tmp_path / "clean.jsonl"
+    counts = decontaminate(str(src), [("cmexam", str(cmexam_dir(tmp_path)))], str(out))
+    assert counts == {"cmexam val": 3}
+    assert out.read_text(encoding="utf-8") == lines[2] + lines[3]  # kept byte for byte
+    matches = [json.loads(m) for m in open(str(out) + ".matches.jsonl", encoding="utf-8")]
+    assert [(m["line"], m["id"]) for m in matches] == [(1, "cmexam-val-0"), (2, "cmexam-val-0"), (5, "cmexam-val-2")]
+    assert checked(str(out)) and not checked(str(src))
+    out.write_text(out.read_text(encoding="utf-8") + line("另一个问题"), encoding="utf-8")
+    assert not checked(str(out))  # edited after the check: no longer the checked file
+
+
+def test_no_false_hits_on_clean_data(tmp_path):
+    """The bundled training sample (from CMExam val) against the CMMLU and CMB samples: no match at 13 characters."""
+    from prepare import decontaminate
+
+    counts = decontaminate(os.path.join(ROOT, "data", "med_sample.jsonl"),
+                           [("cmmlu-med", os.path.join(SAMPLE, "cmmlu")), ("cmb", os.path.join(SAMPLE, "cmb"))],
+                           str(tmp_path / "c.jsonl"))
+    assert counts == {"cmmlu-med dev": 0, "cmb val": 0}
+
+
+def test_cli_refuses_to_overwrite_its_input_and_a_dir_without_benchmark_files(tmp_path):
+    src = os.path.join(ROOT, "data", "med_sample.jsonl")
+    r = subprocess.run([sys.executable, "prepare.py", "decontaminate", src, "--bench", f"cmexam={tmp_path}",
+                        "--out", src], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "must not be the input" in r.stderr
+    r = subprocess.run([sys.executable, "prepare.py", "decontaminate", src, "--bench", f"cmexam={tmp_path}",
+                        "--out", str(tmp_path / "o.jsonl")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "no cmexam file found" in r.stderr and not (tmp_path / "o.jsonl").exists()
+
+
+def test_train_warns_once_about_unchecked_data(tiny_dir, tmp_path, capsys):
+    from prepare import decontaminate
+    from train import train
+
+    train(small_cfg(tiny_dir, tmp_path / "a", steps=1, save_every=1))
+    assert capsys.readouterr().out.count("not been checked against the benchmarks") == 1
+    clean = tmp_path / "clean.jsonl"
+    decontaminate(os.path.join(ROOT, "data", "med_sample.jsonl"), [("cmexam", os.path.join(SAMPLE, "cmexam"))],
+                  str(clean))
+    capsys.readouterr()
+    train(small_cfg(tiny_dir, tmp_path / "b", steps=1, save_every=1, data=str(clean)))
+    assert "not been checked" not in capsys.readouterr().out
