@@ -142,3 +142,48 @@ def load_adapter(model: nn.Module, path: str) -> dict:
                                  f"model {tuple(params[n].shape)}")
             params[n].copy_(state[n])
     return {k: v for k, v in state.items() if k not in want}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The plain-LoRA baseline in peft's format
+
+
+def export_peft(path: str, out: str, base_model: str | None = None):
+    """A plain-LoRA adapter (``--num-experts 1``) as a peft adapter dir (adapter_config.json +
+    adapter_model.safetensors) that ``PeftModel.from_pretrained`` loads onto transformers' Qwen3. Our
+    lora_A (r, in) and lora_B (out, r) are peft's, and alpha / r its scaling, so the logits are the same.
+
+    why E = 1 only: with experts, each token's output depends on its own routing, which no LoRA adapter can
+    express; such adapters load with our load_adapter (chat.py, eval.py)."""
+    path = resolve_adapter_dir(path)
+    verify_manifest(path)
+    cfg = read_adapter_config(path)
+    if cfg.num_experts != 1:
+        raise ValueError(f"{path} has {cfg.num_experts} experts: only a plain-LoRA adapter (--num-experts 1) has "
+                         "a peft form (routing is input-dependent); load it with chat.py / eval.py --adapter")
+    state = load_file(os.path.join(path, "adapter.safetensors"))
+    tensors = {f"base_model.model.{k}.weight": v.contiguous() for k, v in state.items()
+               if k.endswith((".lora_A", ".lora_B"))}
+    peft_cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+                "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+                "target_modules": list(cfg.targets), "bias": "none", "fan_in_fan_out": False,
+                "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+                "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+    os.makedirs(out, exist_ok=True)
+    save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out, "adapter_config.json"), "w", encoding="utf-8") as f:
+        json.dump(peft_cfg, f, indent=2)
+    print(f"{len(tensors) // 2} LoRA pairs (r={cfg.rank}, alpha={cfg.alpha}) -> {out} (peft format)")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    import cli
+
+    ap = cli.Parser(description="Export a plain-LoRA run (--num-experts 1) as a peft adapter directory.")
+    ap.add_argument("adapter", help="a train.py run dir, checkpoint dir or adapter dir")
+    ap.add_argument("out", help="the peft adapter dir to write")
+    ap.add_argument("--base-model", default=None, help="recorded as base_model_name_or_path")
+    a = ap.parse_args()
+    cli.run(lambda: export_peft(a.adapter, a.out, a.base_model), False)

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, small_cfg
 
 SAMPLE = os.path.join(ROOT, "data", "bench_sample")
-QUESTIONS = ["患者男性，45岁，反复上腹痛3年，进食后加重，最可能的诊断是",
+QUESTIONS = ["患者男性，45岁，血压160/95mmHg，心率110次/分，最可能的诊断是",
              "下列哪种药物可用于治疗急性心肌梗死后的室性心律失常",
              "小儿营养不良最早出现的症状是体重不增还是身高落后"]
 
@@ -45,10 +45,12 @@ def test_decontaminate_finds_duplicates_and_near_duplicates_and_nothing_else(tmp
     question that shares short medical phrases is not; a malformed line is kept for train.py to report."""
     from prepare import checked, decontaminate
 
-    near = "患者 男性 ， ４５岁 ; 反复上腹痛３年 ， 进食后加重 . 最可能的诊断是？"  # spaces, punctuation, full-width
+    # spaces, other punctuation, full-width digits and letters; every 13-character window of the question holds
+    # a digit, letter or punctuation mark, so only the normalisation can find this copy
+    near = "患者 男性；４５岁；血压１６０／９５ｍｍＨｇ；心率 １１０次／分；最可能的诊断是？"
     lines = [line("请回答：" + QUESTIONS[0]),
              line(near),
-             line("患者男性，30岁，咳嗽发热2天，最合适的检查是什么？", "答案：B，胸片"),
+             line("患者男性，30岁，咳嗽发热2天，最可能的诊断是什么？", "答案：B，肺炎"),
              "{not json\n",
              line("题目", "答案：C\n解析：" + QUESTIONS[2])]  # the question inside the answer counts too
     src = tmp_path / "train.jsonl"
@@ -96,3 +98,35 @@ def test_train_warns_once_about_unchecked_data(tiny_dir, tmp_path, capsys):
     capsys.readouterr()
     train(small_cfg(tiny_dir, tmp_path / "b", steps=1, save_every=1, data=str(clean)))
     assert "not been checked" not in capsys.readouterr().out
+
+
+def test_a_plain_lora_run_exported_for_peft_gives_the_same_logits(tiny_dir, tmp_path):
+    """--num-experts 1 trained a few steps, exported with adapter_io.export_peft, loaded with
+    PeftModel.from_pretrained onto transformers' Qwen3: logits equal ours to 1e-5 (fp32); E > 1 is refused."""
+    import torch
+    from peft import PeftModel
+    from transformers import Qwen3ForCausalLM
+
+    from adapter_io import export_peft, load_adapter
+    from model import load_model
+    from train import train
+
+    run = tmp_path / "lora"
+    train(small_cfg(tiny_dir, run, steps=3, save_every=3, num_experts=1, top_k=1, rank=4, alpha=8.0, queue=False,
+                    lr=2e-2))
+    export_peft(str(run), str(tmp_path / "peft"))
+    ours = load_model(tiny_dir)
+    load_adapter(ours, str(run))
+    hf = PeftModel.from_pretrained(Qwen3ForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32),
+                                   str(tmp_path / "peft")).eval()
+    x = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, ref = ours.eval()(x), hf(x).logits
+        with hf.disable_adapter():
+            base = hf(x).logits
+    assert (got - ref).abs().max().item() <= 1e-5
+    assert (got - base).abs().max().item() > 1e-4  # the adapter really changes the output
+    moe = tmp_path / "moe"
+    train(small_cfg(tiny_dir, moe, steps=1, save_every=1))
+    with pytest.raises(ValueError, match="only a plain-LoRA adapter"):
+        export_peft(str(moe), str(tmp_path / "peft2"))
