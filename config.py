@@ -142,7 +142,7 @@ CHECKS = {  # each numeric flag's parser, which states its valid range
     "queue_momentum": cli.in_range(0, 1, hi_open=True), "queue_size": cli.at_least(1),
     "proj_dim": cli.at_least(1), "tokens_per_site": cli.at_least(1), "ce_chunk": cli.at_least(1),
     "save_every": cli.at_least(1), "keep": cli.at_least(1), "log_every": cli.at_least(1)}
-# adapter and loss shapes a checkpoint was trained with: a resume must use the same ones (checkpoint.plan_resume
+# adapter and loss shapes a checkpoint was trained with: a resume must use the same ones (run_dir.plan_resume
 # also refuses a resume that turns the contrastive term or the momentum heads on or off)
 FIXED_ON_RESUME = ("num_experts", "rank", "alpha", "top_k", "targets", "proj_dim", "queue_size", "queue",
                    "cl_views")

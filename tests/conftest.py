@@ -82,3 +82,17 @@ def one_site(logits, topk_idx=None, top_k=1):
     idx = probs.topk(top_k, -1).indices if topk_idx is None else topk_idx
     rec = RouterRecord(logits[None, None], probs[None, None], idx[None, None], torch.zeros_like(probs)[None, None])
     return rec, torch.ones(1, logits.shape[0])
+
+
+def tiny_adapted(E=4, k=2, seed=0):
+    """A tiny random Qwen3 (vocab 64, 2 layers) with LoRA-MoE adapters on every projection, no dropout."""
+    from lora_moe import LoRAMoEConfig, add_lora_moe
+    from model import Qwen3, Qwen3Config
+    from tiny_qwen import init_weights
+
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8)
+    model = init_weights(Qwen3(cfg), seed=seed)
+    torch.manual_seed(seed)
+    add_lora_moe(model, LoRAMoEConfig(num_experts=E, rank=4, top_k=k, dropout=0.0), verbose=False)
+    return model

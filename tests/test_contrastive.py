@@ -7,12 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import forward_records
+from conftest import forward_records, tiny_adapted
 from contrastive import contrastive_loss, info_nce, make_heads
 from expert_queue import ExpertQueue
-from lora_moe import LoRAMoEConfig, add_lora_moe, sites
-from model import Qwen3, Qwen3Config
-from tiny_qwen import init_weights
+from lora_moe import sites
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -86,15 +84,6 @@ def test_info_nce_finite_edge_cases():
     assert info_nce(z, one, z, one, None, None).item() == 0.0
     empty_q = (torch.zeros(0, 8), torch.zeros(0, dtype=torch.long))
     assert torch.isfinite(info_nce(z, torch.arange(4), z, torch.arange(4), *empty_q))
-
-
-def tiny_adapted(E=4, k=2):
-    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8)
-    model = init_weights(Qwen3(cfg), seed=0)
-    torch.manual_seed(0)
-    add_lora_moe(model, LoRAMoEConfig(num_experts=E, rank=4, top_k=k, dropout=0.0), verbose=False)
-    return model
 
 
 def test_gradients_reach_heads_routers_and_A_but_not_the_queue():
@@ -328,3 +317,22 @@ def test_sequence_reading_routes_each_sequence_alike_and_sequences_apart():
         opt.step()
     w1, b1 = within_and_between()
     assert w1 >= w0 and (w1 - b1) > (w0 - b0) + 0.15
+
+
+def test_keys_enter_the_queue_only_after_the_loss():
+    """With an empty queue, a step's loss equals the in-batch-only loss: its own keys are not yet negatives."""
+    from conftest import forward_records
+    from contrastive import contrastive_loss, make_heads
+    from expert_queue import ExpertQueue
+    from lora_moe import sites
+
+    model = tiny_adapted()
+    heads = make_heads(model, dim=16)
+    rec, w = forward_records(model, torch.randint(0, 64, (2, 10)), expert_acts=True)
+    queue = ExpertQueue(len(sites(model)), size=64, dim=16)
+    with_queue = contrastive_loss(rec, w, "mixture", heads, queue, temperature=0.1)
+    in_batch = contrastive_loss(rec, w, "mixture", heads, None, temperature=0.1)
+    assert torch.allclose(with_queue, in_batch)
+    assert int((queue.labels >= 0).sum()) == 20 * len(sites(model))  # and then they were enqueued
+    assert not torch.allclose(contrastive_loss(rec, w, "mixture", heads, queue, temperature=0.1, enqueue=False),
+                              in_batch)

@@ -15,7 +15,7 @@ import torch
 import benchmarks as bm
 import eval as ev
 import scoring as sc
-from conftest import ROOT, require_shared
+from conftest import ROOT, require_shared, small_cfg
 from tokenizer import Tokenizer
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -363,3 +363,15 @@ def test_two_process_eval_equals_one(tiny_ckpt, tmp_path):
     p1 = [json.loads(l)["predicted"] for l in open(tmp_path / "one" / "predictions.jsonl")]
     p2 = [json.loads(l)["predicted"] for l in open(tmp_path / "two" / "predictions.jsonl")]
     assert p1 == p2
+
+
+def test_adapter_implies_chat_and_shot_defaults(tiny_dir, tmp_path):
+    import eval as ev
+    from train import train
+
+    train(small_cfg(tiny_dir, tmp_path / "run", steps=2, save_every=2))
+    s = ev.evaluate(ev.parse_args(["cmexam", "--model", tiny_dir, "--adapter", str(tmp_path / "run"),
+                                   "--out", str(tmp_path / "e1"), "--limit", "3"]))
+    assert s["chat"] is True and s["shots"] == 0 and s["adapter"] == str(tmp_path / "run")
+    s = ev.evaluate(ev.parse_args(["cmmlu-med", "--model", tiny_dir, "--out", str(tmp_path / "e2"), "--limit", "3"]))
+    assert s["chat"] is False and s["shots"] == 5

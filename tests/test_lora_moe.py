@@ -2,12 +2,11 @@
 import pytest
 import torch
 
-from lora_moe import record_routing, stack_records
 
 from adapter_io import load_adapter, save_adapter
-from conftest import forward_records, hf_tiny, one_site
-from lora_moe import (TARGETS, LoRAMoEConfig, LoRAMoELinear, add_lora_moe, balance_loss, reference_forward,
-                      routing_stats, sites, z_loss)
+from conftest import forward_records, hf_tiny, one_site, tiny_adapted
+from lora_moe import (TARGETS, LoRAMoEConfig, LoRAMoELinear, add_lora_moe, balance_loss, record_routing,
+                      reference_forward, routing_stats, sites, stack_records, z_loss)
 from model import load_model
 
 
@@ -184,3 +183,74 @@ def test_save_load_adapter_roundtrip_and_mismatch(tmp_path):
     c = add_lora_moe(load_model(str(tmp_path / "base")), LoRAMoEConfig(num_experts=2, rank=2, top_k=1), verbose=False)
     with pytest.raises(ValueError, match="num_experts"):
         load_adapter(c, str(tmp_path / "ad"))
+
+
+def test_routing_stats_never_count_padding():
+    from conftest import forward_records
+    from lora_moe import routing_stats, sites
+
+    model = tiny_adapted()
+    names = [n for n, _ in sites(model)]
+    x = torch.randint(0, 64, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, 5:] = False  # right padding, as in training
+    rec, _ = forward_records(model, x)
+    a = routing_stats(names, rec.topk_idx, rec.probs, mask)
+    x2 = x.clone()
+    x2[1, 5:] = (x2[1, 5:] + 11) % 64  # other padding tokens
+    rec, _ = forward_records(model, x2)
+    assert routing_stats(names, rec.topk_idx, rec.probs, mask) == a
+    assert routing_stats(names, rec.topk_idx, rec.probs) != a  # the stats can tell: counting padding changes them
+
+
+def test_topk_gates_are_renormalized():
+    from lora_moe import LoRAMoEConfig, LoRAMoELinear, route
+
+    layer = LoRAMoELinear(torch.nn.Linear(8, 8), LoRAMoEConfig(num_experts=5, rank=2, top_k=2, dropout=0.0))
+    rec = route(torch.randn(4, 8), layer.router.weight, layer.top_k)
+    assert torch.allclose(rec.gates.sum(-1), torch.ones(4))  # the kept gates sum to 1
+    assert ((rec.gates > 0).sum(-1) == 2).all()
+    p = rec.probs.gather(-1, rec.topk_idx)
+    assert torch.allclose(rec.gates.gather(-1, rec.topk_idx), p / p.sum(-1, keepdim=True))
+
+
+def test_balance_loss_falls_when_routing_evens_out():
+    """Minimizing the balance loss must spread the load: gradient descent on it raises the load entropy."""
+    from conftest import one_site
+    from lora_moe import balance_loss
+
+    torch.manual_seed(0)
+    logits = (torch.randn(256, 4) + torch.tensor([3.0, 0, 0, 0])).requires_grad_()
+    opt = torch.optim.SGD([logits], lr=5.0)
+
+    def record():
+        return one_site(logits)
+
+    def top_share():
+        return (torch.bincount(logits.argmax(-1), minlength=4).float() / 256).max().item()
+
+    first, share = balance_loss(*record()).item(), top_share()
+    for _ in range(50):
+        opt.zero_grad()
+        balance_loss(*record()).backward()
+        opt.step()
+    assert balance_loss(*record()).item() < first - 0.5 and top_share() < share - 0.1
+
+
+def test_adapter_mismatch_lists_the_fields(tmp_path):
+    from adapter_io import load_adapter, save_adapter
+    from lora_moe import LoRAMoEConfig, add_lora_moe
+    from model import Qwen3, Qwen3Config
+    from tiny_qwen import init_weights, save_model
+
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8)
+    save_model(init_weights(Qwen3(cfg)), str(tmp_path / "base"))
+    from model import load_model
+
+    a = add_lora_moe(load_model(str(tmp_path / "base")), LoRAMoEConfig(num_experts=4, rank=2), verbose=False)
+    save_adapter(a, str(tmp_path / "ad"))
+    b = add_lora_moe(load_model(str(tmp_path / "base")), LoRAMoEConfig(num_experts=2, rank=2, top_k=1), verbose=False)
+    with pytest.raises(ValueError) as e:
+        load_adapter(b, str(tmp_path / "ad"))
+    assert "'num_experts': (4, 2)" in str(e.value) and "'top_k': (2, 1)" in str(e.value) and "'rank'" not in str(e.value)

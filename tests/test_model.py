@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import hf_tiny
+from conftest import ROOT, hf_tiny, small_cfg
 from model import Qwen3Config, load_model
 
 CASES = {
@@ -188,3 +188,56 @@ def test_chunked_prefill_with_left_padding_equals_full_forward(tmp_path):
                  ours(x[:, 11:], attention_mask=mask, cache=cache)]
     got = torch.cat(parts, dim=1)
     assert (got[mask.bool()] - full[mask.bool()]).abs().max().item() <= 1e-5
+
+
+def test_generate_pads_each_row_after_its_own_end():
+    """A batch whose rows stop at different steps: after its end token a row holds only padding, and the
+    rows still running continue exactly as without stopping."""
+    from generate import generate
+    from model import Qwen3, Qwen3Config
+    from tiny_qwen import init_weights
+
+    cfg = Qwen3Config(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    model = init_weights(Qwen3(cfg), std=0.5).eval()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    free = generate(model, ids, max_new_tokens=8, eos_id=None)  # (3, 8)
+
+    def ends_at(tok):  # the step at which each row would emit ``tok`` first (None: never)
+        return [next((j for j in range(8) if int(free[b, j]) == tok), None) for b in range(3)]
+
+    eos = next(int(t) for t in free.flatten() if len(set(ends_at(int(t)))) == 3)  # three different endings
+    ends = ends_at(eos)
+    got = generate(model, ids, max_new_tokens=8, eos_id=eos, pad_id=39)
+    for b, end in enumerate(ends):
+        stop = got.shape[1] if end is None else end + 1
+        assert torch.equal(got[b, :stop], free[b, :stop])
+        assert (got[b, stop:] == 39).all()
+
+
+def test_chat_with_adapter_answers_as_the_adapted_model(tiny_dir, tmp_path):
+    """chat.py --adapter RUN, greedy: exactly the adapted model's own greedy answer, not the base's."""
+    import subprocess
+    import sys
+
+    from generate import generate
+    from adapter_io import load_adapter
+    from model import load_model
+    from tokenizer import Tokenizer, apply_chat_template
+    from train import train
+
+    train(small_cfg(tiny_dir, tmp_path / "run", steps=6, lr=5e-2, save_every=6))
+    tok = Tokenizer(tiny_dir)
+    prompt = tok.encode(apply_chat_template([{"role": "user", "content": "头痛怎么办？"}], add_generation_prompt=True))
+    base = load_model(tiny_dir)
+    adapted = load_model(tiny_dir)
+    load_adapter(adapted, str(tmp_path / "run"))
+    adapted.eval()
+    want = tok.decode([t for t in generate(adapted, prompt, max_new_tokens=8)[0].tolist() if t not in (151643, 151645)])
+    plain = tok.decode([t for t in generate(base, prompt, max_new_tokens=8)[0].tolist() if t not in (151643, 151645)])
+    assert want != plain  # else the test could not tell
+    r = subprocess.run([sys.executable, "chat.py", "--model", tiny_dir, "--adapter", str(tmp_path / "run"),
+                        "--prompt", "头痛怎么办？", "--max-new-tokens", "8", "--temperature", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[-1] == want

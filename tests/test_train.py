@@ -1,11 +1,12 @@
 """train.py and data.py: assistant-only labels, bad input, atomic checkpoints, exact resume."""
 import json
 import os
+import random
 
 import pytest
 import torch
 
-from conftest import small_cfg
+from conftest import ROOT, small_cfg
 
 from tokenizer import IM_END, Tokenizer
 from data import IGNORE, DataError, collate, encode_all, read_jsonl, tokenize
@@ -330,3 +331,91 @@ def test_two_rank_resume_continues_each_ranks_own_sampling_and_dropout(tiny_dir,
     for x, y in zip(m1[2:], m2):
         for k in ("lm", "balance", "contrastive", "grad_norm"):
             assert x[k] == pytest.approx(y[k], rel=1e-6, abs=1e-7), (x["step"], k)
+
+
+def step_once(tiny_dir, out, batches):
+    """One real train_step over ``batches`` (LM only); returns (metrics, the gradients it applied)."""
+    import train as T
+    from objective import HybridLoss
+
+    cfg = small_cfg(tiny_dir, out, dropout=0.0, lambda_bal=0.0, lambda_cl=0.0, queue=False, clip=0.0)
+    T.seed_everything(0)
+    model, heads, queue, gen = T.build_model(cfg, tiny_dir, torch.device("cpu"), 0, verbose=False)
+    body = HybridLoss(model, heads, cfg)
+    params, opt, sched = T.make_optimizer(body, cfg, torch.device("cpu"))
+    grads = []
+    opt.step = lambda: grads.extend(p.grad.clone() for p in params)
+    rec, _ = T.train_step(body, body, batches, queue, gen, params, opt, sched, cfg, False, torch.device("cpu"))
+    return rec, grads
+
+
+def test_grad_accumulation_equals_the_doubled_batch(tiny_dir, tmp_path):
+    """--grad-accum 2 x B == --grad-accum 1 x 2B: the LM loss is normalized by the whole step's answer tokens."""
+    from data import collate, encode_all, read_jsonl
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_dir)
+    items = encode_all(read_jsonl(os.path.join(ROOT, "data", "med_sample.jsonl"))[0][:40], tok, 96)[0][:4]
+    lengths = [sum(y != -100 for y in lab) for _, lab in items]
+    assert lengths[0] + lengths[1] != lengths[2] + lengths[3]  # unequal halves: a per-micro-batch mean would differ
+    two, g2 = step_once(tiny_dir, tmp_path / "a", [collate(items[:2], tok.pad_id), collate(items[2:], tok.pad_id)])
+    one, g1 = step_once(tiny_dir, tmp_path / "b", [collate(items, tok.pad_id)])
+    assert two["lm"] == pytest.approx(one["lm"], rel=1e-6)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+    for a, b in zip(g2, g1):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("switch, value, gone", [("queue", False, "queue."), ("lambda_cl", 0.0, "heads."),
+                                                 ("lambda_bal", 0.0, None)])
+def test_each_ablation_switch_removes_its_part(tiny_dir, tmp_path, switch, value, gone):
+    """no --queue: no queue (no buffers saved, in-batch negatives only); --lambda-cl 0: no heads, no term;
+    --lambda-bal 0: no balance term. The full run has all three."""
+    from safetensors.torch import load_file
+
+    from train import train
+
+    full = train(small_cfg(tiny_dir, tmp_path / "full", steps=2, save_every=2))
+    extra = {"queue": False} if switch == "lambda_cl" else {}  # the queue needs the term it serves
+    off = train(small_cfg(tiny_dir, tmp_path / "off", steps=2, save_every=2, **{switch: value}, **extra))
+    saved_full = load_file(tmp_path / "full" / "ckpt-000002" / "adapter.safetensors")
+    saved_off = load_file(tmp_path / "off" / "ckpt-000002" / "adapter.safetensors")
+    assert any(k.startswith("queue.") for k in saved_full) and any(k.startswith("heads.") for k in saved_full)
+    if gone:
+        assert not any(k.startswith(gone) for k in saved_off)
+    key = {"queue": "contrastive", "lambda_cl": "contrastive", "lambda_bal": "balance"}[switch]
+    if switch == "queue":  # the term stays, but without the queue's negatives it is another number
+        assert off[1][key] is not None and off[1][key] != pytest.approx(full[1][key], rel=1e-6)
+    else:
+        assert off[0][key] is None and full[0][key] is not None
+        assert off[0]["loss"] == pytest.approx(off[0]["lm"] + 0.01 * (off[0]["balance"] or 0) + 0.1 * (off[0]["contrastive"] or 0))
+
+
+def test_z_loss_is_its_own_term(tiny_dir, tmp_path):
+    """--z-loss adds lambda_z * mean(logsumexp(logits)^2), logged as "z", also with the balance term off."""
+    from train import train
+
+    a = train(small_cfg(tiny_dir, tmp_path / "a", steps=1))
+    b = train(small_cfg(tiny_dir, tmp_path / "b", steps=1, z_loss=0.5, lambda_bal=0.0))
+    assert "z" not in a[0] and b[0]["z"] > 0 and b[0]["lm"] == pytest.approx(a[0]["lm"], rel=1e-6)
+    assert b[0]["loss"] == pytest.approx(b[0]["lm"] + 0.5 * b[0]["z"] + 0.1 * b[0]["contrastive"], rel=1e-6)
+
+
+def test_keep_prunes_to_the_newest(tiny_dir, tmp_path):
+    from train import train
+
+    train(small_cfg(tiny_dir, tmp_path / "k", steps=6, save_every=2, keep=1))
+    assert sorted(d for d in os.listdir(tmp_path / "k") if d.startswith("ckpt-")) == ["ckpt-000006"]
+
+
+def test_batches_are_length_bucketed():
+    from data import batch_order
+
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 500) for _ in range(2000)]
+    spread = lambda bs: sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in bs) / len(bs)  # noqa: E731
+    order = batch_order(lengths, 8, seed=0, epoch=0)
+    shuffled = list(range(2000))
+    rng.shuffle(shuffled)
+    assert spread(order) < 0.1 * spread([shuffled[i:i + 8] for i in range(0, 2000, 8)])
+    assert sorted(i for b in order for i in b) == list(range(2000))  # every example once (2000 = 250 x 8)
