@@ -26,20 +26,29 @@ def base_config_hash(model) -> str:
     return hashlib.sha256(json.dumps(asdict(model.cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def base_fingerprint(model) -> list[float]:
+    """16 values of the base's token embedding. why: two bases of one config (two random inits, two model families
+    of one shape) share the config hash; their weights differ here. Compared with a 1% tolerance, so a bf16 and an
+    fp32 load of one base agree (a light fine-tune of the same base may pass: this catches a wrong base, not a
+    retouched one)."""
+    return [round(float(v), 6) for v in model.model.embed_tokens.weight[0, :16].detach().float().cpu()]
+
+
 def adapter_state(model: nn.Module) -> dict:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_adapter(model: nn.Module, path: str, tensors: dict | None = None):
-    """Trainable tensors as ``adapter.safetensors`` + ``adapter_config.json`` (the LoRAMoEConfig, base hash) +
-    ``manifest.json``. ``tensors`` replaces the model's own trainable tensors (train.py passes them gathered
-    from FSDP shards, plus the contrastive heads and queues)."""
+def save_adapter(model: nn.Module, path: str, tensors: dict | None = None, fingerprint: list | None = None):
+    """Trainable tensors as ``adapter.safetensors`` + ``adapter_config.json`` (the LoRAMoEConfig, base hash and
+    fingerprint) + ``manifest.json``. ``tensors`` replaces the model's own trainable tensors and ``fingerprint``
+    the base's (train.py passes them gathered from FSDP shards / taken before sharding)."""
     os.makedirs(path, exist_ok=True)
     state = {n: t.contiguous().cpu() for n, t in (adapter_state(model) if tensors is None else tensors).items()}
     save_file(state, os.path.join(path, "adapter.safetensors"))
     with open(os.path.join(path, "adapter_config.json"), "w", encoding="utf-8") as f:
         json.dump({**asdict(adapter_config(model)), "base_config_hash": base_config_hash(model),
-                   "base_config": asdict(model.cfg)}, f, indent=2)
+                   "base_fingerprint": fingerprint or base_fingerprint(model), "base_config": asdict(model.cfg)},
+                  f, indent=2)
     write_manifest(path)
 
 
@@ -123,6 +132,12 @@ def load_adapter(model: nn.Module, path: str) -> dict:
         diff = {k: (theirs.get(k), ours[k]) for k in ours if theirs.get(k) != ours[k]}
         raise ValueError(f"adapter {path} was trained on a different base model: "
                          f"(adapter's, this base's) = {diff}")
+    theirs = raw.get("base_fingerprint")
+    if theirs is not None and not torch.allclose(torch.tensor(theirs, dtype=torch.float64),
+                                                 torch.tensor(base_fingerprint(model), dtype=torch.float64),
+                                                 rtol=1e-2, atol=1e-4):
+        raise ValueError(f"adapter {path} was trained on another base model of the same shape (its weights "
+                         "differ): load it onto the base it was trained on")
     if not sites(model):
         add_lora_moe(model, saved, verbose=False)
     elif adapter_config(model) != saved:
@@ -177,8 +192,6 @@ def export_peft(path: str, out: str, base_model: str | None = None):
 
 
 if __name__ == "__main__":
-    import argparse
-
     import cli
 
     ap = cli.Parser(description="Export a plain-LoRA run (--num-experts 1) as a peft adapter directory.")

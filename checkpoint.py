@@ -132,16 +132,16 @@ def _replace_durably(tmp: str, final: str):
     _fsync(os.path.dirname(final) or ".")
 
 
-def save_checkpoint(out_dir, step, model, tensors, optim, sched, rngs: list[dict], cfg) -> str:
+def save_checkpoint(out_dir, step, model, tensors, optim, sched, rngs: list[dict], cfg, fingerprint=None) -> str:
     """Write ckpt-<step>/ via a temp dir + rename and point ``latest`` at it. ``rngs``: every rank's
-    ``rng_state``, in rank order."""
+    ``rng_state``, in rank order; ``fingerprint``: the base's (``adapter_io.base_fingerprint``)."""
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:  # why: a non-finite checkpoint would replace good ones when pruning
         raise FloatingPointError(f"step {step}: non-finite values in {bad[:4]}; checkpoint not written")
     final = os.path.join(out_dir, f"ckpt-{step:06d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp, tensors=tensors)
+    save_adapter(model, tmp, tensors=tensors, fingerprint=fingerprint)
     write_training_state(tmp, {"step": step, "optimizer": optim, "scheduler": sched.state_dict(),
                                "rng": list(rngs)})
     with open(os.path.join(tmp, "train_config.json"), "w", encoding="utf-8") as f:

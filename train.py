@@ -24,9 +24,8 @@ import cli
 import config
 import parallel
 import prepare
+from adapter_io import base_fingerprint
 from checkpoint import gather_state, load_checkpoint, restore_rng, rng_state, save_checkpoint
-from run_dir import (RunLock, append_metrics, plan_resume, prepare_out_dir, prune, trim_metrics,
-                     write_run_config)
 from config import FIXED_ON_RESUME, TrainConfig
 from contrastive import make_heads
 from data import Batches, DataError, answer_mask, encode_all, read_jsonl
@@ -34,6 +33,8 @@ from expert_queue import ExpertQueue
 from lora_moe import LoRAMoEConfig, add_lora_moe, routing_stats, sites
 from model import load_model, resolve_dtype
 from objective import HybridLoss
+from run_dir import (RunLock, append_metrics, plan_resume, prepare_out_dir, prune, trim_metrics,
+                     write_run_config)
 from tiny_qwen import model_dir_or_demo
 from tokenizer import load_tokenizer
 
@@ -193,6 +194,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
     state = load_checkpoint(ckpt, model, heads, queue, device) if ckpt else None
 
     # 3. one module whose forward returns the loss, wrapped for DDP / FSDP; the optimizer over its shards
+    fingerprint = base_fingerprint(model)  # of the base, read before FSDP shards it
     body = HybridLoss(model, heads, cfg)
     wrapped, fsdp = parallel.wrap(body, body.model.model.layers, cfg.fsdp, device)
     params, opt, sched = make_optimizer(body, cfg, device)
@@ -221,19 +223,24 @@ def run(cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
             append_metrics(cfg.out, rec)
             bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("lm", "balance", "contrastive") if rec[k] is not None})
             bar.update(1)
-        # 6. checkpoint: every rank gathers (FSDP) and sends its RNG streams, rank 0 writes
+        # 6. checkpoint
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            tensors, optim = gather_state(body, queue, opt)
-            rngs = parallel.all_gather_objects(rng_state(gen))
-            if main:
-                saved = save_checkpoint(cfg.out, step + 1, model, tensors, optim, sched, rngs, cfg)
-                prune(cfg.out, cfg.keep, protect={os.path.basename(saved)})
-            parallel.barrier()
+            save(cfg, step + 1, body, queue, opt, sched, gen, fingerprint, main)
     bar.close()
     if history:
         log(f"done: {len(history)} steps, lm {history[0]['lm']:.3f} -> {history[-1]['lm']:.3f}; "
             f"adapters in {cfg.out}/latest")
     return history
+
+
+def save(cfg: TrainConfig, step: int, body, queue, opt, sched, gen, fingerprint, main: bool):
+    """Every rank gathers its state (FSDP shards) and sends its RNG streams; rank 0 writes and prunes."""
+    tensors, optim = gather_state(body, queue, opt)
+    rngs = parallel.all_gather_objects(rng_state(gen))
+    if main:
+        saved = save_checkpoint(cfg.out, step, body.model, tensors, optim, sched, rngs, cfg, fingerprint)
+        prune(cfg.out, cfg.keep, protect={os.path.basename(saved)})
+    parallel.barrier()
 
 
 def parse_args(argv=None) -> TrainConfig:

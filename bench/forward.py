@@ -1,17 +1,20 @@
 """Forward speed of our Qwen3 vs transformers' Qwen3ForCausalLM, same random weights, fp32 CPU, one run.
 
-    python bench/forward.py [--layers 4] [--batch 4] [--seq 512] [--new 128]
+    python bench/forward.py [--layers 4] [--batch 4] [--seq 512] [--new 128] [--reps 5]
 
 Prefill = a generation prefill: the full prompt through every layer, logits for the last position only
-(what generate needs). Decode = batch 1, ``--new`` greedy tokens with each side's KV cache.
+(what generate needs). Decode = batch 1, ``--new`` greedy tokens with each side's KV cache. Each is timed
+``--reps`` times, ours and transformers' interleaved (after one warm-up each); the ratio printed is the
+median of the per-repetition ratios, with their min-max.
 """
 import argparse
 import os
 import tempfile
+import time
 
 import torch
 
-from common import QWEN3_06B_4L, make_checkpoint, matmul_peak_gflops, run_isolated, table, timeit
+from common import QWEN3_06B_4L, make_checkpoint, matmul_peak_gflops, run_isolated, table
 
 
 def flops_per_prefill(cfg, B, T):
@@ -23,12 +26,31 @@ def flops_per_prefill(cfg, B, T):
     return B * (T * per_token + attn + 2 * h * V)
 
 
+def interleaved(ours, theirs, reps: int):
+    """(median time of ours, median of theirs, per-repetition speed ratios theirs/ours), alternating the two."""
+    ours(), theirs()
+    t_o, t_t = [], []
+    for _ in range(reps):
+        for f, ts in ((ours, t_o), (theirs, t_t)):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return med(t_o), med(t_t), [b / a for a, b in zip(t_o, t_t)]
+
+
+def ratio(rs) -> str:
+    rs = sorted(rs)
+    return f"{rs[len(rs) // 2]:.2f}x ({rs[0]:.2f}-{rs[-1]:.2f})"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions (>= 3)")
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "sparsedoctor_bench_qwen3_06b"))
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -54,19 +76,19 @@ def main():
     prompt = ids[:1, :32]
     with torch.no_grad():
         assert (ours(ids[:1, :64]) - hf(ids[:1, :64]).logits).abs().max() < 1e-4  # same model, or no comparison
-        t_ours = timeit(lambda: ours(ids, last_only=True), reps=3)
-        t_hf = timeit(lambda: hf(ids, logits_to_keep=1), reps=3)
-        d_ours = timeit(lambda: generate(ours, prompt, max_new_tokens=a.new, eos_id=None), reps=3)
-        d_hf = timeit(lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                          max_new_tokens=a.new, min_new_tokens=a.new, pad_token_id=0), reps=3)
+        pre = interleaved(lambda: ours(ids, last_only=True), lambda: hf(ids, logits_to_keep=1), a.reps)
+        dec = interleaved(lambda: generate(ours, prompt, max_new_tokens=a.new, eos_id=None),
+                          lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                              max_new_tokens=a.new, min_new_tokens=a.new, pad_token_id=0), a.reps)
+    (t_ours, t_hf, pre_r), (d_ours, d_hf, dec_r) = pre, dec
     peak = matmul_peak_gflops()
     fl = flops_per_prefill(cfg, a.batch, a.seq)
     ntok = a.batch * a.seq
     rows = [
-        ["prefill tok/s", f"{ntok / t_ours:,.0f}", f"{ntok / t_hf:,.0f}", f"{t_hf / t_ours:.2f}x"],
+        ["prefill tok/s", f"{ntok / t_ours:,.0f}", f"{ntok / t_hf:,.0f}", ratio(pre_r)],
         ["prefill GFLOP/s (share of torch.mm peak)", f"{fl / t_ours / 1e9:.0f} ({fl / t_ours / 1e9 / peak:.0%})",
          f"{fl / t_hf / 1e9:.0f} ({fl / t_hf / 1e9 / peak:.0%})", ""],
-        ["decode tok/s (batch 1)", f"{a.new / d_ours:.1f}", f"{a.new / d_hf:.1f}", f"{d_hf / d_ours:.2f}x"],
+        ["decode tok/s (batch 1)", f"{a.new / d_ours:.1f}", f"{a.new / d_hf:.1f}", ratio(dec_r)],
     ]
     print(f"Qwen3-0.6B shape, {a.layers} layers, fp32, {torch.get_num_threads()} threads; prefill {a.batch}x{a.seq}, "
           f"decode {a.new} tokens; torch.mm peak {peak:.0f} GFLOP/s")

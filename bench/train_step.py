@@ -1,13 +1,15 @@
 """Tokens/s and peak memory of train.py's step vs a minimal transformers + peft LoRA loop.
 
-    python bench/train_step.py [--layers 4] [--batch 2] [--max-len 512] [--steps 4]
+    python bench/train_step.py [--layers 4] [--batch 2] [--max-len 512] [--steps 4] [--reps 3]
 
 Same random Qwen3-0.6B-shaped base (cut to --layers, real Qwen vocabulary), same bundled data, same
 batches (train.py's length-bucketed order), fp32 CPU, AdamW. Arms, each in a fresh process:
   peft  : transformers Qwen3ForCausalLM + peft LoRA r=16 on all 7 projections, loss = model(labels=...).loss
   lora  : train.py, plain-LoRA baseline (--num-experts 1 --top-k 1 --rank 16: no router, no routing terms)
   full  : train.py, full SparseDoctor with its defaults (E=8, r=8, top-2, balance + contrastive, sequence reading)
-Tokens/s counts real (non-padding) tokens; the first step is warmup and not counted.
+Tokens/s counts real (non-padding) tokens; the first step is warmup and not counted. The arms run ``--reps``
+times, interleaved (peft, lora, full, peft, ...); each ratio is the median of the per-repetition ratios to
+peft, with their min-max.
 """
 import argparse
 import json
@@ -67,6 +69,7 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions of every arm (>= 3)")
     ap.add_argument("--arm", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "sparsedoctor_bench_qwen3_06b"))
     a = ap.parse_args()
@@ -78,18 +81,29 @@ def main():
     if a.arm:
         print(json.dumps(run_arm(a.arm, path, a)))
         return
-    res = {}
-    for arm in ARMS:
-        argv = [__file__, "--arm", arm, "--layers", str(a.layers), "--batch", str(a.batch), "--max-len", str(a.max_len),
-                "--steps", str(a.steps), "--dir", a.dir]
-        res[arm] = json.loads(run_isolated(f"import sys; sys.argv={argv!r}\nimport runpy; runpy.run_path({os.path.abspath(__file__)!r}, "
-                                           f"run_name='__main__')").strip().splitlines()[-1])
-        print(f"  {arm}: {res[arm]['tokens_per_s']:.0f} tok/s, peak {res[arm]['peak_mb']:.0f} MB", file=sys.stderr)
-    p = res["peft"]
-    rows = [[ARMS[k], f"{v['tokens_per_s']:.0f}", f"{v['tokens_per_s'] / p['tokens_per_s']:.2f}x", f"{v['peak_mb']:.0f}",
-             f"{v['peak_mb'] / p['peak_mb']:.2f}x"] for k, v in res.items()]
+    res = {arm: [] for arm in ARMS}
+    for rep in range(a.reps):
+        for arm in ARMS:
+            argv = [__file__, "--arm", arm, "--layers", str(a.layers), "--batch", str(a.batch), "--max-len",
+                    str(a.max_len), "--steps", str(a.steps), "--dir", a.dir]
+            out = run_isolated(f"import sys; sys.argv={argv!r}\nimport runpy; runpy.run_path("
+                               f"{os.path.abspath(__file__)!r}, run_name='__main__')")
+            res[arm].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"  rep {rep} {arm}: {res[arm][-1]['tokens_per_s']:.0f} tok/s, peak {res[arm][-1]['peak_mb']:.0f} MB",
+                  file=sys.stderr)
+
+    def med(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2], xs[0], xs[-1]
+
+    rows = []
+    for k, rs in res.items():
+        t = med([r["tokens_per_s"] / p["tokens_per_s"] for r, p in zip(rs, res["peft"])])
+        m = med([r["peak_mb"] / p["peak_mb"] for r, p in zip(rs, res["peft"])])
+        rows.append([ARMS[k], f"{med([r['tokens_per_s'] for r in rs])[0]:.0f}", f"{t[0]:.2f}x ({t[1]:.2f}-{t[2]:.2f})",
+                     f"{med([r['peak_mb'] for r in rs])[0]:.0f}", f"{m[0]:.2f}x ({m[1]:.2f}-{m[2]:.2f})"])
     print(f"Qwen3-0.6B shape, {a.layers} layers, fp32 CPU, {torch.get_num_threads()} threads; bundled med_sample, "
-          f"batch {a.batch}, max_len {a.max_len}, {a.steps - 1} timed steps")
+          f"batch {a.batch}, max_len {a.max_len}, {a.steps - 1} timed steps; median (min-max) of {a.reps} reps")
     print(table(rows, ["arm", "tokens/s", "vs peft", "peak RSS MB", "vs peft"]))
 
 

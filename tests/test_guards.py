@@ -215,3 +215,21 @@ def test_bad_sharegpt_and_huatuo_lines_name_file_and_line(tmp_path, line, needle
     with pytest.raises(DataError, match=rf"d.jsonl:2: .*{__import__('re').escape(needle)}"):
         read_jsonl(str(path))
     assert len(read_jsonl(str(path), skip_bad=True)[0]) == 1
+
+
+def test_an_adapter_is_refused_on_another_base_of_the_same_shape(tmp_path):
+    """Two random bases of one config share the config hash; the fingerprint of the base's weights tells them
+    apart. The same base loaded in bf16 still matches."""
+    import torch
+
+    from adapter_io import load_adapter
+    from model import Qwen3, Qwen3Config, load_model
+    from tiny_qwen import init_weights, save_model
+
+    load_model_, ad = saved_adapter(tmp_path)
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8)
+    save_model(init_weights(Qwen3(cfg), seed=1), str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="another base model of the same shape"):
+        load_adapter(load_model(str(tmp_path / "other")), str(ad))
+    load_adapter(load_model(str(tmp_path / "base"), dtype=torch.bfloat16), str(ad))
