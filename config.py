@@ -107,7 +107,7 @@ HELP = {  # group -> {field: what it does and what it goes with}; --help prints 
         "skip_bad": "skip malformed lines (counted) instead of stopping at the first",
     },
     "optimisation": {
-        "batch_size": "sequences per micro-batch per process",
+        "batch_size": "sequences per micro-batch per process; the sequence reading contrasts each with the others",
         "grad_accum": "micro-batches per optimizer step (the step's batch: batch-size x grad-accum x processes)",
         "steps": "optimizer steps in all (on resume: the total, not the steps still to run)",
         "lr": "peak learning rate of AdamW (~2e-4 on a real Qwen3; 1e-3 suits the tiny demo)",
@@ -160,6 +160,9 @@ def validate(cfg: TrainConfig):
     if cfg.queue_momentum > 0 and not (contrastive and cfg.cl_views != "sequence"):
         raise ValueError("--queue-momentum moves projection heads, which only the head readings have "
                          "(--cl-views mixture|expert, with --lambda-cl > 0 and --num-experts > 1)")
+    if contrastive and cfg.cl_views == "sequence" and cfg.batch_size < 2 and not cfg.queue:
+        raise ValueError("--cl-views sequence contrasts the sequences of one micro-batch: --batch-size 1 leaves no "
+                         "negatives and the term 0 (use --batch-size >= 2, --queue, or --lambda-cl 0)")
     if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise ValueError("--fsdp shards over processes: run under torchrun with --nproc_per_node >= 2")
 

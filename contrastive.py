@@ -4,7 +4,8 @@
 sampled real token t, with p_t the router's full softmax over E experts and c(v) = (v - 1/E) / |v - 1/E| the
 centred unit routing (``routing_view``): the routed view is rho_t = c(p_t); a sequence's fused view is
 phi_s = c(mean_{t in s} p_t) over its real tokens. The positive of t is its own sequence's phi_s(t); the
-negatives every other sequence's phi (all ranks) and, with ``--queue``, the queue's past phi:
+negatives every other sequence's phi in the same micro-batch (this rank's --batch-size sequences: the loss does
+not depend on how a step is split over ranks and micro-steps) and, with ``--queue``, the queue's past phi:
 
     L = - mean_t log [ exp(rho_t.phi_s(t)/tau) / ( sum_{s'} exp(rho_t.phi_s'/tau) + sum_q exp(rho_t.q/tau) ) ]
 
@@ -93,23 +94,26 @@ def sequence_info_nce(rho, seq, phi, present, q_keys=None, q_labels=None, temper
 
 
 def sequence_loss(rec: RouterRecord, weight, queue: ExpertQueue | None, tokens_per_site: int,
-                  temperature: float, generator=None, enqueue: bool = True):
+                  temperature: float, generator=None):
     """The sequence reading over a stacked record (S, B, T, ...) and token weights (B, T): mean over sites of
-    the mean over sampled real tokens (the formula at the top). Under torchrun the fused views are gathered
-    from every rank with gradient, so 2 ranks x B equal 1 process x 2B."""
+    the mean over sampled real tokens (the formula at the top). Returns (loss, (keys (S, B_all, E), labels
+    (S, B_all)): this micro-step's phi of every rank, for the queue, or None without one).
+
+    The in-batch negatives are this micro-batch's own sequences on this rank, never gathered. why: then the
+    loss of a step depends only on its pieces of --batch-size sequences, not on how they are spread over ranks
+    and micro-steps (1 process x accumulation k == k ranks x 1, tested); the queue is what adds more negatives."""
     S, B, T, E = rec.probs.shape
-    phi, present = sequence_views(rec.probs, weight)
-    keys, offset = all_gather_with_grad(phi.transpose(0, 1).contiguous())  # (B, S, E) -> (B_all, S, E)
-    keys, present = keys.transpose(0, 1), all_gather_varlen(present)  # (S, B_all, E), (B_all,)
+    phi, present = sequence_views(rec.probs, weight)  # (S, B, E), (B,)
     pick, w = sample_positions(weight, S, tokens_per_site, generator)  # (S, n)
     rho = routing_view(rec.probs.reshape(S, B * T, E).gather(1, pick[..., None].expand(-1, -1, E)))  # (S, n, E)
     q_keys, q_labels = queue.contents() if queue is not None else (None, None)
-    per_token = sequence_info_nce(rho, pick // T + offset, keys, present, q_keys, q_labels, temperature)
+    per_token = sequence_info_nce(rho, pick // T, phi, present, q_keys, q_labels, temperature)
     loss = ((per_token * w).sum(1) / w.sum(1).clamp(min=1)).mean()
-    if queue is not None and enqueue:  # after the loss: no key is a negative twice
-        labels = keys.argmax(-1).masked_fill(~present[None], -1)  # (S, B_all): absent rows stay empty
-        queue.enqueue(keys.detach(), labels)
-    return loss
+    if queue is None:
+        return loss, None
+    keys = all_gather_varlen(phi.detach().transpose(0, 1).contiguous()).transpose(0, 1)  # (S, B_all, E)
+    labels = keys.argmax(-1).masked_fill(~all_gather_varlen(present)[None], -1)  # absent rows stay empty
+    return loss, (keys, labels)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,9 +215,10 @@ def expert_info_nce(z_f, z_e, labels, q_keys=None, q_labels=None, temperature: f
 
 
 def head_loss(views: str, rec: RouterRecord, weight, heads: ContrastiveHeads, queue: ExpertQueue | None,
-              tokens_per_site: int, temperature: float, generator=None, enqueue: bool = True):
+              tokens_per_site: int, temperature: float, generator=None):
     """The mixture or expert reading: per site, over at most ``tokens_per_site`` real tokens; mean over sites.
-    Keys are gathered from every rank (with gradient where they have one) and enqueued after all sites' losses."""
+    Keys are gathered from every rank (with gradient where they have one). Returns (loss, the keys and labels
+    of every rank for the queue, or None without one)."""
     losses, new_keys, new_labels = [], [], []
     all_q_keys, all_q_labels = queue.contents() if queue is not None else (None, None)
     for i in range(rec.probs.shape[0]):
@@ -231,9 +236,7 @@ def head_loss(views: str, rec: RouterRecord, weight, heads: ContrastiveHeads, qu
             key_labels = all_gather_varlen(top1)
         new_keys.append(keys.detach())
         new_labels.append(key_labels)
-    if queue is not None and enqueue:  # after the loss: no key is a negative twice
-        queue.enqueue(torch.stack(new_keys), torch.stack(new_labels))
-    return torch.stack(losses).mean()
+    return torch.stack(losses).mean(), (torch.stack(new_keys), torch.stack(new_labels)) if queue is not None else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,11 +244,13 @@ def head_loss(views: str, rec: RouterRecord, weight, heads: ContrastiveHeads, qu
 
 def contrastive_loss(rec: RouterRecord, weight, views: str, heads: ContrastiveHeads | None,
                      queue: ExpertQueue | None, tokens_per_site: int = 256, temperature: float = 0.07,
-                     generator=None, enqueue: bool = True):
-    """L_cl, the mean over sites of the reading ``views`` (the formulas above), over one forward's stacked
-    record (S, B, T, ...) (``lora_moe.record_routing`` + ``stack_records``) and token weights (B, T) (1 real,
-    0 padding). ``queue``: None = no memory queue, else read and then written (``enqueue``). ``heads``: the head
-    readings' projection heads (None for the sequence reading)."""
+                     generator=None):
+    """(L_cl, new queue entries): L_cl the mean over sites of the reading ``views`` (the formulas above), over
+    one forward's stacked record (S, B, T, ...) (``lora_moe.record_routing`` + ``stack_records``) and token
+    weights (B, T) (1 real, 0 padding). ``queue``: None = no memory queue, else read here; the entries this
+    micro-step adds, (keys (S, n, d), labels (S, n)) of every rank, are returned, not written: train.py enqueues
+    a step's entries after its optimizer step, so every micro-step of a step reads the same queue. ``heads``: the
+    head readings' projection heads (None for the sequence reading)."""
     if views == "sequence":
-        return sequence_loss(rec, weight, queue, tokens_per_site, temperature, generator, enqueue)
-    return head_loss(views, rec, weight, heads, queue, tokens_per_site, temperature, generator, enqueue)
+        return sequence_loss(rec, weight, queue, tokens_per_site, temperature, generator)
+    return head_loss(views, rec, weight, heads, queue, tokens_per_site, temperature, generator)

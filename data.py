@@ -167,44 +167,52 @@ def encode_all(examples, tok, max_len: int):
     return items, {"truncated": truncated, "dropped_no_target": dropped}
 
 
-def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
-    """One epoch of this rank's micro-batches (lists of example indices), length-bucketed.
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                grad_accum: int = 1):
+    """One epoch of this rank's micro-batches (lists of example indices), length-bucketed, in step order: step s
+    is entries [s * grad_accum, (s + 1) * grad_accum).
 
-    Shuffle, sort within windows of 50 global batches, cut global batches of ``batch_size * world``, shuffle
-    those; rank r takes slice r of each. why: the global batches do not depend on how they are split, so
-    2 ranks x B see exactly the batches of 1 rank x 2B (tested), and a run can resume on another world size.
-    The remainder that does not fill a global batch is dropped."""
+    Shuffle, sort within windows of 50 step batches, cut step batches of n = batch_size * grad_accum * world,
+    shuffle those; cut each into pieces of batch_size, and micro-step j of rank r takes piece j * world + r.
+    why: a step's examples and its pieces of batch_size depend only on n and batch_size, not on how the pieces
+    are spread over ranks and micro-steps: 1 process x accumulation k and k ranks x 1 see the same pieces (the
+    default contrastive reading contrasts within a piece, so its loss needs this), and the ranks of micro-step j
+    together hold what 1 rank x world * batch_size would (the head readings gather over ranks). A run can
+    resume on another split of the same n. The remainder that does not fill a step batch is dropped."""
     rng = random.Random(seed * 1000 + epoch)
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
-    g = batch_size * world
-    window = 50 * g
+    n = batch_size * grad_accum * world
+    window = 50 * n
     idx = [i for w in range(0, len(idx), window) for i in sorted(idx[w:w + window], key=lambda i: lengths[i])]
-    batches = [idx[i:i + g] for i in range(0, len(idx) - g + 1, g)]
-    rng.shuffle(batches)
-    return [b[rank * batch_size:(rank + 1) * batch_size] for b in batches]
+    steps = [idx[i:i + n] for i in range(0, len(idx) - n + 1, n)]
+    rng.shuffle(steps)
+    piece = lambda b, p: b[p * batch_size:(p + 1) * batch_size]  # noqa: E731
+    return [piece(b, j * world + rank) for b in steps for j in range(grad_accum)]
 
 
 class Batches:
     """The batch schedule of a run (``cfg``: batch_size, grad_accum, seed): a deterministic function of
-    (seed, epoch, step), so a resume continues it exactly, on any world size."""
+    (seed, epoch, step), so a resume continues it exactly, on any split of the step batch."""
 
     def __init__(self, items, cfg, pad_id: int, rank: int, world: int):
         self.items, self.cfg, self.pad_id, self.rank, self.world = items, cfg, pad_id, rank, world
         self.lengths = [len(ids) for ids, _ in items]
-        per_epoch = len(batch_order(self.lengths, cfg.batch_size, cfg.seed, 0, rank, world))
-        if per_epoch < cfg.grad_accum:
-            raise DataError(f"{len(items)} examples give {per_epoch} micro-batches per rank, "
-                            "fewer than --grad-accum")
-        self.steps_per_epoch = per_epoch // cfg.grad_accum
+        self.steps_per_epoch = len(self.order(0)) // cfg.grad_accum
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{len(items)} examples fill no step of batch-size x grad-accum x processes = "
+                            f"{cfg.batch_size * cfg.grad_accum * world} sequences")
+
+    def order(self, epoch: int) -> list:
+        c = self.cfg
+        return batch_order(self.lengths, c.batch_size, c.seed, epoch, self.rank, self.world, c.grad_accum)
 
     def __call__(self, step: int) -> list:
         """The micro-batches (ids, labels, mask) of optimizer step ``step`` on this rank."""
-        c = self.cfg
+        a = self.cfg.grad_accum
         epoch, k = divmod(step, self.steps_per_epoch)
-        order = batch_order(self.lengths, c.batch_size, c.seed, epoch, self.rank, self.world)
-        return [collate([self.items[i] for i in order[k * c.grad_accum + j]], self.pad_id)
-                for j in range(c.grad_accum)]
+        order = self.order(epoch)
+        return [collate([self.items[i] for i in order[k * a + j]], self.pad_id) for j in range(a)]
 
 
 def collate(items, pad_id: int):

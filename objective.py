@@ -79,12 +79,13 @@ class HybridLoss(nn.Module):
 
     def forward(self, ids, labels, mask, sup_tokens: float, micro_steps: int, queue=None, generator=None):
         """``sup_tokens``: supervised tokens of the whole step (N_sup); ``micro_steps``: micro-batches per step;
-        ``queue``: the expert memory queue (None: off), read and written by the contrastive term; ``generator``:
-        its token sampling.
+        ``queue``: the expert memory queue (None: off), read by the contrastive term; ``generator``: its token
+        sampling.
 
         Returns (loss to backpropagate, {"lm", "balance", "z", "contrastive"}: this rank's detached parts, each
         already divided so that summing over micro-steps and averaging over ranks gives the step's value, None
-        for a term that is off; routing: (topk_idx, probs) stacked over sites, detached, or None for plain LoRA)."""
+        for a term that is off; routing: (topk_idx, probs) stacked over sites, detached, or None for plain LoRA;
+        the queue entries this micro-step adds (keys, labels) or None: train.py writes them after the step)."""
         c, lam = self.cfg, self.weights
         routed = any(lam.values())  # plain LoRA (E = 1) has no router: nothing is recorded
         with record_routing(self.model, expert_acts=lam["contrastive"] > 0 and c.cl_views != "sequence") as recs:
@@ -96,17 +97,23 @@ class HybridLoss(nn.Module):
         lm = lm_loss_sum(self.model, hidden, labels, c.ce_chunk) / sup_tokens * world
         loss, parts = lm, {"lm": lm.detach() / world, "balance": None, "z": None, "contrastive": None}
         if not routed:
-            return loss, parts, None
+            return loss, parts, None, None
         rec = stack_records(recs)  # (S, B, T, ...): every site at once
         weight = token_weight(mask, rec.probs)  # (B, T): 1 real token, 0 padding
         # the routing terms: per-rank means, then averaged over ranks and micro-steps. why it is exact only with
         # equal token counts per rank: a mean of means weighs every rank alike (tests use equal lengths)
-        terms = {"balance": lambda: balance_loss(rec, weight, sync=is_distributed()),
-                 "z": lambda: z_loss(rec, weight),
-                 "contrastive": lambda: contrastive_loss(rec, weight, c.cl_views, self.heads, queue,
-                                                         c.tokens_per_site, c.temperature, generator)}
-        for name, term in terms.items():
-            if lam[name] > 0:
-                value = term() / micro_steps
-                loss, parts[name] = loss + lam[name] * value, value.detach()
-        return loss, parts, (rec.topk_idx.detach(), rec.probs.detach())
+        # why balance syncs and contrastive does not: f_e counts the tokens of all ranks (global-batch balancing),
+        # while the contrastive negatives are the micro-batch's own sequences (docs/design.md, "batch splits")
+        entries = None
+        if lam["balance"] > 0:
+            parts["balance"] = balance_loss(rec, weight, sync=is_distributed()) / micro_steps
+        if lam["z"] > 0:
+            parts["z"] = z_loss(rec, weight) / micro_steps
+        if lam["contrastive"] > 0:
+            cl, entries = contrastive_loss(rec, weight, c.cl_views, self.heads, queue, c.tokens_per_site,
+                                           c.temperature, generator)
+            parts["contrastive"] = cl / micro_steps
+        for name in ("balance", "z", "contrastive"):
+            if parts[name] is not None:
+                loss, parts[name] = loss + lam[name] * parts[name], parts[name].detach()
+        return loss, parts, (rec.topk_idx.detach(), rec.probs.detach()), entries

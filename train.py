@@ -128,12 +128,14 @@ def train_step(wrapped, body, batches, queue, gen, params, opt, sched, cfg: Trai
                                             float(sum(m.numel() for _, _, m in batches))], device)
     names = ("lm", "balance", "z", "contrastive")
     sums = torch.zeros(len(names), dtype=torch.float64, device=device)  # summed on the device, read once
+    entries = []  # the queue's new entries, written after the step: every micro-step reads the same queue
     for j, (ids, labels, mask) in enumerate(batches):
         last = j == len(batches) - 1  # gradients are reduced over ranks on the last micro-step only
         with parallel.gradient_sync(wrapped, body, fsdp, sync=last):
-            loss, parts, routing = wrapped(ids.to(device), labels.to(device), mask.to(device), n_sup, len(batches),
-                                           queue, gen)
+            loss, parts, routing, new = wrapped(ids.to(device), labels.to(device), mask.to(device), n_sup,
+                                                len(batches), queue, gen)
             loss.backward()
+        entries += [new] if new is not None else []
         sums += torch.stack([parts[k].double() if parts[k] is not None else sums.new_zeros(()) for k in names])
     grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf))
     world = parallel.world_size()
@@ -145,6 +147,8 @@ def train_step(wrapped, body, batches, queue, gen, params, opt, sched, cfg: Trai
                                  "(try a lower --lr or a larger --temperature)")
     lr = opt.param_groups[0]["lr"]  # the lr this step used
     opt.step()
+    if entries:  # (S, n, d) per micro-step, every rank's -> (S, micro-steps * n, d), the order of the pieces
+        queue.enqueue(torch.cat([k for k, _ in entries], 1), torch.cat([lab for _, lab in entries], 1))
     if body.heads is not None:
         body.heads.update_keys()  # the EMA key heads follow (momentum > 0 only)
     sched.step()

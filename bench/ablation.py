@@ -222,7 +222,7 @@ def router_gradient_share(model, tok, examples, cfg, heads, queue) -> float:
         else:
             loss = cfg.lambda_cl * contrastive_loss(stack_records(recs), mask.float(), cfg.cl_views, heads, queue,
                                                     cfg.tokens_per_site, cfg.temperature,
-                                                    torch.Generator().manual_seed(0), enqueue=False)
+                                                    torch.Generator().manual_seed(0))[0]
         grads = torch.autograd.grad(loss, routers, allow_unused=True)
         norms.append(float(torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None))))
     return norms[1] / max(norms[0], 1e-12)
@@ -341,10 +341,10 @@ def install_domain_routing(arm: str, tok, lambda_sup: float = LAMBDA_SUP):
     def with_router_ce(self, ids, labels, mask, sup_tokens, micro_steps, *args, **kw):
         DOMAIN_OF_BATCH["mask"], router_ce[:] = mask, []
         try:
-            loss, parts, routing = hybrid(self, ids, labels, mask, sup_tokens, micro_steps, *args, **kw)
+            loss, parts, routing, entries = hybrid(self, ids, labels, mask, sup_tokens, micro_steps, *args, **kw)
         finally:
             DOMAIN_OF_BATCH.pop("mask")
-        return loss + lambda_sup * torch.stack(router_ce).mean() / micro_steps, parts, routing
+        return loss + lambda_sup * torch.stack(router_ce).mean() / micro_steps, parts, routing, entries
 
     Qwen3Model.forward = remember_domain
     lora_moe.route = domain_route

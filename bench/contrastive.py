@@ -52,12 +52,15 @@ def step_fn(path, ids, cl_on, views, momentum, queue_on, K=1024, tps=256):
         rec = stack_records(recs)
         loss = loss + 0.01 * balance_loss(rec, weight)
         if cl_on:
-            loss = loss + contrastive_loss(rec, weight, views, heads, queue, tps, 0.07, gen)
+            cl, new = contrastive_loss(rec, weight, views, heads, queue, tps, 0.07, gen)
+            loss = loss + cl
         loss.backward()
         with torch.no_grad():
             for p in params:
                 p -= 1e-4 * p.grad
                 p.grad = None
+        if cl_on and new is not None:
+            queue.enqueue(*new)
         if heads is not None:
             heads.update_keys()
 

@@ -1,6 +1,7 @@
 """Run by tests/test_contrastive.py: `torchrun --nproc_per_node=2 tests/dist_contrastive.py OUT` (gloo, CPU),
-or imported and run in one process on the concatenated batch. Trains LM + contrastive (with the queue) for a
-few steps with plain SGD, all-reducing gradients by hand, and saves losses and queues."""
+or imported and run in one process on the whole batch (the head readings: one micro-step, they gather over ranks;
+the sequence reading: two micro-steps, it contrasts within a micro-batch). Trains LM + contrastive (with the
+queue) for a few steps with plain SGD, all-reducing gradients by hand, and saves losses and queues."""
 import os
 import sys
 
@@ -35,21 +36,23 @@ def build(momentum=0.0, views="mixture"):
     return model, heads, queues
 
 
-def run(rank=0, world=1, views="mixture", momentum=0.0):
+def run(rank=0, world=1, views="mixture", momentum=0.0, micro=1):
+    """Each rank its share of every step's batch, as ``micro`` micro-steps (gradients accumulated, the loss a
+    mean over them); the queue's new entries are written after the step, as train.py does."""
     model, heads, queues = build(momentum, views)
     params = [p for p in model.parameters() if p.requires_grad] + (list(heads.query.parameters()) if heads else [])
     data = torch.randint(0, 64, (STEPS, B, T), generator=torch.Generator().manual_seed(1))
     losses = []
     for step in range(STEPS):
-        ids = data[step].chunk(world)[rank]  # each rank its share of the global batch
-        with record_routing(model, expert_acts=views != "sequence") as recs:
-            logits = model(ids)
-        lm = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
-        rec = stack_records(recs)
-        cl = contrastive_loss(rec, torch.ones(ids.shape), views, heads, queues, tokens_per_site=10_000,
-                              temperature=0.1)
-        loss = lm + 0.5 * cl
-        loss.backward()
+        lm, cl, new = 0.0, 0.0, []
+        for ids in data[step].chunk(world)[rank].chunk(micro):
+            with record_routing(model, expert_acts=views != "sequence") as recs:
+                logits = model(ids)
+            lm_j = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1)) / micro
+            cl_j, entries = contrastive_loss(stack_records(recs), torch.ones(ids.shape), views, heads, queues,
+                                             tokens_per_site=10_000, temperature=0.1)
+            (lm_j + 0.5 * cl_j / micro).backward()
+            lm, cl, new = lm + lm_j.detach(), cl + cl_j.detach() / micro, new + [entries]
         with torch.no_grad():
             for p in params:
                 if world > 1:
@@ -57,6 +60,7 @@ def run(rank=0, world=1, views="mixture", momentum=0.0):
                     p.grad /= world
                 p -= 0.5 * p.grad
                 p.grad = None
+            queues.enqueue(torch.cat([k for k, _ in new], 1), torch.cat([lab for _, lab in new], 1))
             if heads is not None:
                 heads.update_keys()
             if world > 1:

@@ -91,8 +91,11 @@ def test_gradients_reach_heads_routers_and_A_but_not_the_queue():
     heads = make_heads(model, dim=16)
     queue = ExpertQueue(len(sites(model)), size=32, dim=16)
     ids = torch.randint(0, 64, (2, 10))
-    contrastive_loss(*forward_records(model, ids, expert_acts=True), "mixture", heads, queue, temperature=0.1)
-    loss = contrastive_loss(*forward_records(model, ids, expert_acts=True), "mixture", heads, queue, temperature=0.1)
+    _, new = contrastive_loss(*forward_records(model, ids, expert_acts=True), "mixture", heads, queue, temperature=0.1)
+    queue.enqueue(*new)
+    loss, new = contrastive_loss(*forward_records(model, ids, expert_acts=True), "mixture", heads, queue,
+                                 temperature=0.1)
+    queue.enqueue(*new)
     loss.backward()
     for _, m in sites(model):
         assert m.router.weight.grad.abs().sum() > 0
@@ -115,21 +118,23 @@ def test_padding_never_enters_and_sampling_bounds_tokens(views):
     dim = 16 if views == "mixture" else 4
     queue = ExpertQueue(len(sites(model)), size=100, dim=dim)
     acts = views == "mixture"
-    full = contrastive_loss(*forward_records(model, ids, mask, acts), views, heads, queue)
+    full, new = contrastive_loss(*forward_records(model, ids, mask, acts), views, heads, queue)
+    queue.enqueue(*new)
     if views == "mixture":
         assert int((queue.labels >= 0).sum()) == 16 * len(sites(model))
     else:
         assert int((queue.labels >= 0).sum()) == 2 * len(sites(model))  # one fused view per sequence
         other = ids.clone()
         other[0, :4] = (other[0, :4] + 5) % 64
-        again = contrastive_loss(*forward_records(model, other, mask), views, None, None)
-        assert torch.allclose(again, contrastive_loss(*forward_records(model, ids, mask), views, None, None))
+        again = contrastive_loss(*forward_records(model, other, mask), views, None, None)[0]
+        assert torch.allclose(again, contrastive_loss(*forward_records(model, ids, mask), views, None, None)[0])
         rec, w = forward_records(model, ids, mask)
-        assert not torch.allclose(contrastive_loss(rec, torch.ones_like(w), views, None, None), again)
+        assert not torch.allclose(contrastive_loss(rec, torch.ones_like(w), views, None, None)[0], again)
     queue = ExpertQueue(len(sites(model)), size=100, dim=dim)
     gen = torch.Generator().manual_seed(0)
-    few = contrastive_loss(*forward_records(model, ids, mask, acts), views, heads, queue, tokens_per_site=5,
-                           generator=gen)
+    few, new = contrastive_loss(*forward_records(model, ids, mask, acts), views, heads, queue, tokens_per_site=5,
+                                generator=gen)
+    queue.enqueue(*new)
     if views == "mixture":
         assert int((queue.labels >= 0).sum()) == 5 * len(sites(model))
     assert torch.isfinite(few) and not torch.allclose(few, full)
@@ -137,10 +142,15 @@ def test_padding_never_enters_and_sampling_bounds_tokens(views):
 
 @pytest.mark.parametrize("views, momentum", [("mixture", 0.0), ("expert", 0.9), ("sequence", 0.0)])
 def test_two_process_gloo_equals_one_process(tmp_path, views, momentum):
+    """2 ranks x 2 sequences == 1 process: x 4 for the head readings (their keys are gathered over ranks), x 2
+    micro-steps of 2 for the sequence reading (its negatives are the micro-batch's own sequences, so a step's
+    loss does not depend on ranks vs accumulation); queues identical on both ranks and equal to the 1-process
+    queue (a step's entries are written after it, in the order of the pieces)."""
     sys.path.insert(0, HERE)
     import dist_contrastive
 
-    single_losses, single_q = dist_contrastive.run(views=views, momentum=momentum)
+    single_losses, single_q = dist_contrastive.run(views=views, momentum=momentum,
+                                                   micro=2 if views == "sequence" else 1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
                     os.path.join(HERE, "dist_contrastive.py"), str(tmp_path), views, str(momentum)],
@@ -200,7 +210,7 @@ def test_contrastive_loss_equals_the_formula_end_to_end(views, momentum):
     g = torch.Generator().manual_seed(3)  # 8 entries of other labels, 2 slots left empty
     queue.enqueue(F.normalize(torch.randn(S, 8, 16, generator=g), dim=-1), torch.randint(0, 4, (S, 8), generator=g))
     rec, weight = forward_records(model, torch.randint(0, 64, (2, 6)), expert_acts=True)
-    got = contrastive_loss(rec, weight, views, heads, queue, tokens_per_site=1000, temperature=0.1, enqueue=False)
+    got, _ = contrastive_loss(rec, weight, views, heads, queue, tokens_per_site=1000, temperature=0.1)
     key_head = heads.key if momentum else heads.query
     want = []
     for i in range(S):
@@ -231,7 +241,7 @@ def test_expert_reading_sharpens_the_router_toward_its_choice():
     for _ in range(20):
         opt.zero_grad()
         contrastive_loss(*forward_records(model, ids, expert_acts=True), "expert", heads, None,
-                         temperature=0.1).backward()
+                         temperature=0.1)[0].backward()
         opt.step()
     assert top1_prob().item() > before + 0.05
 
@@ -284,8 +294,9 @@ def test_sequence_reading_equals_the_formula_end_to_end():
     probs = [rec.probs[i].reshape(18, 4)[keep] for i in range(S)]
     want = torch.stack([reference_sequence_info_nce(p, seq, filled(queue, i)[0], 0.1)
                         for i, p in enumerate(probs)]).mean()
-    got = contrastive_loss(rec, weight, "sequence", None, queue, tokens_per_site=1000, temperature=0.1)
+    got, new = contrastive_loss(rec, weight, "sequence", None, queue, tokens_per_site=1000, temperature=0.1)
     assert torch.allclose(got, want, atol=1e-5)
+    queue.enqueue(*new)
     keys, labels = filled(queue, 0)
     assert keys.shape == (8, 4) and torch.allclose(keys[-3:].norm(dim=-1), torch.ones(3))
     phi1 = F.normalize(probs[0][seq == 1].mean(0) - 0.25, dim=0)
@@ -313,14 +324,16 @@ def test_sequence_reading_routes_each_sequence_alike_and_sequences_apart():
     (w0, b0) = within_and_between()
     for _ in range(30):
         opt.zero_grad()
-        contrastive_loss(*forward_records(model, ids), "sequence", None, None, temperature=0.1).backward()
+        contrastive_loss(*forward_records(model, ids), "sequence", None, None, temperature=0.1)[0].backward()
         opt.step()
     w1, b1 = within_and_between()
     assert w1 >= w0 and (w1 - b1) > (w0 - b0) + 0.15
 
 
-def test_keys_enter_the_queue_only_after_the_loss():
-    """With an empty queue, a step's loss equals the in-batch-only loss: its own keys are not yet negatives."""
+def test_the_loss_reads_the_queue_and_returns_what_to_enqueue():
+    """The loss does not write the queue: with an empty one it equals the in-batch-only loss, and the queue is
+    still empty after it; the returned entries (one key per real token, every site), once enqueued, are
+    negatives of the next call (train.py writes them after the optimizer step)."""
     from conftest import forward_records
     from contrastive import contrastive_loss, make_heads
     from expert_queue import ExpertQueue
@@ -330,9 +343,9 @@ def test_keys_enter_the_queue_only_after_the_loss():
     heads = make_heads(model, dim=16)
     rec, w = forward_records(model, torch.randint(0, 64, (2, 10)), expert_acts=True)
     queue = ExpertQueue(len(sites(model)), size=64, dim=16)
-    with_queue = contrastive_loss(rec, w, "mixture", heads, queue, temperature=0.1)
-    in_batch = contrastive_loss(rec, w, "mixture", heads, None, temperature=0.1)
-    assert torch.allclose(with_queue, in_batch)
-    assert int((queue.labels >= 0).sum()) == 20 * len(sites(model))  # and then they were enqueued
-    assert not torch.allclose(contrastive_loss(rec, w, "mixture", heads, queue, temperature=0.1, enqueue=False),
-                              in_batch)
+    with_queue, (keys, labels) = contrastive_loss(rec, w, "mixture", heads, queue, temperature=0.1)
+    in_batch, none = contrastive_loss(rec, w, "mixture", heads, None, temperature=0.1)
+    assert torch.allclose(with_queue, in_batch) and none is None
+    assert int((queue.labels >= 0).sum()) == 0 and keys.shape == (len(sites(model)), 20, 16)
+    queue.enqueue(keys, labels)
+    assert not torch.allclose(contrastive_loss(rec, w, "mixture", heads, queue, temperature=0.1)[0], in_batch)

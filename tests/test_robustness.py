@@ -47,6 +47,7 @@ def one_line_exit(capsys, fn):
     (["--queue", "--lambda-cl", "0"], "--queue holds negatives of the contrastive term, which is off"),
     (["--queue", "--num-experts", "1", "--top-k", "1"], "--queue holds negatives of the contrastive term"),
     (["--fsdp"], "--fsdp shards over processes: run under torchrun"),
+    (["--batch-size", "1"], "--batch-size 1 leaves no negatives"),
     (["--cl-views", "experts"], "invalid choice: 'experts'"),
 ])
 def test_bad_train_flags(capsys, flags, needle):

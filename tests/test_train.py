@@ -183,34 +183,42 @@ def equal_length_data(path, n=16):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-accum", "ddp-default", "ddp-default-accum"])
 def test_two_ranks_equal_one_process_with_the_doubled_batch(tiny_dir, tmp_path, mode):
-    """torchrun --nproc_per_node=2 (gloo) x batch 2 == 1 process x batch 4, all three losses on: the same
-    per-step losses and, after 4 AdamW steps, the same adapters, heads and queues. ddp / fsdp / ddp-accum use
-    the mixture reading with heads and the queue; ddp-default train.py's defaults (the sequence reading: no
-    heads, no queue). *-accum: 2 micro-batches a step (DDP's no_sync on the first). ddp also resumes the
-    1-process run at step 2 on 2 ranks."""
+    """torchrun --nproc_per_node=2 (gloo) == 1 process holding both ranks' sequences: the same per-step losses
+    and, after 4 AdamW steps, the same adapters, heads and queues. ddp / fsdp / ddp-accum: the mixture reading
+    with heads and the queue, balance on, 2 ranks x batch 2 == 1 x batch 4 (its keys are gathered over ranks);
+    *-accum: 2 micro-batches a step (DDP's no_sync on the first). ddp-default(-accum): train.py's defaults (the
+    sequence reading, no heads) with the queue, where 2 ranks == 1 process with twice the accumulation (its
+    negatives are the micro-batch's own sequences; the queue is written after each step), balance off (its
+    token counts are shared by the ranks of a micro-step, not by micro-steps: docs/design.md). ddp also resumes
+    the 1-process run at step 2 on 2 ranks."""
     from safetensors.torch import load_file
 
     common = equal_length_args(tiny_dir, tmp_path) + ["--dropout", "0", "--queue-size", "64", "--proj-dim", "16",
-                                                      "--tokens-per-site", "100000", "--save-every", "1"]
+                                                      "--tokens-per-site", "100000", "--save-every", "1", "--queue"]
     heads = not mode.startswith("ddp-default")
-    if heads:
-        common += ["--cl-views", "mixture", "--lambda-cl", "0.1", "--queue"]
-    b1, b2 = (["--batch-size", "2", "--grad-accum", "2"], ["--batch-size", "1", "--grad-accum", "2"]) \
-        if mode.endswith("accum") else (["--batch-size", "4"], ["--batch-size", "2"])
+    common += ["--cl-views", "mixture", "--lambda-cl", "0.1"] if heads else ["--lambda-bal", "0"]
+    b1, b2 = {"ddp-accum": (["--batch-size", "2", "--grad-accum", "2"], ["--batch-size", "1", "--grad-accum", "2"]),
+              "ddp-default": (["--batch-size", "2", "--grad-accum", "2"], ["--batch-size", "2"]),
+              "ddp-default-accum": (["--batch-size", "2", "--grad-accum", "4"],
+                                    ["--batch-size", "2", "--grad-accum", "2"])
+              }.get(mode, (["--batch-size", "4"], ["--batch-size", "2"]))
     m1 = train_cli(common + b1, tmp_path / "one")
     m2 = train_cli(common + b2 + (["--fsdp"] if mode == "fsdp" else []), tmp_path / "two", nproc=2)
     assert len(m1) == len(m2) == 4
     for a, b in zip(m1, m2):
-        for k in ("lm", "balance", "contrastive", "grad_norm"):
+        assert (a["balance"] is None) == (b["balance"] is None) == (not heads)
+        for k in ("lm", "balance", "contrastive", "grad_norm") if heads else ("lm", "contrastive", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k)
         assert a["padding_share"] == b["padding_share"] == 0.0
     assert m1[-1]["lm"] < m1[0]["lm"]  # the steps really trained something
     a = load_file(tmp_path / "one" / "ckpt-000004" / "adapter.safetensors")
     b = load_file(tmp_path / "two" / "ckpt-000004" / "adapter.safetensors")
     assert a.keys() == b.keys()
-    assert any(k.startswith("heads.") for k in a) == any(k.startswith("queue.") for k in a) == heads
+    assert any(k.startswith("heads.") for k in a) == heads and any(k.startswith("queue.") for k in a)
     for k in a:  # why lr/20: Adam's step m/sqrt(v) turns float noise in a near-zero gradient into ~lr
-        if heads:
+        if not a[k].is_floating_point():  # the queue's labels and write pointer
+            assert torch.equal(a[k], b[k]), k
+        elif heads:
             assert torch.allclose(a[k], b[k], atol=5e-3 / 20), (k, (a[k] - b[k]).abs().max())
         else:  # why by norm: without the heads' gradient, a few A_e entries get a step-2 gradient at float-noise
             # level (measured 8e-11 vs -1e-9; median 7e-6), which Adam turns into ~lr apart (0.0018 in one entry);
@@ -419,3 +427,22 @@ def test_batches_are_length_bucketed():
     rng.shuffle(shuffled)
     assert spread(order) < 0.1 * spread([shuffled[i:i + 8] for i in range(0, 2000, 8)])
     assert sorted(i for b in order for i in b) == list(range(2000))  # every example once (2000 = 250 x 8)
+
+
+def test_a_steps_pieces_do_not_depend_on_the_split():
+    """batch_order: the pieces of --batch-size sequences of every step are the same for 1 process x accumulation
+    4, 2 ranks x 2 and 4 ranks x 1 (micro-step j of rank r = piece j * world + r), and the ranks of one micro-step
+    hold what 1 rank x world * batch-size holds in that micro-step."""
+    from data import batch_order
+
+    lengths = [random.Random(1).randint(5, 90) for _ in range(100)]
+
+    def pieces(world, accum, B=3):
+        per_rank = [batch_order(lengths, B, 7, 0, r, world, accum) for r in range(world)]
+        return [[per_rank[r][s * accum + j] for j in range(accum) for r in range(world)]
+                for s in range(len(per_rank[0]) // accum)]
+
+    one = pieces(1, 4)
+    assert len(one) == 8 and one == pieces(2, 2) == pieces(4, 1)
+    wide = pieces(1, 2, B=6)  # 2 ranks x 3 sequences per micro-step == 1 rank x 6
+    assert [[a + b for a, b in zip(s[::2], s[1::2])] for s in pieces(2, 2)] == wide
