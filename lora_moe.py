@@ -84,10 +84,9 @@ class RouterRecord:
     expert_acts: torch.Tensor | None = None
 
 
-def route(x, weight, top_k: int) -> RouterRecord:
-    """x (..., in) -> every token's routing with router ``weight`` (E, in): logits, full-softmax probs, top-k,
-    gates (fp32)."""
-    logits = F.linear(x.float(), weight)
+def route(logits, top_k: int) -> RouterRecord:
+    """Router logits (..., E) -> every token's routing: logits, full-softmax probs, top-k, gates (fp32)."""
+    logits = logits.float()
     probs = logits.softmax(-1)
     top_p, top_i = probs.topk(top_k, dim=-1)
     # why renormalize: with top-k < E the kept gates then sum to 1, so scale does not depend on k or E
@@ -131,7 +130,7 @@ class LoRAMoELinear(nn.Module):
         xf = x.to(self.lora_A.dtype)  # why one cast: router and experts share it, so autograd keeps one fp32 copy
         h = F.linear(self.dropout(xf), self.lora_A)  # (..., E*r): every expert's A_e x
         if self.router is not None:
-            rec = route(xf, self.router.weight, self.top_k)
+            rec = route(self.router(xf), self.top_k)  # why a module call: a control can give its own router
             lead = h.shape[:-1]
             u = h.view(*lead, self.E, self.r)  # (..., E*r) -> (..., E, r)
             if self.recording is not None:

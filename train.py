@@ -166,8 +166,10 @@ def train_step(wrapped, body, batches, queue, gen, params, opt, sched, cfg: Trai
 # The loop
 
 
-def train(cfg: TrainConfig) -> list[dict]:
-    """Run training; returns the per-step metrics (rank 0 also writes them to out/metrics.jsonl)."""
+def train(cfg: TrainConfig, objective=HybridLoss) -> list[dict]:
+    """Run training; returns the per-step metrics (rank 0 also writes them to out/metrics.jsonl).
+    ``objective(model, heads, cfg)`` makes the loss module: HybridLoss, or a control arm's subclass of it
+    (bench/ablation.py)."""
     rank, world, device = parallel.setup()
     lock = []  # one run per --out: rank 0 holds the lock; if it cannot, every rank stops with its error
 
@@ -176,13 +178,13 @@ def train(cfg: TrainConfig) -> list[dict]:
 
     parallel.broadcast_outcome(take_lock)  # runs on rank 0 only
     try:
-        return run(cfg, rank, world, device)
+        return run(cfg, rank, world, device, objective)
     finally:
         for held in lock:
             held.release()
 
 
-def run(cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
+def run(cfg: TrainConfig, rank: int, world: int, device, objective=HybridLoss) -> list[dict]:
     main = rank == 0
     log = print if main else (lambda *a, **k: None)
     seed_everything(cfg.seed)
@@ -199,7 +201,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device) -> list[dict]:
 
     # 3. one module whose forward returns the loss, wrapped for DDP / FSDP; the optimizer over its shards
     fingerprint = base_fingerprint(model)  # of the base, read before FSDP shards it
-    body = HybridLoss(model, heads, cfg)
+    body = objective(model, heads, cfg)
     wrapped, fsdp = parallel.wrap(body, body.model.model.layers, cfg.fsdp, device)
     params, opt, sched = make_optimizer(body, cfg, device)
     start = restore_optimizer(body, opt, sched, gen, state, cfg) if state else 0

@@ -36,6 +36,7 @@ what any token-level router could reach, from the frozen base (linear probe and 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -44,9 +45,13 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from lora_moe import sites  # noqa: E402  (after the path: bench/ runs from anywhere)
+from objective import HybridLoss  # noqa: E402
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DOMAINS = ("north", "south", "east", "west", "red", "blue", "green", "black")  # each a single Qwen token
@@ -298,10 +303,7 @@ def _kmeans_nmi(x, y, k: int, seed: int, iters: int = 25) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The control arms: routing told the domain (patched into this run's own process only)
-
-
-DOMAIN_OF_BATCH = {}  # the current batch's domain per sequence, read from its prompt by the patched forward
+# The control arms: routing told the domain, through train.py's public parts (its routers, its objective)
 
 
 def domain_of(ids, word_ids) -> torch.Tensor:
@@ -309,47 +311,73 @@ def domain_of(ids, word_ids) -> torch.Tensor:
     return torch.stack([(ids == w).any(1) for w in word_ids], 1).float().argmax(1)
 
 
-def install_domain_routing(arm: str, tok, lambda_sup: float = LAMBDA_SUP):
-    """oracle: every token of a domain-d sequence goes to expert d (top-1, the router unused); supervised:
-    the hybrid loss gains LAMBDA_SUP * the routers' cross-entropy to the domain, on real tokens. Both replace
-    ``lora_moe.route`` (the routing rule every site calls) in this run's own process only."""
-    import lora_moe
-    import objective
-    from model import Qwen3Model
+class DomainRouter(nn.Module):
+    """The oracle's router: every token of a domain-d sequence gets logit +30 on expert d, -30 elsewhere, so
+    ``lora_moe.route`` (top-1 in this arm) sends it to expert d. ``domain`` (B,) is set before each forward by
+    ``install_oracle``'s hook; the replaced router's weight is kept (unused) so checkpoints keep their keys."""
 
-    word_ids = [tok.encode(w)[0] for w in DOMAINS]
-    forward, route, hybrid = Qwen3Model.forward, lora_moe.route, objective.HybridLoss.forward
-    router_ce = []  # the supervised arm's per-site cross-entropies of the current forward
+    def __init__(self, old: nn.Linear):
+        super().__init__()
+        self.weight, self.domain = old.weight, None
 
-    def remember_domain(self, input_ids, *args, **kw):
-        if input_ids.shape[1] > 1:  # a whole sequence, not a decode step
-            DOMAIN_OF_BATCH["d"] = domain_of(input_ids, word_ids)
-        return forward(self, input_ids, *args, **kw)
+    def forward(self, x):
+        E, lead = self.weight.shape[0], x.shape[:-1]
+        d = self.domain.to(x.device).reshape(-1, *[1] * (len(lead) - 1), 1).expand(*lead, 1)  # (B,) -> (B, T, 1)
+        return torch.full((*lead, E), -30.0, device=x.device).scatter(-1, d, 30.0)  # (B, T, E)
 
-    def domain_route(x, weight, top_k):
-        E, d = weight.shape[0], DOMAIN_OF_BATCH["d"].to(x.device)
-        if arm == "supervised":
-            rec = route(x, weight, top_k)
-            if "mask" in DOMAIN_OF_BATCH:  # training: the CE over real tokens, with gradient into the router
-                m = DOMAIN_OF_BATCH["mask"]
-                router_ce.append(torch.nn.functional.cross_entropy(rec.logits[m], d[:, None].expand_as(m)[m]))
-            return rec
-        logits = torch.full((*x.shape[:-1], E), -30.0, device=x.device).scatter(
-            -1, d[:, None, None].expand(*x.shape[:-1], 1), 30.0)  # (B, T, E): the domain's expert wins
-        return route(logits, torch.eye(E, device=x.device), top_k)  # the rule itself applied to these logits
 
-    def with_router_ce(self, ids, labels, mask, sup_tokens, micro_steps, *args, **kw):
-        DOMAIN_OF_BATCH["mask"], router_ce[:] = mask, []
+def install_oracle(model, word_ids):
+    """Give every site a DomainRouter, and the model a hook that tells them the domain of each forward's
+    sequences (training and evaluation alike; a decode step of one token keeps the prompt's domain)."""
+    routers = []
+    for _, m in sites(model):
+        m.router = DomainRouter(m.router)
+        routers.append(m.router)
+
+    def tell_domain(module, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        if ids.shape[1] > 1:
+            for r in routers:
+                r.domain = domain_of(ids, word_ids)
+
+    model.model.register_forward_pre_hook(tell_domain, with_kwargs=True)
+    return model
+
+
+def oracle_objective(model, heads, cfg, word_ids):
+    """train.train's ``objective`` for the oracle arm: the hybrid loss of a model with DomainRouters."""
+    return HybridLoss(install_oracle(model, word_ids), heads, cfg)
+
+
+class SupervisedRouting(HybridLoss):
+    """The supervised control: the hybrid loss + lambda_sup * the routers' cross-entropy to the domain over
+    real tokens, averaged over sites (read from each router's output by a forward hook, gradient included)."""
+
+    def __init__(self, model, heads, cfg, word_ids, lambda_sup: float):
+        super().__init__(model, heads, cfg)
+        self.word_ids, self.lambda_sup = word_ids, lambda_sup
+
+    def forward(self, ids, labels, mask, sup_tokens, micro_steps, queue=None, generator=None):
+        logits = []  # (B, T, E) per site, this forward's
+        hooks = [m.router.register_forward_hook(lambda mod, inp, out: logits.append(out)) for _, m in sites(self.model)]
         try:
-            loss, parts, routing, entries = hybrid(self, ids, labels, mask, sup_tokens, micro_steps, *args, **kw)
+            loss, parts, routing, entries = super().forward(ids, labels, mask, sup_tokens, micro_steps, queue, generator)
         finally:
-            DOMAIN_OF_BATCH.pop("mask")
-        return loss + lambda_sup * torch.stack(router_ce).mean() / micro_steps, parts, routing, entries
+            for h in hooks:
+                h.remove()
+        d = domain_of(ids, self.word_ids)[:, None].expand_as(mask)[mask]  # (N,) the domain of each real token
+        ce = torch.stack([F.cross_entropy(z[mask], d) for z in logits]).mean()
+        return loss + self.lambda_sup * ce / micro_steps, parts, routing, entries
 
-    Qwen3Model.forward = remember_domain
-    lora_moe.route = domain_route
+
+def control_objective(arm: str, tok, lambda_sup: float):
+    """train.train's ``objective`` for an arm: HybridLoss, or a control's."""
+    word_ids = [tok.encode(w)[0] for w in DOMAINS]
+    if arm == "oracle":
+        return functools.partial(oracle_objective, word_ids=word_ids)
     if arm == "supervised":
-        objective.HybridLoss.forward = with_router_ce
+        return functools.partial(SupervisedRouting, word_ids=word_ids, lambda_sup=lambda_sup)
+    return HybridLoss
 
 
 def entropy(counts) -> float:
@@ -399,11 +427,11 @@ def run_one(arm: str, seed: int, a) -> dict:
     held_out = make_examples(a.eval_size, a.eval_seed, perms)  # the same held-out sample for every run
     cfg = run_config(arm, seed, a, data, work)
     tok = load_tokenizer(a.model)
-    if arm in ("oracle", "supervised"):
-        install_domain_routing(arm, tok, a.lambda_sup)
-    hist = train(cfg)
+    hist = train(cfg, objective=control_objective(arm, tok, a.lambda_sup))
     # the run's model, heads and queue once (as train.py builds them); each checkpoint refills them
     model, heads, queue, _ = build_model(cfg, a.model, torch.device("cpu"), 0, verbose=False)
+    if arm == "oracle":
+        install_oracle(model, [tok.encode(w)[0] for w in DOMAINS])
     over_steps = []
     for step in range(a.eval_every, a.steps + 1, a.eval_every):
         load_checkpoint(os.path.join(work, f"ckpt-{step:06d}"), model, heads, queue, torch.device("cpu"))

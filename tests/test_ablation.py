@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,32 +113,65 @@ def test_plot_routing_and_chat_with_adapter(tmp_path):
     assert "(adapter: " + str(run / "ckpt-000003") + ")" in r.stdout
 
 
+def _domain_model(tok, top_k):
+    from data import collate, tokenize
+    from lora_moe import LoRAMoEConfig, add_lora_moe
+    from model import Qwen3, Qwen3Config
+    from tiny_qwen import init_weights
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    model = add_lora_moe(init_weights(Qwen3(cfg)), LoRAMoEConfig(num_experts=8, rank=2, top_k=top_k, dropout=0.0),
+                         verbose=False)
+    ex = ablation.make_examples(16, 0, ablation.permutations())
+    ids, labels, mask = collate([tokenize(m, tok) for _, m in ex], tok.pad_id)
+    return model, ex, ids, labels, mask
+
+
 def test_oracle_routes_each_domain_to_its_expert(qwen_tok_dir):
-    """The oracle control really forces domain d onto expert d (in a subprocess: the patch is process-wide)."""
-    code = f"""
-import sys, torch; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'bench')!r})
-import importlib.util
-spec = importlib.util.spec_from_file_location("ablation", {os.path.join(ROOT, 'bench', 'ablation.py')!r})
-ab = importlib.util.module_from_spec(spec); spec.loader.exec_module(ab)
-from tokenizer import Tokenizer
-from data import collate, tokenize
-from lora_moe import LoRAMoEConfig, add_lora_moe, record_routing
-from model import Qwen3, Qwen3Config
-from tiny_qwen import init_weights
-tok = Tokenizer({qwen_tok_dir!r})
-ab.install_domain_routing("oracle", tok)
-cfg = Qwen3Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=8)
-model = add_lora_moe(init_weights(Qwen3(cfg)), LoRAMoEConfig(num_experts=8, rank=2, top_k=1), verbose=False)
-ex = ab.make_examples(16, 0, ab.permutations())
-ids, _, _ = collate([tokenize(m, tok) for _, m in ex], tok.pad_id)
-with record_routing(model) as recs:
-    model(ids)
-want = torch.tensor([d for d, _ in ex])[:, None].expand(ids.shape)
-print(len(recs) == 7 and all(torch.equal(r.topk_idx[..., 0], want) for r in recs))
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.stdout.strip().endswith("True"), r.stderr[-2000:]
+    """The oracle control (its own routers, given to the adapters) forces domain d onto expert d, in training's
+    forward and in a plain model call alike; its checkpoint keys are the model's own."""
+    from lora_moe import record_routing
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer(qwen_tok_dir)
+    model, ex, ids, _, _ = _domain_model(tok, top_k=1)
+    keys = set(model.state_dict())
+    ablation.install_oracle(model, [tok.encode(w)[0] for w in ablation.DOMAINS])
+    assert set(model.state_dict()) == keys
+    want = torch.tensor([d for d, _ in ex])[:, None].expand(ids.shape)
+    for call in (lambda: model(ids), lambda: model.model(ids)):
+        with record_routing(model) as recs:
+            call()
+        assert len(recs) == 7 and all(torch.equal(r.topk_idx[..., 0], want) for r in recs)
+
+
+def test_supervised_control_adds_the_routers_cross_entropy(qwen_tok_dir):
+    """SupervisedRouting's loss = the hybrid loss + lambda_sup * mean over sites of the router cross-entropy to
+    the domain over real tokens, / micro-steps; the hybrid parts are unchanged."""
+    import torch.nn.functional as F
+
+    from config import TrainConfig
+    from lora_moe import record_routing
+    from objective import HybridLoss
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer(qwen_tok_dir)
+    model, ex, ids, labels, mask = _domain_model(tok, top_k=2)
+    cfg = TrainConfig(lambda_cl=0.0, dropout=0.0)
+    word_ids = [tok.encode(w)[0] for w in ablation.DOMAINS]
+    sup = ablation.SupervisedRouting(model, None, cfg, word_ids, lambda_sup=0.5)
+    loss, parts, _, _ = sup(ids, labels, mask, 100.0, 2)
+    base, base_parts, _, _ = HybridLoss(model, None, cfg)(ids, labels, mask, 100.0, 2)
+    with record_routing(model) as recs:
+        model.model(ids)
+    d = torch.tensor([d for d, _ in ex])[:, None].expand(ids.shape)[mask]
+    ce = torch.stack([F.cross_entropy(r.logits[mask], d) for r in recs]).mean()
+    assert torch.allclose(loss, base + 0.5 * ce / 2, atol=1e-6)
+    assert all(torch.equal(parts[k], base_parts[k]) for k in ("lm", "balance"))
+    loss.backward()
+    assert all(m.router.weight.grad is not None for m in model.modules() if hasattr(m, "router") and m.router)
 
 
 def test_run_config_layers_arm_and_set_overrides():

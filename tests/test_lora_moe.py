@@ -207,7 +207,7 @@ def test_topk_gates_are_renormalized():
     from lora_moe import LoRAMoEConfig, LoRAMoELinear, route
 
     layer = LoRAMoELinear(torch.nn.Linear(8, 8), LoRAMoEConfig(num_experts=5, rank=2, top_k=2, dropout=0.0))
-    rec = route(torch.randn(4, 8), layer.router.weight, layer.top_k)
+    rec = route(layer.router(torch.randn(4, 8)), layer.top_k)
     assert torch.allclose(rec.gates.sum(-1), torch.ones(4))  # the kept gates sum to 1
     assert ((rec.gates > 0).sum(-1) == 2).all()
     p = rec.probs.gather(-1, rec.topk_idx)
