@@ -5,16 +5,19 @@ sampled real token t, with p_t the router's full softmax over E experts and c(v)
 centred unit routing (``routing_view``): the routed view is rho_t = c(p_t); a sequence's fused view is
 phi_s = c(mean_{t in s} p_t) over its real tokens. The positive of t is its own sequence's phi_s(t); the
 negatives every other sequence's phi in the same micro-batch (this rank's --batch-size sequences: the loss does
-not depend on how a step is split over ranks and micro-steps) and, with ``--queue``, the queue's past phi:
+not depend on how a step is split over ranks and micro-steps) and, with ``--queue``, the queue's past phi q
+whose top expert differs from that of phi_s(t) (Q(t)):
 
-    L = - mean_t log [ exp(rho_t.phi_s(t)/tau) / ( sum_{s'} exp(rho_t.phi_s'/tau) + sum_q exp(rho_t.q/tau) ) ]
+    L = - mean_t log [ exp(rho_t.phi_s(t)/tau) / ( sum_{s'} exp(rho_t.phi_s'/tau) + sum_{q in Q(t)} exp(rho_t.q/tau) ) ]
 
 why routings: any view made from the experts' activations u_e = A_e x can tell sequences apart by their
 content alone (x carries the domain), so the two head readings below are solved without moving the router;
 here only the router can lower the loss, by routing one sequence's tokens alike and other sequences
 elsewhere. why centred: routings are non-negative, so two diffuse routers' p have cosine ~1 whatever they
-prefer. why no same-expert mask: the views *are* the expert choice; with the mask, one expert for every token
-would leave no negatives (loss 0) and reward collapse. All sites at once: a few batched tensor ops over the
+prefer. why no same-expert mask in the batch: the views *are* the expert choice; with the mask, one expert for every
+token would leave no negatives (loss 0) and reward collapse. why one on the queue: a past sequence routed like
+the anchor's own is most likely of its kind, and pushing it away cost the fit (docs/ablation.md, round 4); the
+in-batch negatives stay, so collapse still costs. All sites at once: a few batched tensor ops over the
 stacked records, tokens weighted (no boolean indexing, no host sync).
 
 The two *head readings* follow the abstract's per-token pair more literally; in our ablation neither moved the
@@ -82,13 +85,16 @@ def sequence_views(probs, weight):
 def sequence_info_nce(rho, seq, phi, present, q_keys=None, q_labels=None, temperature: float = 0.07):
     """Per site and anchor, InfoNCE of routed views rho (S, n, E) against fused views phi (S, B, E): anchor t's
     positive is phi[:, seq[t]], its negatives every other present row of phi and every filled queue entry
-    (q_keys (S, K, E), q_labels (S, K), -1 = empty). Returns the loss of every anchor, (S, n)."""
+    (q_keys (S, K, E), q_labels (S, K): its top expert, -1 = empty) whose top expert is not that of t's own
+    sequence. Returns the loss of every anchor, (S, n)."""
     sim = rho @ phi.transpose(1, 2) / temperature  # (S, n, B)
     pos = sim.gather(2, seq[..., None])  # (S, n, 1)
     own = torch.zeros_like(sim, dtype=torch.bool).scatter(2, seq[..., None], True)
     cols = [pos, sim.masked_fill(own | ~present[None, None, :], NEG_INF)]
     if q_keys is not None:
-        cols.append((rho @ q_keys.transpose(1, 2) / temperature).masked_fill(q_labels[:, None, :] < 0, NEG_INF))
+        top = phi.argmax(-1).gather(1, seq)  # (S, n): the top expert of each anchor's own sequence
+        alike = (q_labels[:, None, :] == top[..., None]) | (q_labels[:, None, :] < 0)  # (S, n, K)
+        cols.append((rho @ q_keys.transpose(1, 2) / temperature).masked_fill(alike, NEG_INF))
     logits = torch.cat(cols, dim=2)
     return logits.logsumexp(2) - logits[..., 0]  # cross-entropy with the positive in column 0
 

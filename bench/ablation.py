@@ -21,6 +21,7 @@ Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2;
   cl-exp      + balance + contrastive, expert reading, queue (lambda_cl 0.1, as cl-mix)
   cl-exp-m    the same with momentum key heads (0.99)       cl-exp-nq  the same without the queue
   cl-seq      + balance + contrastive, sequence reading, queue, lambda_cl 1.0
+  cl-seq-q16  the same with a queue of 16 (one step's sequences at batch 4 x accumulation 4)
   cl-seq-nq   the same without the queue: train.py's defaults
   oracle      control: every token of domain d forced onto expert d (top-1), no router learning
   supervised  control: + balance + a router cross-entropy to the domain (lambda 0.1)
@@ -68,6 +69,7 @@ ARMS = {
     "cl-exp-m": dict(cl_views="expert", queue=True, lambda_cl=0.1, queue_momentum=0.99),
     "cl-exp-nq": dict(cl_views="expert", lambda_cl=0.1),
     "cl-seq": dict(cl_views="sequence", queue=True, lambda_cl=1.0),
+    "cl-seq-q16": dict(cl_views="sequence", queue=True, lambda_cl=1.0, queue_size=16),
     "cl-seq-nq": dict(cl_views="sequence", lambda_cl=1.0),  # the defaults of train.py
     "oracle": dict(top_k=1, lambda_bal=0.0, lambda_cl=0.0),
     "supervised": dict(lambda_cl=0.0),

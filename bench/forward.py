@@ -4,8 +4,8 @@
 
 Prefill = a generation prefill: the full prompt through every layer, logits for the last position only
 (what generate needs). Decode = batch 1, ``--new`` greedy tokens with each side's KV cache. Each is timed
-``--reps`` times, ours and transformers' interleaved (after one warm-up each); the ratio printed is the
-median of the per-repetition ratios, with their min-max.
+``--reps`` times, ours and transformers' interleaved, each first in every other pair (after one warm-up
+each); the ratio printed is the median of the per-repetition ratios, with their min-max.
 """
 import argparse
 import os
@@ -27,11 +27,13 @@ def flops_per_prefill(cfg, B, T):
 
 
 def interleaved(ours, theirs, reps: int):
-    """(median time of ours, median of theirs, per-repetition speed ratios theirs/ours), alternating the two."""
+    """(median time of ours, median of theirs, per-repetition speed ratios theirs/ours), alternating the two,
+    and which goes first (why: the second of a pair runs on a warmer cache / allocator, a bias of a few %)."""
     ours(), theirs()
     t_o, t_t = [], []
-    for _ in range(reps):
-        for f, ts in ((ours, t_o), (theirs, t_t)):
+    for rep in range(reps):
+        pair = ((ours, t_o), (theirs, t_t))
+        for f, ts in pair if rep % 2 == 0 else pair[::-1]:
             t = time.perf_counter()
             f()
             ts.append(time.perf_counter() - t)

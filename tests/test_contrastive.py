@@ -260,10 +260,10 @@ def test_momentum_update_of_the_key_heads():
     assert make_heads(model, dim=16).key is None  # momentum 0: no copy, keys from the heads themselves
 
 
-def reference_sequence_info_nce(p, seq, qk, tau):
+def reference_sequence_info_nce(p, seq, qk, ql, tau):
     """Hand-written from the formula, one token at a time: rho_t = (p_t - 1/E) / |p_t - 1/E|, phi_s = the same
     of the mean of p over sequence s; positive phi_seq(t), then every other sequence's phi, then every queue
-    entry."""
+    entry (keys qk, labels ql) whose label is not the top expert of phi_seq(t)."""
     E = p.shape[1]
     seqs = sorted(set(seq.tolist()))
     phi = {s: F.normalize(p[seq == s].mean(0) - 1 / E, dim=0) for s in seqs}
@@ -271,7 +271,7 @@ def reference_sequence_info_nce(p, seq, qk, tau):
     for t in range(p.shape[0]):
         rho = (p[t] - 1 / E) / (p[t] - 1 / E).norm()
         cols = [rho @ phi[int(seq[t])] / tau] + [rho @ phi[s] / tau for s in seqs if s != int(seq[t])]
-        cols += [rho @ qk[j] / tau for j in range(qk.shape[0])]
+        cols += [rho @ qk[j] / tau for j in range(qk.shape[0]) if ql[j] != phi[int(seq[t])].argmax()]
         logits = torch.stack(cols)
         losses.append(-(logits[0] - logits.logsumexp(0)))
     return torch.stack(losses).mean()
@@ -292,7 +292,7 @@ def test_sequence_reading_equals_the_formula_end_to_end():
     weight = mask.float()
     keep, seq = mask.reshape(-1), torch.arange(3)[:, None].expand(3, 6).reshape(-1)[mask.reshape(-1)]
     probs = [rec.probs[i].reshape(18, 4)[keep] for i in range(S)]
-    want = torch.stack([reference_sequence_info_nce(p, seq, filled(queue, i)[0], 0.1)
+    want = torch.stack([reference_sequence_info_nce(p, seq, *filled(queue, i), 0.1)
                         for i, p in enumerate(probs)]).mean()
     got, new = contrastive_loss(rec, weight, "sequence", None, queue, tokens_per_site=1000, temperature=0.1)
     assert torch.allclose(got, want, atol=1e-5)
