@@ -27,6 +27,7 @@ class TrainConfig(LoRAMoEConfig):
     model: str | None = None
     dtype: str | None = None
     grad_checkpointing: bool = False
+    compile: bool = False
     lambda_bal: float = 0.01
     z_loss: float = 0.0
     lambda_cl: float = 1.0
@@ -85,6 +86,7 @@ HELP = {  # group -> {field: what it does and what it goes with}; --help prints 
                  "none: the tiny random demo model",
         "dtype": "the frozen base's dtype (default: bfloat16 on CUDA, float32 on CPU); adapters stay float32",
         "grad_checkpointing": "recompute each decoder block in backward: less memory, ~30%% more compute",
+        "compile": "torch.compile each decoder block (adapters included); the first steps compile (minutes)",
     },
     "losses (one weight per term; 0 = off)": {
         "lambda_bal": "weight of the load-balancing term E sum_e f_e P_e",

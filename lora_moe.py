@@ -115,7 +115,7 @@ class LoRAMoELinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, self.E * self.r, device=dev))
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.reset_parameters()
-        self.recording = None  # (records list, this site's index, keep expert acts): see record_routing
+        self.recording = None  # (records dict, this site's index, keep expert acts): see record_routing
 
     def reset_parameters(self):
         with torch.no_grad():
@@ -205,21 +205,26 @@ def add_lora_moe(model: nn.Module, cfg: LoRAMoEConfig | None = None, verbose: bo
 
 @contextlib.contextmanager
 def record_routing(model: nn.Module, expert_acts: bool = False):
-    """``with record_routing(model) as records: model(ids)``: ``records`` holds one ``RouterRecord`` per site,
-    in model order, of the last forward inside the block (None for a site that did not run; plain-LoRA sites
-    record nothing). ``expert_acts``: also keep every expert's A_e x (memory: (B, T, E, r) per site).
+    """``with record_routing(model) as records: model(ids)``: once the block exits, ``records`` holds one
+    ``RouterRecord`` per site, in model order, of the last forward inside the block (None for a site that did
+    not run; plain-LoRA sites record nothing). ``expert_acts``: also keep every expert's A_e x (memory:
+    (B, T, E, r) per site).
 
     why a context and not a module attribute: what the losses read is then visible where they are called, and
-    nothing is left behind (a gradient-checkpointing recompute in backward runs after the block: no record)."""
+    nothing is left behind (a gradient-checkpointing recompute in backward runs after the block: no record).
+    why the sites write into a dict: torch.compile (``--compile``) traces a dict store, while a store into a
+    list item would break the compiled layer's graph at every site."""
     found = [m for _, m in sites(model)]
-    records = [None] * len(found)
+    written, records = {}, [None] * len(found)
     for i, m in enumerate(found):
-        m.recording = (records, i, expert_acts)
+        m.recording = (written, i, expert_acts)
     try:
         yield records
     finally:
         for m in found:
             m.recording = None
+        for i, rec in written.items():
+            records[i] = rec
 
 
 def stack_records(records: list[RouterRecord]) -> RouterRecord:

@@ -76,11 +76,20 @@ def build_model(cfg: TrainConfig, model_dir: str, device, rank: int, verbose: bo
     model.model.gradient_checkpointing = cfg.grad_checkpointing
     torch.manual_seed(cfg.seed)  # adapters start identical on every rank
     add_lora_moe(model, LoRAMoEConfig(**{f.name: getattr(cfg, f.name) for f in fields(LoRAMoEConfig)}), verbose)
+    if cfg.compile:
+        compile_layers(model)
     if verbose and cfg.num_experts == 1:
         print("num_experts 1: plain LoRA, no router: the balance, z and contrastive terms are off")
     heads, queue = build_contrastive(model, cfg, device)
     gen = torch.Generator(device).manual_seed(cfg.seed * 100 + rank)  # the contrastive loss's token sampling
     return model.train(), heads, queue, gen
+
+
+def compile_layers(model, backend: str = "inductor"):
+    """torch.compile every decoder layer in place (parameter names unchanged, so checkpoints are too): one graph
+    per layer with its 7 sites, no graph break (tests/test_train.py), and one compile serves every layer."""
+    for layer in model.model.layers:
+        layer.compile(backend=backend)
 
 
 def build_contrastive(model, cfg: TrainConfig, device):

@@ -295,6 +295,38 @@ def test_grad_checkpointing_changes_nothing_but_memory(tiny_dir, tmp_path):
     assert all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_layers_equal_eager_without_a_graph_break(checkpointing):
+    """--compile (train.compile_layers): the default objective's loss parts and every adapter gradient equal the
+    eager model's, the routing records survive compilation, and each layer is one graph with no break (a break
+    per site would give back most of what compiling wins). aot_eager: dynamo's capture without inductor's
+    minutes of C++ compiling; the inductor numbers are bench/compile_step.py's."""
+    import torch._dynamo as dynamo
+    from conftest import tiny_adapted
+    from config import TrainConfig
+    from objective import HybridLoss
+    from train import compile_layers
+
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    eager, compiled = tiny_adapted(), tiny_adapted()
+    compile_layers(compiled, backend="aot_eager")
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(0))
+    labels, mask = ids.clone(), torch.ones_like(ids, dtype=torch.bool)
+    outs = []
+    for model in (eager, compiled):
+        model.model.gradient_checkpointing = checkpointing
+        loss, parts, _, _ = HybridLoss(model.train(), None, TrainConfig(dropout=0.0))(
+            ids, labels, mask, 33.0, 1, None, torch.Generator().manual_seed(1))
+        loss.backward()
+        outs.append((parts, [p.grad for p in model.parameters() if p.requires_grad]))
+    (pe, ge), (pc, gc) = outs
+    assert all(torch.allclose(pe[k], pc[k], atol=1e-6) for k in ("lm", "balance", "contrastive"))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ge, gc))
+    assert not dynamo.utils.counters["graph_break"]
+    assert dynamo.utils.counters["stats"]["unique_graphs"] >= len(compiled.model.layers)
+
+
 def test_bf16_base_with_fp32_adapters_trains(tiny_dir, tmp_path):
     """The GPU configuration (bf16 frozen base, fp32 adapters and losses), run on CPU: finite, falling, fp32 adapters."""
     from safetensors.torch import load_file
