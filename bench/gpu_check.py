@@ -10,6 +10,10 @@
 3. With 2+ GPUs: torchrun --nproc_per_node=2 train.py on NCCL, the same 20 steps, losses compared with (2).
 4. eval.py on the bundled CMExam sample: shared-prefix trie scoring vs the plain path on the GPU, same answers.
 5. Timing: prefill tokens/s of our model and of transformers (same weights, bf16, one run) and decode tokens/s.
+6. Training on a Qwen3-1.7B shape (28 layers, random, bf16 base): tokens/s, MFU, peak memory and the host
+   syncs per step (``torch.cuda.set_sync_debug_mode("warn")``) of train.py (defaults; plain LoRA; defaults
+   with --compile) vs transformers + peft LoRA r=16 on the same batches (``train_comparison``; alone:
+   ``--only-train``; on the CPU ``--dry-run-cpu`` shrinks the shape to 2 small layers).
 Writes a JSON report to --out/report.json and prints one PASS/FAIL line per check.
 """
 import argparse
@@ -19,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -71,10 +76,131 @@ def train_steps(out, nproc=1, extra=()):
     return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))], "", time.perf_counter() - t
 
 
+QWEN3_17B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1_000_000.0,
+                 max_position_embeddings=40960, tie_word_embeddings=True)
+
+
+def count_syncs(fn):
+    """(fn's result, how many times it made the host wait for the GPU), from the sync debug mode's warnings."""
+    if not torch.cuda.is_available():
+        return fn(), None
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return out, sum("synchroniz" in str(w.message) for w in seen)
+
+
+def peft_arm(path, device, batches, tok):
+    """transformers + peft LoRA r=16 on all 7 projections, AdamW: [(seconds, real tokens, syncs)] per step."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(Qwen3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device), LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                "gate_proj", "up_proj", "down_proj"]))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # fp32 adapters, as ours
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device == "cuda")
+    out = []
+    for ids, labels, mask in batches:
+        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+        t = time.perf_counter()
+
+        def step():
+            model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        _, syncs = count_syncs(step)
+        out.append((time.perf_counter() - t, int(mask.sum()), syncs))
+    return out
+
+
+def ours_arm(path, out, steps, batch, max_len, extra: dict):
+    """train.py in this process: [(seconds, real tokens, syncs)] per step. Time from train.train's own log;
+    syncs from train.train_step alone on the same model and batches, after 2 warm-up steps (train.train also
+    loads and saves, which read from the GPU by design)."""
+    import parallel
+    from objective import HybridLoss
+    from tokenizer import load_tokenizer
+    from data import Batches
+    from train import TrainConfig, build_model, load_data, make_optimizer, train, train_step
+
+    cfg = TrainConfig(model=path, out=out, steps=steps, batch_size=batch, max_len=max_len, dropout=0.0,
+                      dtype="bfloat16", progress=False, save_every=10 ** 9, overwrite=True, **extra)
+    hist = train(cfg)
+    _, _, device = parallel.setup()
+    tok = load_tokenizer(path)
+    batches = Batches(load_data(cfg, tok, lambda *a: None), cfg, tok.pad_id, 0, 1)
+    model, heads, queue, gen = build_model(cfg, path, device, 0, verbose=False)
+    body = HybridLoss(model, heads, cfg)
+    wrapped, fsdp = parallel.wrap(body, model.model.layers, False, device)
+    params, opt, sched = make_optimizer(body, cfg, device)
+    syncs = []
+    for step in range(3):
+        syncs.append(count_syncs(lambda: train_step(wrapped, body, batches(step), queue, gen, params, opt, sched,
+                                                    cfg, fsdp, device))[1])
+    return [(h["step_time"], h["tokens_per_s"] * h["step_time"], syncs[-1]) for h in hist]
+
+
+def train_comparison(device, out_dir, dry: bool):
+    """Check 6: tokens/s, MFU, peak memory and syncs per step, ours vs transformers + peft, same batches."""
+    from data import Batches, encode_all, read_jsonl
+    from tiny_qwen import write_qwen_tokenizer
+    from tokenizer import load_tokenizer
+    from train import TrainConfig
+
+    shape = dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32) if dry else {}
+    path = make_checkpoint(os.path.join(tempfile.gettempdir(), "sparsedoctor_gpu_17b" + ("_dry" if dry else "")),
+                           **{**QWEN3_17B, **shape})
+    write_qwen_tokenizer(path)
+    steps, batch, max_len = (3, 2, 128) if dry else (12, 16, 512)
+    tok = load_tokenizer(path)
+    items, _ = encode_all(read_jsonl(os.path.join(ROOT, "data", "med_sample.jsonl"))[0], tok, max_len)
+    cfg = TrainConfig(model=path, steps=steps, batch_size=batch, max_len=max_len)
+    batches = [b for s in range(steps) for b in Batches(items, cfg, tok.pad_id, 0, 1)(s)]  # train.py's batches
+    n = sum(p.numel() for name, p in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        os.path.join(path, "model.safetensors")).items() if "embed" not in name)
+    flops_per_token = 4 * n  # frozen base: forward 2N + input gradients 2N (no weight gradients)
+    peak = 989e12 if device == "cuda" else None  # H100/H200 dense bf16; MFU only on a GPU
+    arms = {"transformers + peft LoRA r=16": lambda: peft_arm(path, device, batches, tok),
+            "train.py defaults": lambda: ours_arm(path, os.path.join(out_dir, "t_def"), steps, batch, max_len, {}),
+            "train.py plain LoRA": lambda: ours_arm(path, os.path.join(out_dir, "t_lora"), steps, batch, max_len,
+                                                     dict(num_experts=1, top_k=1, rank=16, alpha=32)),
+            "train.py defaults --compile": lambda: ours_arm(path, os.path.join(out_dir, "t_comp"), steps, batch,
+                                                             max_len, dict(compile=True))}
+    rows = {}
+    for name, fn in arms.items():
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        per_step = fn()[2:]  # the first two steps warm up (and compile)
+        secs, toks = sum(s for s, _, _ in per_step), sum(t for _, t, _ in per_step)
+        rows[name] = {"tokens_per_s": round(toks / secs), "syncs_per_step": per_step[-1][2],
+                      "mfu": None if peak is None else round(toks / secs * flops_per_token / peak, 3),
+                      "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20) if device == "cuda" else None}
+        print(f"  {name}: {rows[name]}", flush=True)
+    ref = rows["transformers + peft LoRA r=16"]["tokens_per_s"]
+    ratio = rows["train.py defaults"]["tokens_per_s"] / ref
+    check("training vs transformers + peft (Qwen3-1.7B shape, bf16)", ratio >= 0.8, defaults_vs_peft=round(ratio, 3),
+          shape="dry-run" if dry else "Qwen3-1.7B", batch=f"{batch}x<={max_len}", arms=rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu_check")
     ap.add_argument("--dry-run-cpu", action="store_true", help="run every check on the CPU (to test this script)")
+    ap.add_argument("--only-train", action="store_true", help="only check 6, the training comparison")
     a = ap.parse_args()
     device = "cpu" if a.dry_run_cpu else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -83,6 +209,10 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     if device == "cuda":
         print(f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}, torch {torch.__version__}", flush=True)
+    if a.only_train:
+        train_comparison(device, a.out, a.dry_run_cpu)
+        json.dump(RESULTS, open(os.path.join(a.out, "report.json"), "w"), indent=1)
+        return
     path = make_checkpoint(os.path.join(tempfile.gettempdir(), "sparsedoctor_gpu_4l"), num_hidden_layers=4)
     hf = load_transformers(path, device)  # once: the parity check and the prefill reference
     bf16_parity(path, device, hf)
@@ -131,6 +261,7 @@ def main():
     if device == "cuda":
         timing["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20)
     check("timing bf16 (8 x 512 prefill; batch-1 decode)", True, **timing)
+    train_comparison(device, a.out, a.dry_run_cpu)
     json.dump(RESULTS, open(os.path.join(a.out, "report.json"), "w"), indent=1)
     print("ALL PASS" if all(r["ok"] for r in RESULTS.values()) else "SOME CHECKS FAILED")
 
