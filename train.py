@@ -87,7 +87,7 @@ def build_model(cfg: TrainConfig, model_dir: str, device, rank: int, verbose: bo
 
 def compile_layers(model, backend: str = "inductor"):
     """torch.compile every decoder layer in place (parameter names unchanged, so checkpoints are too): one graph
-    per layer with its 7 sites, no graph break (tests/test_train.py), and one compile serves every layer."""
+    per layer with its 7 sites, no graph break (tests/test_train.py)."""
     for layer in model.model.layers:
         layer.compile(backend=backend)
 

@@ -308,6 +308,11 @@ def _kmeans_nmi(x, y, k: int, seed: int, iters: int = 25) -> float:
 # The control arms: routing told the domain, through train.py's public parts (its routers, its objective)
 
 
+def domain_word_ids(tok) -> list[int]:
+    """The token id of each domain's prefix word (each a single Qwen token)."""
+    return [tok.encode(w)[0] for w in DOMAINS]
+
+
 def domain_of(ids, word_ids) -> torch.Tensor:
     """(B,) the domain of each sequence: which domain word its prompt holds."""
     return torch.stack([(ids == w).any(1) for w in word_ids], 1).float().argmax(1)
@@ -339,8 +344,9 @@ def install_oracle(model, word_ids):
     def tell_domain(module, args, kwargs):
         ids = args[0] if args else kwargs["input_ids"]
         if ids.shape[1] > 1:
+            d = domain_of(ids, word_ids)
             for r in routers:
-                r.domain = domain_of(ids, word_ids)
+                r.domain = d
 
     model.model.register_forward_pre_hook(tell_domain, with_kwargs=True)
     return model
@@ -374,7 +380,7 @@ class SupervisedRouting(HybridLoss):
 
 def control_objective(arm: str, tok, lambda_sup: float):
     """train.train's ``objective`` for an arm: HybridLoss, or a control's."""
-    word_ids = [tok.encode(w)[0] for w in DOMAINS]
+    word_ids = domain_word_ids(tok)
     if arm == "oracle":
         return functools.partial(oracle_objective, word_ids=word_ids)
     if arm == "supervised":
@@ -433,7 +439,7 @@ def run_one(arm: str, seed: int, a) -> dict:
     # the run's model, heads and queue once (as train.py builds them); each checkpoint refills them
     model, heads, queue, _ = build_model(cfg, a.model, torch.device("cpu"), 0, verbose=False)
     if arm == "oracle":
-        install_oracle(model, [tok.encode(w)[0] for w in DOMAINS])
+        install_oracle(model, domain_word_ids(tok))
     over_steps = []
     for step in range(a.eval_every, a.steps + 1, a.eval_every):
         load_checkpoint(os.path.join(work, f"ckpt-{step:06d}"), model, heads, queue, torch.device("cpu"))

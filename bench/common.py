@@ -42,6 +42,26 @@ def timeit(fn, reps=3, warmup=1):
     return sorted(ts)[len(ts) // 2]
 
 
+def interleaved(ours, theirs, reps: int):
+    """(median time of ours, median of theirs, per-repetition speed ratios theirs/ours), alternating the two,
+    and which goes first (why: the second of a pair runs on a warmer cache / allocator, a bias of a few %)."""
+    ours(), theirs()
+    t_o, t_t = [], []
+    for rep in range(reps):
+        pair = ((ours, t_o), (theirs, t_t))
+        for f, ts in pair if rep % 2 == 0 else pair[::-1]:
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return med(t_o), med(t_t), [b / a for a, b in zip(t_o, t_t)]
+
+
+def ratio(rs) -> str:
+    rs = sorted(rs)
+    return f"{rs[len(rs) // 2]:.2f}x ({rs[0]:.2f}-{rs[-1]:.2f})"
+
+
 def peak_rss_mb():
     """Peak resident set size of this process so far, in MiB.
 

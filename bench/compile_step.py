@@ -5,9 +5,10 @@
 
 Qwen3-0.6B's shape cut to ``--layers`` layers, LoRA-MoE E=8 r=8 top-2 on all 7 projections, fp32 CPU, the
 default objective (LM on every token + balance + sequence contrastive). Compiling is timed on its own (the
-first compiled step); then ``--reps`` interleaved repetitions of ``--steps`` steps of each, each side first in
-every other pair; the ratio is the median of the per-repetition ratios eager / compiled, with its min-max. A
-fixed batch shape: with varying lengths dynamo compiles once more for a dynamic length (not timed here).
+first compiled step); then ``--reps`` interleaved repetitions of ``--steps`` steps of each, after one warm-up,
+each side first in every other pair (``common.interleaved``); the ratio is the median of the per-repetition
+ratios eager / compiled, with its min-max. A fixed batch shape: with varying lengths dynamo compiles once more
+for a dynamic length (not timed here).
 """
 import argparse
 import os
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-from common import make_checkpoint, peak_rss_mb, table
+from common import interleaved, make_checkpoint, peak_rss_mb, ratio, table
 
 
 def make_step(path, ids, compiled: bool):
@@ -64,21 +65,12 @@ def main():
     same = all(torch.allclose(pe[k], pc[k], rtol=1e-4) for k in ("lm", "balance", "contrastive"))
     grads = max((x.grad - y.grad).abs().max().item() / (x.grad.abs().max().item() + 1e-12)
                 for x, y in zip(eager_model.parameters(), comp_model.parameters()) if x.requires_grad)
-    times = {"eager": [], "compiled": []}
-    for rep in range(a.reps):
-        order = (("eager", eager), ("compiled", comp))
-        for name, fn in order if rep % 2 == 0 else order[::-1]:
-            t = time.perf_counter()
-            for _ in range(a.steps):
-                fn()
-            times[name].append((time.perf_counter() - t) / a.steps)
-    ratios = sorted(e / c for e, c in zip(times["eager"], times["compiled"]))
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    steps = lambda fn: lambda: [fn() for _ in range(a.steps)]  # noqa: E731
+    t_c, t_e, ratios = interleaved(steps(comp), steps(eager), a.reps)  # ratios: eager time / compiled time
     print(f"Qwen3-0.6B shape, {a.layers} layers, E=8 r=8 top-2, batch {a.batch}x{a.seq}, fp32 CPU, "
           f"{torch.get_num_threads()} threads; default objective; median (min-max) of {a.reps} interleaved reps")
-    print(table([["eager", f"{med(times['eager']):.2f}", "1.00x", ""],
-                 ["--compile (inductor, per layer)", f"{med(times['compiled']):.2f}",
-                  f"{ratios[len(ratios) // 2]:.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})", f"{compile_s:.0f}"]],
+    print(table([["eager", f"{t_e / a.steps:.2f}", "1.00x", ""],
+                 ["--compile (inductor, per layer)", f"{t_c / a.steps:.2f}", ratio(ratios), f"{compile_s:.0f}"]],
                 ["arm", "s/step (fwd+bwd)", "speed vs eager", "compile s"]))
     print(f"loss parts equal (rtol 1e-4): {same}; largest adapter-gradient difference / its scale: {grads:.1e}; "
           f"peak RSS {rss0:.0f} MB before compiling, {peak_rss_mb():.0f} MB after")

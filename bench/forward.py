@@ -10,11 +10,10 @@ each); the ratio printed is the median of the per-repetition ratios, with their 
 import argparse
 import os
 import tempfile
-import time
 
 import torch
 
-from common import QWEN3_06B_4L, make_checkpoint, matmul_peak_gflops, run_isolated, table
+from common import QWEN3_06B_4L, interleaved, make_checkpoint, matmul_peak_gflops, ratio, run_isolated, table
 
 
 def flops_per_prefill(cfg, B, T):
@@ -24,26 +23,6 @@ def flops_per_prefill(cfg, B, T):
     per_token = L * 2 * (h * (q + 2 * kv) + q * h + 3 * h * I)
     attn = L * 2 * 2 * q * T * (T + 1) / 2  # QK^T and AV over the causal half
     return B * (T * per_token + attn + 2 * h * V)
-
-
-def interleaved(ours, theirs, reps: int):
-    """(median time of ours, median of theirs, per-repetition speed ratios theirs/ours), alternating the two,
-    and which goes first (why: the second of a pair runs on a warmer cache / allocator, a bias of a few %)."""
-    ours(), theirs()
-    t_o, t_t = [], []
-    for rep in range(reps):
-        pair = ((ours, t_o), (theirs, t_t))
-        for f, ts in pair if rep % 2 == 0 else pair[::-1]:
-            t = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t)
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return med(t_o), med(t_t), [b / a for a, b in zip(t_o, t_t)]
-
-
-def ratio(rs) -> str:
-    rs = sorted(rs)
-    return f"{rs[len(rs) // 2]:.2f}x ({rs[0]:.2f}-{rs[-1]:.2f})"
 
 
 def main():

@@ -18,6 +18,7 @@ Writes a JSON report to --out/report.json and prints one PASS/FAIL line per chec
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import time
 import warnings
 
 import torch
+from safetensors import safe_open
 
 from common import ROOT, make_checkpoint, timeit
 
@@ -95,7 +97,7 @@ def count_syncs(fn):
     return out, sum("synchroniz" in str(w.message) for w in seen)
 
 
-def peft_arm(path, device, batches, tok):
+def peft_arm(path, device, batches):
     """transformers + peft LoRA r=16 on all 7 projections, AdamW: [(seconds, real tokens, syncs)] per step."""
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3ForCausalLM
@@ -118,10 +120,10 @@ def peft_arm(path, device, batches, tok):
             model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
 
         _, syncs = count_syncs(step)
+        if device == "cuda":
+            torch.cuda.synchronize()  # for the timing, outside the count
         out.append((time.perf_counter() - t, int(mask.sum()), syncs))
     return out
 
@@ -169,12 +171,13 @@ def train_comparison(device, out_dir, dry: bool):
     tok = load_tokenizer(path)
     items, _ = encode_all(read_jsonl(os.path.join(ROOT, "data", "med_sample.jsonl"))[0], tok, max_len)
     cfg = TrainConfig(model=path, steps=steps, batch_size=batch, max_len=max_len)
-    batches = [b for s in range(steps) for b in Batches(items, cfg, tok.pad_id, 0, 1)(s)]  # train.py's batches
-    n = sum(p.numel() for name, p in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
-        os.path.join(path, "model.safetensors")).items() if "embed" not in name)
+    order = Batches(items, cfg, tok.pad_id, 0, 1)
+    batches = [b for s in range(steps) for b in order(s)]  # train.py's batches
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:  # shapes only, nothing loaded
+        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if "embed" not in k)
     flops_per_token = 4 * n  # frozen base: forward 2N + input gradients 2N (no weight gradients)
     peak = 989e12 if device == "cuda" else None  # H100/H200 dense bf16; MFU only on a GPU
-    arms = {"transformers + peft LoRA r=16": lambda: peft_arm(path, device, batches, tok),
+    arms = {"transformers + peft LoRA r=16": lambda: peft_arm(path, device, batches),
             "train.py defaults": lambda: ours_arm(path, os.path.join(out_dir, "t_def"), steps, batch, max_len, {}),
             "train.py plain LoRA": lambda: ours_arm(path, os.path.join(out_dir, "t_lora"), steps, batch, max_len,
                                                      dict(num_experts=1, top_k=1, rank=16, alpha=32)),

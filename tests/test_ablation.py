@@ -138,7 +138,7 @@ def test_oracle_routes_each_domain_to_its_expert(qwen_tok_dir):
     tok = Tokenizer(qwen_tok_dir)
     model, ex, ids, _, _ = _domain_model(tok, top_k=1)
     keys = set(model.state_dict())
-    ablation.install_oracle(model, [tok.encode(w)[0] for w in ablation.DOMAINS])
+    ablation.install_oracle(model, ablation.domain_word_ids(tok))
     assert set(model.state_dict()) == keys
     want = torch.tensor([d for d, _ in ex])[:, None].expand(ids.shape)
     for call in (lambda: model(ids), lambda: model.model(ids)):
@@ -160,7 +160,7 @@ def test_supervised_control_adds_the_routers_cross_entropy(qwen_tok_dir):
     tok = Tokenizer(qwen_tok_dir)
     model, ex, ids, labels, mask = _domain_model(tok, top_k=2)
     cfg = TrainConfig(lambda_cl=0.0, dropout=0.0)
-    word_ids = [tok.encode(w)[0] for w in ablation.DOMAINS]
+    word_ids = ablation.domain_word_ids(tok)
     sup = ablation.SupervisedRouting(model, None, cfg, word_ids, lambda_sup=0.5)
     loss, parts, _, _ = sup(ids, labels, mask, 100.0, 2)
     base, base_parts, _, _ = HybridLoss(model, None, cfg)(ids, labels, mask, 100.0, 2)
