@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, fields
 
 import cli
-from contrastive import CL_VIEWS
+from contrastive import CL_VIEWS, ROUTING_VIEWS
 from lora_moe import TARGETS, LoRAMoEConfig, check_targets
 from model import Qwen3Config
 
@@ -92,11 +92,12 @@ HELP = {  # group -> {field: what it does and what it goes with}; --help prints 
         "lambda_bal": "weight of the load-balancing term E sum_e f_e P_e",
         "z_loss": "weight of the router z-loss mean(logsumexp(logits)^2)",
         "lambda_cl": "weight of the expert contrastive term (docs/ablation.md chose 1.0)",
-        "cl_views": "contrastive reading: sequence (routings; the default), or mixture / expert "
-                    "(projection heads over the experts' activations)",
+        "cl_views": "contrastive reading: sequence (routings; the default), assign (sequence + balanced "
+                    "Sinkhorn codes), or mixture / expert (projection heads over the experts' activations)",
         "temperature": "InfoNCE temperature tau",
         "tokens_per_site": "anchor tokens sampled per adapted projection for the contrastive term",
-        "queue": "add the expert memory queue's past keys as negatives (needs the contrastive term)",
+        "queue": "the expert memory queue: past keys as negatives (with assign: only in the Sinkhorn codes); "
+                 "needs the contrastive term",
         "queue_size": "queue entries per adapted projection (K), with --queue",
         "queue_momentum": "EMA momentum of the key heads (MoCo), head readings only; 0 = keys from the heads",
         "proj_dim": "projection heads' output size, head readings only",
@@ -159,12 +160,12 @@ def validate(cfg: TrainConfig):
     if cfg.queue and not contrastive:
         raise ValueError("--queue holds negatives of the contrastive term, which is off (--lambda-cl 0 or "
                          "--num-experts 1)")
-    if cfg.queue_momentum > 0 and not (contrastive and cfg.cl_views != "sequence"):
+    if cfg.queue_momentum > 0 and not (contrastive and cfg.cl_views not in ROUTING_VIEWS):
         raise ValueError("--queue-momentum moves projection heads, which only the head readings have "
                          "(--cl-views mixture|expert, with --lambda-cl > 0 and --num-experts > 1)")
-    if contrastive and cfg.cl_views == "sequence" and cfg.batch_size < 2 and not cfg.queue:
-        raise ValueError("--cl-views sequence contrasts the sequences of one micro-batch: --batch-size 1 leaves no "
-                         "negatives and the term 0 (use --batch-size >= 2, --queue, or --lambda-cl 0)")
+    if contrastive and cfg.cl_views in ROUTING_VIEWS and cfg.batch_size < 2 and not cfg.queue:
+        raise ValueError(f"--cl-views {cfg.cl_views} compares the sequences of one micro-batch: --batch-size 1 "
+                         "leaves nothing to compare (use --batch-size >= 2, --queue, or --lambda-cl 0)")
     if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise ValueError("--fsdp shards over processes: run under torchrun with --nproc_per_node >= 2")
 

@@ -20,6 +20,18 @@ the anchor's own is most likely of its kind, and pushing it away cost the fit (d
 in-batch negatives stay, so collapse still costs. All sites at once: a few batched tensor ops over the
 stacked records, tokens weighted (no boolean indexing, no host sync).
 
+``--cl-views assign`` (``assign_loss``): the same in-batch InfoNCE (the queue never supplies negatives) plus a
+code term, as in SwAV: the fused views of the micro-batch's sequences and, with ``--queue``, of the queue's K past
+ones get balanced soft codes c = Sinkhorn(phi / epsilon) (every expert an equal share of the B + K rows;
+epsilon = 0.05, 3 iterations), and each token's full routing p_t is trained toward its own sequence's code:
+
+    L = InfoNCE (above, no queue) - mean_t sum_e c_{s(t), e} log p_{t, e},   c = Sinkhorn([phi_batch; phi_queue] / epsilon)
+
+why: the sequence reading is blind to how sharp a routing is (its views are unit vectors), and the queue there
+pushes apart sequences that belong together; here the queue only says which experts are already taken, so a
+micro-batch of 4 sequences can still be spread over 8 experts. Measured (docs/ablation.md, round 5): routing
+twice as domain-specific, a worse fit at 300 steps; so it is an ablation arm, not the default.
+
 The two *head readings* follow the abstract's per-token pair more literally; in our ablation neither moved the
 router (docs/ablation.md). H is a small projection head per site (Linear-GELU-Linear, unit output), g the
 renormalized top-k gates, e* the top-1 expert; queue keys and in-batch keys with the anchor's expert are
@@ -48,7 +60,9 @@ from expert_queue import ExpertQueue
 from lora_moe import RouterRecord, sites
 from parallel import all_gather_varlen, all_gather_with_grad
 
-CL_VIEWS = ("sequence", "mixture", "expert")  # --cl-views: the readings above, the default first
+CL_VIEWS = ("sequence", "assign", "mixture", "expert")  # --cl-views: the readings above, the default first
+ROUTING_VIEWS = ("sequence", "assign")  # the readings whose views are routings: no heads, queue entries of E numbers
+SINKHORN_EPSILON, SINKHORN_ITERS = 0.05, 3  # the assign reading's Sinkhorn-Knopp, as in SwAV
 NEG_INF = float("-inf")
 
 
@@ -115,11 +129,56 @@ def sequence_loss(rec: RouterRecord, weight, queue: ExpertQueue | None, tokens_p
     q_keys, q_labels = queue.contents() if queue is not None else (None, None)
     per_token = sequence_info_nce(rho, pick // T, phi, present, q_keys, q_labels, temperature)
     loss = ((per_token * w).sum(1) / w.sum(1).clamp(min=1)).mean()
-    if queue is None:
-        return loss, None
+    return loss, queue_entries(phi, present) if queue is not None else None
+
+
+def queue_entries(phi, present):
+    """What a routing reading enqueues: every rank's fused views (S, B_all, E) and their top experts (S, B_all),
+    -1 for a row without real tokens (an empty slot)."""
     keys = all_gather_varlen(phi.detach().transpose(0, 1).contiguous()).transpose(0, 1)  # (S, B_all, E)
     labels = keys.argmax(-1).masked_fill(~all_gather_varlen(present)[None], -1)  # absent rows stay empty
-    return loss, (keys, labels)
+    return keys, labels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The assign reading: the queue balances the sequences' codes, it never supplies negatives (SwAV)
+
+
+def sinkhorn(scores, valid, epsilon: float = SINKHORN_EPSILON, iters: int = SINKHORN_ITERS):
+    """Balanced soft assignment of rows to experts, per site (SwAV's Sinkhorn-Knopp): scores (S, N, E), valid
+    (S, N) the rows to assign. Returns Q (S, N, E): each valid row a distribution over the E experts, every
+    expert given an equal share of the valid rows; invalid rows 0. No gradient (codes are targets)."""
+    E = scores.shape[-1]
+    v = valid.to(scores.dtype)[..., None]  # (S, N, 1)
+    n = v.sum(1, keepdim=True).clamp(min=1)  # (S, 1, 1) valid rows per site, on device (no host sync)
+    q = ((scores - scores.amax((1, 2), keepdim=True)) / epsilon).exp() * v
+    for _ in range(iters):
+        q = q / q.sum(1, keepdim=True).clamp(min=1e-30) / E  # every expert's column sums to 1/E
+        q = q / q.sum(2, keepdim=True).clamp(min=1e-30) / n * v  # every valid row sums to 1/n
+    return q * n
+
+
+def assign_loss(rec: RouterRecord, weight, queue: ExpertQueue | None, tokens_per_site: int, temperature: float,
+                generator=None):
+    """The assign reading over a stacked record (S, B, T, ...) and token weights (B, T) (the formula at the top):
+    the sequence reading's InfoNCE against this micro-batch's sequences only, plus the code term: the fused
+    views of these sequences and of the queue's past ones get balanced codes c = Sinkhorn(phi / epsilon), and
+    every sampled token's routing p_t is trained toward its own sequence's code (cross-entropy; no gradient
+    through c). Returns (loss, the queue's new entries as in ``sequence_loss``, or None without a queue)."""
+    S, B, T, E = rec.probs.shape
+    phi, present = sequence_views(rec.probs, weight)  # (S, B, E), (B,)
+    pick, w = sample_positions(weight, S, tokens_per_site, generator)  # (S, n)
+    at = lambda t: t.reshape(S, B * T, E).gather(1, pick[..., None].expand(-1, -1, E))  # noqa: E731 (S, n, E)
+    nce = sequence_info_nce(routing_view(at(rec.probs)), pick // T, phi, present, temperature=temperature)
+    rows, valid = phi.detach(), present.expand(S, -1)
+    if queue is not None:  # why the queue here: 4 sequences cannot be spread evenly over 8 experts; 4 + K can
+        q_keys, q_labels = queue.contents()
+        rows, valid = torch.cat([rows, q_keys], 1), torch.cat([valid, q_labels >= 0], 1)  # (S, B + K, ...)
+    code = sinkhorn(rows, valid)[:, :B]  # (S, B, E)
+    target = code.gather(1, (pick // T)[..., None].expand(-1, -1, E))  # (S, n, E): each anchor's sequence code
+    per_token = nce - (target * at(rec.logits).log_softmax(-1)).sum(-1)  # (S, n)
+    loss = ((per_token * w).sum(1) / w.sum(1).clamp(min=1)).mean()
+    return loss, queue_entries(phi, present) if queue is not None else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,4 +318,6 @@ def contrastive_loss(rec: RouterRecord, weight, views: str, heads: ContrastiveHe
     head readings' projection heads (None for the sequence reading)."""
     if views == "sequence":
         return sequence_loss(rec, weight, queue, tokens_per_site, temperature, generator)
+    if views == "assign":
+        return assign_loss(rec, weight, queue, tokens_per_site, temperature, generator)
     return head_loss(views, rec, weight, heads, queue, tokens_per_site, temperature, generator)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from contrastive import contrastive_loss
+from contrastive import ROUTING_VIEWS, contrastive_loss
 from data import answer_mask
 from lora_moe import balance_loss, record_routing, stack_records, token_weight, z_loss
 from parallel import is_distributed, world_size
@@ -88,7 +88,7 @@ class HybridLoss(nn.Module):
         the queue entries this micro-step adds (keys, labels) or None: train.py writes them after the step)."""
         c, lam = self.cfg, self.weights
         routed = any(lam.values())  # plain LoRA (E = 1) has no router: nothing is recorded
-        with record_routing(self.model, expert_acts=lam["contrastive"] > 0 and c.cl_views != "sequence") as recs:
+        with record_routing(self.model, expert_acts=lam["contrastive"] > 0 and c.cl_views not in ROUTING_VIEWS) as recs:
             hidden = self.model.model(ids)  # (B, T, hidden); right padding needs no attention mask
         world = world_size()
         # LM: a sum over this micro-batch / N_sup of the whole step = this micro-batch's share of the global

@@ -27,7 +27,7 @@ import prepare
 from adapter_io import base_fingerprint
 from checkpoint import gather_state, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from config import FIXED_ON_RESUME, TrainConfig
-from contrastive import make_heads
+from contrastive import ROUTING_VIEWS, make_heads
 from data import Batches, DataError, answer_mask, encode_all, read_jsonl
 from expert_queue import ExpertQueue
 from lora_moe import LoRAMoEConfig, add_lora_moe, routing_stats, sites
@@ -97,7 +97,7 @@ def build_contrastive(model, cfg: TrainConfig, device):
     heads for the two head readings, a queue with ``--queue`` (routings of E numbers in the sequence reading)."""
     if not cfg.uses_contrastive:
         return None, None
-    seq = cfg.cl_views == "sequence"  # the sequence reading contrasts routings: no heads
+    seq = cfg.cl_views in ROUTING_VIEWS  # the sequence and assign readings compare routings: no heads
     heads = None if seq else make_heads(model, cfg.proj_dim, cfg.queue_momentum)
     dim = cfg.num_experts if seq else cfg.proj_dim
     queue = ExpertQueue(len(sites(model)), cfg.queue_size, dim).to(device) if cfg.queue else None

@@ -71,6 +71,8 @@ ARMS = {
     "cl-seq": dict(cl_views="sequence", queue=True, lambda_cl=1.0),
     "cl-seq-q16": dict(cl_views="sequence", queue=True, lambda_cl=1.0, queue_size=16),
     "cl-seq-nq": dict(cl_views="sequence", lambda_cl=1.0),  # the defaults of train.py
+    "cl-asg": dict(cl_views="assign", lambda_cl=1.0),
+    "cl-asg-q": dict(cl_views="assign", queue=True, lambda_cl=1.0, queue_size=64),
     "oracle": dict(top_k=1, lambda_bal=0.0, lambda_cl=0.0),
     "supervised": dict(lambda_cl=0.0),
 }
@@ -212,7 +214,7 @@ def expert_ablation(model, tok, examples) -> list[list[float]]:
 def router_gradient_share(model, tok, examples, cfg, heads, queue) -> float:
     """||d(lambda_cl L_cl)/dW_router|| / ||d L_LM/dW_router|| on held-out examples, with the run's settings and
     the checkpoint's heads and queue: how much of the routers' training signal the contrastive term is."""
-    from contrastive import contrastive_loss
+    from contrastive import ROUTING_VIEWS, contrastive_loss
     from data import answer_mask, collate, tokenize
     from lora_moe import record_routing, sites, stack_records
     from objective import lm_loss_sum
@@ -222,7 +224,7 @@ def router_gradient_share(model, tok, examples, cfg, heads, queue) -> float:
     model.eval()
     norms = []
     for term in ("lm", "cl"):
-        with record_routing(model, expert_acts=cfg.cl_views != "sequence") as recs:
+        with record_routing(model, expert_acts=cfg.cl_views not in ROUTING_VIEWS) as recs:
             hidden = model.model(ids)
         if term == "lm":
             loss = lm_loss_sum(model, hidden, labels, 4096) / answer_mask(labels).sum()

@@ -1,6 +1,6 @@
 """Run by tests/test_contrastive.py: `torchrun --nproc_per_node=2 tests/dist_contrastive.py OUT` (gloo, CPU),
 or imported and run in one process on the whole batch (the head readings: one micro-step, they gather over ranks;
-the sequence reading: two micro-steps, it contrasts within a micro-batch). Trains LM + contrastive (with the
+the routing readings: two micro-steps, they compare within a micro-batch). Trains LM + contrastive (with the
 queue) for a few steps with plain SGD, all-reducing gradients by hand, and saves losses and queues."""
 import os
 import sys
@@ -29,7 +29,7 @@ def build(momentum=0.0, views="mixture"):
     with torch.no_grad():
         for _, m in sites(model):
             m.lora_B.normal_(0, 0.05)
-    if views == "sequence":  # routings, no heads; the queue holds E = 4 dims; 6 > the 2 ranks' 4 per step
+    if views in ("sequence", "assign"):  # routings, no heads; the queue holds E = 4 dims; 6 > 4 per step
         return model, None, ExpertQueue(len(sites(model)), size=6, dim=4)
     heads = make_heads(model, dim=16, momentum=momentum)
     queues = ExpertQueue(len(sites(model)), size=40, dim=16)  # 40: the 2 ranks' 48 keys per step wrap it
@@ -46,7 +46,7 @@ def run(rank=0, world=1, views="mixture", momentum=0.0, micro=1):
     for step in range(STEPS):
         lm, cl, new = 0.0, 0.0, []
         for ids in data[step].chunk(world)[rank].chunk(micro):
-            with record_routing(model, expert_acts=views != "sequence") as recs:
+            with record_routing(model, expert_acts=views not in ("sequence", "assign")) as recs:
                 logits = model(ids)
             lm_j = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1)) / micro
             cl_j, entries = contrastive_loss(stack_records(recs), torch.ones(ids.shape), views, heads, queues,

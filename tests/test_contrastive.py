@@ -140,17 +140,18 @@ def test_padding_never_enters_and_sampling_bounds_tokens(views):
     assert torch.isfinite(few) and not torch.allclose(few, full)
 
 
-@pytest.mark.parametrize("views, momentum", [("mixture", 0.0), ("expert", 0.9), ("sequence", 0.0)])
+@pytest.mark.parametrize("views, momentum", [("mixture", 0.0), ("expert", 0.9), ("sequence", 0.0), ("assign", 0.0)])
 def test_two_process_gloo_equals_one_process(tmp_path, views, momentum):
     """2 ranks x 2 sequences == 1 process: x 4 for the head readings (their keys are gathered over ranks), x 2
-    micro-steps of 2 for the sequence reading (its negatives are the micro-batch's own sequences, so a step's
-    loss does not depend on ranks vs accumulation); queues identical on both ranks and equal to the 1-process
-    queue (a step's entries are written after it, in the order of the pieces)."""
+    micro-steps of 2 for the routing readings (their negatives and codes are the micro-batch's own sequences
+    and the queue, so a step's loss does not depend on ranks vs accumulation); queues identical on both ranks
+    and equal to the 1-process queue (a step's entries are written after it, in the order of the pieces)."""
+    routing = views in ("sequence", "assign")
     sys.path.insert(0, HERE)
     import dist_contrastive
 
     single_losses, single_q = dist_contrastive.run(views=views, momentum=momentum,
-                                                   micro=2 if views == "sequence" else 1)
+                                                   micro=2 if routing else 1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
                     os.path.join(HERE, "dist_contrastive.py"), str(tmp_path), views, str(momentum)],
@@ -159,7 +160,7 @@ def test_two_process_gloo_equals_one_process(tmp_path, views, momentum):
     # why a looser bound after 4 steps for the sequence reading: it normalizes p - 1/E, whose norm is ~0.03 for
     # near-uniform routers, so float reordering (one batch of 4 vs 2 + 2) grows ~30x per step at this lr
     # (measured: 2e-7 at step 1, 4e-5 in the loss and 1.8e-4 in the queue at step 4); step 1 stays tight
-    tol = 1e-3 if views == "sequence" else 1e-5
+    tol = 1e-3 if routing else 1e-5
     for k in single_q:
         assert torch.equal(r0["queues"][k], r1["queues"][k]), k  # identical on both ranks
         assert torch.allclose(r0["queues"][k].float(), single_q[k].float(), atol=tol), k
