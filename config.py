@@ -164,8 +164,8 @@ def validate(cfg: TrainConfig):
         raise ValueError("--queue-momentum moves projection heads, which only the head readings have "
                          "(--cl-views mixture|expert, with --lambda-cl > 0 and --num-experts > 1)")
     if contrastive and cfg.cl_views in ROUTING_VIEWS and cfg.batch_size < 2 and not cfg.queue:
-        raise ValueError(f"--cl-views {cfg.cl_views} compares the sequences of one micro-batch: --batch-size 1 "
-                         "leaves nothing to compare (use --batch-size >= 2, --queue, or --lambda-cl 0)")
+        raise ValueError(f"--cl-views {cfg.cl_views} contrasts the sequences of one micro-batch: --batch-size 1 "
+                         "leaves no negatives (use --batch-size >= 2, --queue, or --lambda-cl 0)")
     if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise ValueError("--fsdp shards over processes: run under torchrun with --nproc_per_node >= 2")
 

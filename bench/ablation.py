@@ -23,6 +23,8 @@ Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2;
   cl-seq      + balance + contrastive, sequence reading, queue, lambda_cl 1.0
   cl-seq-q16  the same with a queue of 16 (one step's sequences at batch 4 x accumulation 4)
   cl-seq-nq   the same without the queue: train.py's defaults
+  cl-asg      the assign reading (in-batch InfoNCE + balanced Sinkhorn codes), no queue
+  cl-asg-q    the same with a queue of 64 past sequences, used only in the codes (SwAV)
   oracle      control: every token of domain d forced onto expert d (top-1), no router learning
   supervised  control: + balance + a router cross-entropy to the domain (lambda 0.1)
 

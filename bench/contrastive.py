@@ -23,6 +23,7 @@ ARMS = {  # name -> (contrastive on, reading, key-head momentum, queue)
     "base": (False, "sequence", 0.0, False),
     "sequence": (True, "sequence", 0.0, False),  # train.py's default: routings only, no heads, no queue
     "sequence+queue": (True, "sequence", 0.0, True),
+    "assign+queue": (True, "assign", 0.0, True),  # the queue only in the Sinkhorn codes
     "mixture+queue": (True, "mixture", 0.0, True),
     "expert+momentum+queue": (True, "expert", 0.99, True),
 }
@@ -30,7 +31,7 @@ ARMS = {  # name -> (contrastive on, reading, key-head momentum, queue)
 
 def step_fn(path, ids, cl_on, views, momentum, queue_on, K=1024, tps=256):
     """One training step (LM + 0.01 balance [+ lambda_cl L_cl]) of a fresh adapted model, SGD."""
-    from contrastive import contrastive_loss, make_heads
+    from contrastive import ROUTING_VIEWS, contrastive_loss, make_heads
     from expert_queue import ExpertQueue
     from lora_moe import LoRAMoEConfig, add_lora_moe, balance_loss, record_routing, sites, stack_records
     from model import load_model
@@ -38,7 +39,7 @@ def step_fn(path, ids, cl_on, views, momentum, queue_on, K=1024, tps=256):
     torch.manual_seed(0)
     model = add_lora_moe(load_model(path), LoRAMoEConfig(num_experts=8, rank=8, alpha=16, top_k=2, dropout=0.0),
                          verbose=False).train()
-    seq = views == "sequence"
+    seq = views in ROUTING_VIEWS  # routings: no heads, queue entries of E = 8 numbers
     heads = None if seq or not cl_on else make_heads(model, 64, momentum)
     queue = ExpertQueue(len(sites(model)), K, 8 if seq else 64) if cl_on and queue_on else None
     params = [p for p in model.parameters() if p.requires_grad] + (list(heads.query.parameters()) if heads else [])
@@ -90,6 +91,7 @@ def main():
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions of every arm (>= 3)")
+    ap.add_argument("--arms", default=",".join(ARMS), help="arms to run (base is always run: the ratios' reference)")
     ap.add_argument("--arm", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "sparsedoctor_bench_qwen3_06b"))
     a = ap.parse_args()
@@ -98,9 +100,9 @@ def main():
     if a.arm in ARMS:
         print(json.dumps(run_arm(a, a.arm, path, ids)))
         return
-    res = {arm: [] for arm in ARMS}
+    res = {arm: [] for arm in ARMS if arm == "base" or arm in a.arms.split(",")}
     for rep in range(a.reps):
-        for arm in ARMS:
+        for arm in res:
             argv = [__file__, "--arm", arm, "--layers", str(a.layers), "--batch", str(a.batch), "--seq", str(a.seq),
                     "--steps", str(a.steps), "--dir", a.dir]
             code = (f"import sys; sys.argv={argv!r}\n"

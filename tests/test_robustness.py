@@ -48,6 +48,7 @@ def one_line_exit(capsys, fn):
     (["--queue", "--num-experts", "1", "--top-k", "1"], "--queue holds negatives of the contrastive term"),
     (["--fsdp"], "--fsdp shards over processes: run under torchrun"),
     (["--batch-size", "1"], "--batch-size 1 leaves no negatives"),
+    (["--batch-size", "1", "--cl-views", "assign"], "--cl-views assign contrasts the sequences of one micro-batch"),
     (["--cl-views", "experts"], "invalid choice: 'experts'"),
 ])
 def test_bad_train_flags(capsys, flags, needle):
