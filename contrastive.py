@@ -21,14 +21,15 @@ in-batch negatives stay, so collapse still costs. All sites at once: a few batch
 stacked records, tokens weighted (no boolean indexing, no host sync).
 
 ``--cl-views assign`` (``assign_loss``): the same in-batch InfoNCE (the queue never supplies negatives) plus a
-code term, as in SwAV: the fused views of the micro-batch's sequences and, with ``--queue``, of the queue's K past
-ones get balanced soft codes c = Sinkhorn(phi / epsilon) (every expert an equal share of the B + K rows;
+code term, as in SwAV: the fused views of the micro-batch's sequences and, with ``--queue``, of the queue's K
+past ones get balanced soft codes c = Sinkhorn(phi / epsilon) (every expert an equal share of the B + K rows;
 epsilon = 0.05, 3 iterations), and each token's full routing p_t is trained toward its own sequence's code:
 
-    L = InfoNCE (above, no queue) - mean_t sum_e c_{s(t), e} log p_{t, e},   c = Sinkhorn([phi_batch; phi_queue] / epsilon)
+    L = InfoNCE (above, no queue) - mean_t sum_e c_{s(t), e} log p_{t, e}
+    c = Sinkhorn([phi_batch; phi_queue] / epsilon)
 
-why: the sequence reading is blind to how sharp a routing is (its views are unit vectors), and the queue there
-pushes apart sequences that belong together; here the queue only says which experts are already taken, so a
+why: the sequence reading sees only the direction of p - 1/E, not its size, so routers satisfy it while
+staying diffuse (entropy 1.84-1.88 of 2.08), and its queue pushes apart sequences that belong together; here the queue only says which experts are already taken, so a
 micro-batch of 4 sequences can still be spread over 8 experts. Measured (docs/ablation.md, round 5): routing
 twice as domain-specific, a worse fit at 300 steps; so it is an ablation arm, not the default.
 
@@ -147,7 +148,8 @@ def queue_entries(phi, present):
 def sinkhorn(scores, valid, epsilon: float = SINKHORN_EPSILON, iters: int = SINKHORN_ITERS):
     """Balanced soft assignment of rows to experts, per site (SwAV's Sinkhorn-Knopp): scores (S, N, E), valid
     (S, N) the rows to assign. Returns Q (S, N, E): each valid row a distribution over the E experts, every
-    expert given an equal share of the valid rows; invalid rows 0. No gradient (codes are targets)."""
+    expert given an equal share of the valid rows (exactly in the limit; after SwAV's 3 iterations, roughly);
+    invalid rows 0. Called on detached views: the codes are targets."""
     E = scores.shape[-1]
     v = valid.to(scores.dtype)[..., None]  # (S, N, 1)
     n = v.sum(1, keepdim=True).clamp(min=1)  # (S, 1, 1) valid rows per site, on device (no host sync)
@@ -168,15 +170,15 @@ def assign_loss(rec: RouterRecord, weight, queue: ExpertQueue | None, tokens_per
     S, B, T, E = rec.probs.shape
     phi, present = sequence_views(rec.probs, weight)  # (S, B, E), (B,)
     pick, w = sample_positions(weight, S, tokens_per_site, generator)  # (S, n)
-    at = lambda t: t.reshape(S, B * T, E).gather(1, pick[..., None].expand(-1, -1, E))  # noqa: E731 (S, n, E)
-    nce = sequence_info_nce(routing_view(at(rec.probs)), pick // T, phi, present, temperature=temperature)
+    at_anchors = lambda t: t.reshape(S, B * T, E).gather(1, pick[..., None].expand(-1, -1, E))  # noqa: E731 (S, n, E)
+    nce = sequence_info_nce(routing_view(at_anchors(rec.probs)), pick // T, phi, present, temperature=temperature)
     rows, valid = phi.detach(), present.expand(S, -1)
     if queue is not None:  # why the queue here: 4 sequences cannot be spread evenly over 8 experts; 4 + K can
         q_keys, q_labels = queue.contents()
         rows, valid = torch.cat([rows, q_keys], 1), torch.cat([valid, q_labels >= 0], 1)  # (S, B + K, ...)
     code = sinkhorn(rows, valid)[:, :B]  # (S, B, E)
     target = code.gather(1, (pick // T)[..., None].expand(-1, -1, E))  # (S, n, E): each anchor's sequence code
-    per_token = nce - (target * at(rec.logits).log_softmax(-1)).sum(-1)  # (S, n)
+    per_token = nce - (target * at_anchors(rec.logits).log_softmax(-1)).sum(-1)  # (S, n)
     loss = ((per_token * w).sum(1) / w.sum(1).clamp(min=1)).mean()
     return loss, queue_entries(phi, present) if queue is not None else None
 

@@ -62,7 +62,8 @@ def test_assign_reading_equals_the_formula_end_to_end():
     S = len(sites(model))
     queue = ExpertQueue(S, size=10, dim=4)
     g = torch.Generator().manual_seed(3)
-    queue.enqueue(F.normalize(torch.rand(S, 5, 4, generator=g) - 0.25, dim=-1), torch.randint(0, 4, (S, 5), generator=g))
+    keys = F.normalize(torch.rand(S, 5, 4, generator=g) - 0.25, dim=-1)
+    queue.enqueue(keys, torch.randint(0, 4, (S, 5), generator=g))
     ids = torch.randint(0, 64, (3, 6), generator=g)
     mask = torch.ones(3, 6, dtype=torch.bool)
     mask[1, 4:] = False  # padding: neither an anchor nor part of its sequence's fused view
