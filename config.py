@@ -37,6 +37,7 @@ class TrainConfig(LoRAMoEConfig):
     queue: bool = False
     queue_size: int = 1024
     queue_momentum: float = 0.0
+    router_warmup: int = 0
     proj_dim: int = 64
     ce_chunk: int = 2048
     batch_size: int = 4
@@ -100,6 +101,8 @@ HELP = {  # group -> {field: what it does and what it goes with}; --help prints 
                  "needs the contrastive term",
         "queue_size": "queue entries per adapted projection (K), with --queue",
         "queue_momentum": "EMA momentum of the key heads (MoCo), head readings only; 0 = keys from the heads",
+        "router_warmup": "first steps in which only routers (and heads) train, the experts frozen at their init; "
+                         "0 = off",
         "proj_dim": "projection heads' output size, head readings only",
         "ce_chunk": "answer positions per LM-head chunk (memory of the logits, not the result)",
     },
@@ -142,7 +145,7 @@ CHECKS = {  # each numeric flag's parser, which states its valid range
     "min_lr_ratio": cli.in_range(0, 1), "weight_decay": cli.at_least(0, float), "clip": cli.at_least(0, float),
     "seed": cli.at_least(0), "lambda_bal": cli.at_least(0, float), "z_loss": cli.at_least(0, float),
     "lambda_cl": cli.at_least(0, float), "temperature": cli.in_range(0, INF, lo_open=True),
-    "queue_momentum": cli.in_range(0, 1, hi_open=True), "queue_size": cli.at_least(1),
+    "queue_momentum": cli.in_range(0, 1, hi_open=True), "queue_size": cli.at_least(1), "router_warmup": cli.at_least(0),
     "proj_dim": cli.at_least(1), "tokens_per_site": cli.at_least(1), "ce_chunk": cli.at_least(1),
     "save_every": cli.at_least(1), "keep": cli.at_least(1), "log_every": cli.at_least(1)}
 # adapter and loss shapes a checkpoint was trained with: a resume must use the same ones (run_dir.plan_resume
@@ -166,6 +169,9 @@ def validate(cfg: TrainConfig):
     if contrastive and cfg.cl_views in ROUTING_VIEWS and cfg.batch_size < 2 and not cfg.queue:
         raise ValueError(f"--cl-views {cfg.cl_views} contrasts the sequences of one micro-batch: --batch-size 1 "
                          "leaves no negatives (use --batch-size >= 2, --queue, or --lambda-cl 0)")
+    if cfg.router_warmup > 0 and not contrastive:  # why: with B = 0 the LM term gives routers no gradient
+        raise ValueError("--router-warmup trains the routers alone, which only the contrastive term moves while "
+                         "the experts are 0 (needs --lambda-cl > 0 and --num-experts > 1)")
     if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise ValueError("--fsdp shards over processes: run under torchrun with --nproc_per_node >= 2")
 

@@ -127,10 +127,12 @@ def restore_optimizer(body, opt, sched, gen, state: dict, cfg: TrainConfig) -> i
 # One optimizer step
 
 
-def train_step(wrapped, body, batches, queue, gen, params, opt, sched, cfg: TrainConfig, fsdp: bool, device):
-    """Forward and backward every micro-batch, clip, step. Returns (the step's losses as global means, what
-    the routers did on the last micro-batch). One read from the device per step: the loss parts and the
-    gradient norm together, for the log and the non-finite guard."""
+def train_step(wrapped, body, batches, queue, gen, params, opt, sched, cfg: TrainConfig, fsdp: bool, device,
+               step: int = 0):
+    """Forward and backward every micro-batch, clip, step (0-based ``step``: the first --router-warmup steps
+    leave the experts as they are). Returns (the step's losses as global means, what the routers did on the last
+    micro-batch). One read from the device per step: the loss parts and the gradient norm together, for the log
+    and the non-finite guard."""
     # N_sup, real and padding tokens of the whole step (all micro-batches, all ranks), from the CPU batches
     n_sup, n_tok, n_all = parallel.all_sum([float(sum(int(answer_mask(y).sum()) for _, y, _ in batches)),
                                             float(sum(int(m.sum()) for _, _, m in batches)),
@@ -146,6 +148,9 @@ def train_step(wrapped, body, batches, queue, gen, params, opt, sched, cfg: Trai
             loss.backward()
         entries += [new] if new is not None else []
         sums += torch.stack([parts[k].double() if parts[k] is not None else sums.new_zeros(()) for k in names])
+    if step < cfg.router_warmup:  # why: routing settles before the experts learn (AdamW skips a None gradient)
+        for _, m in sites(body.model):
+            m.lora_A.grad = m.lora_B.grad = None
     grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf))
     world = parallel.world_size()
     sums = parallel.all_reduce_(sums / torch.tensor([1.0] + [world] * 3, dtype=torch.float64, device=device))
@@ -227,7 +232,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device, objective=HybridLoss) -
         # 4. one optimizer step over this step's micro-batches
         t0 = time.perf_counter()
         micro = batches(step)
-        losses, routing = train_step(wrapped, body, micro, queue, gen, params, opt, sched, cfg, fsdp, device)
+        losses, routing = train_step(wrapped, body, micro, queue, gen, params, opt, sched, cfg, fsdp, device, step)
         rec = {"step": step + 1, **losses, "step_time": time.perf_counter() - t0}
         rec["tokens_per_s"] = rec.pop("tokens") / rec["step_time"]
         # 5. log: metrics.jsonl (+ on logging steps, per-layer routing of the last micro-batch's real tokens)

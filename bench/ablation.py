@@ -23,6 +23,7 @@ Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2;
   cl-seq      + balance + contrastive, sequence reading, queue, lambda_cl 1.0
   cl-seq-q16  the same with a queue of 16 (one step's sequences at batch 4 x accumulation 4)
   cl-seq-nq   the same without the queue: train.py's defaults
+  cl-seq-w50  the defaults with --router-warmup 50 (routers alone for 50 steps, then everything)
   cl-asg      the assign reading (in-batch InfoNCE + balanced Sinkhorn codes), no queue
   cl-asg-q    the same with a queue of 64 past sequences, used only in the codes (SwAV)
   oracle      control: every token of domain d forced onto expert d (top-1), no router learning
@@ -73,6 +74,7 @@ ARMS = {
     "cl-seq": dict(cl_views="sequence", queue=True, lambda_cl=1.0),
     "cl-seq-q16": dict(cl_views="sequence", queue=True, lambda_cl=1.0, queue_size=16),
     "cl-seq-nq": dict(cl_views="sequence", lambda_cl=1.0),  # the defaults of train.py
+    "cl-seq-w50": dict(cl_views="sequence", lambda_cl=1.0, router_warmup=50),
     "cl-asg": dict(cl_views="assign", lambda_cl=1.0),
     "cl-asg-q": dict(cl_views="assign", queue=True, lambda_cl=1.0, queue_size=64),
     "oracle": dict(top_k=1, lambda_bal=0.0, lambda_cl=0.0),

@@ -478,3 +478,24 @@ def test_a_steps_pieces_do_not_depend_on_the_split():
     assert len(one) == 8 and one == pieces(2, 2) == pieces(4, 1)
     wide = pieces(1, 2, B=6)  # 2 ranks x 3 sequences per micro-step == 1 rank x 6
     assert [[a + b for a, b in zip(s[::2], s[1::2])] for s in pieces(2, 2)] == wide
+
+
+def test_router_warmup_trains_the_routers_alone_first(tiny_dir, tmp_path):
+    """--router-warmup 2: after 2 steps every expert is exactly its init (A as drawn, B = 0) while the routers
+    have moved; step 3 trains the experts too."""
+    from safetensors.torch import load_file
+
+    from train import build_model, train
+
+    cfg = small_cfg(tiny_dir, tmp_path / "w", steps=3, save_every=1, cl_views="sequence", lambda_cl=1.0, queue=False,
+                    router_warmup=2)
+    train(cfg)
+    model = build_model(cfg, tiny_dir, torch.device("cpu"), 0, verbose=False)[0]
+    init = {k: v for k, v in model.state_dict().items() if "lora_" in k or "router" in k}
+    step = {n: load_file(tmp_path / "w" / f"ckpt-{n:06d}" / "adapter.safetensors") for n in (2, 3)}
+    experts = [k for k in init if "lora_" in k]
+    routers = [k for k in init if "router" in k]
+    assert experts and routers and all(k in step[2] for k in init)
+    assert all(torch.equal(step[2][k], init[k]) for k in experts)
+    assert all(not torch.equal(step[2][k], init[k]) for k in routers)
+    assert all(not torch.equal(step[3][k], init[k]) for k in experts if "lora_B" in k)
