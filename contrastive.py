@@ -29,8 +29,9 @@ epsilon = 0.05, 3 iterations), and each token's full routing p_t is trained towa
     c = Sinkhorn([phi_batch; phi_queue] / epsilon)
 
 why: the sequence reading sees only the direction of p - 1/E, not its size, so routers satisfy it while
-staying diffuse (entropy 1.84-1.88 of 2.08), and its queue pushes apart sequences that belong together; here the queue only says which experts are already taken, so a
-micro-batch of 4 sequences can still be spread over 8 experts. Measured (docs/ablation.md, round 5): routing
+staying diffuse (entropy 1.84-1.88 of 2.08), and its queue pushes apart sequences that belong together; here
+the queue only says which experts are already taken, so a micro-batch of 4 sequences can still be spread over
+8 experts. Measured (docs/ablation.md, round 5): routing
 twice as domain-specific, a worse fit at 300 steps; so it is an ablation arm, not the default.
 
 The two *head readings* follow the abstract's per-token pair more literally; in our ablation neither moved the
@@ -126,11 +127,21 @@ def sequence_loss(rec: RouterRecord, weight, queue: ExpertQueue | None, tokens_p
     S, B, T, E = rec.probs.shape
     phi, present = sequence_views(rec.probs, weight)  # (S, B, E), (B,)
     pick, w = sample_positions(weight, S, tokens_per_site, generator)  # (S, n)
-    rho = routing_view(rec.probs.reshape(S, B * T, E).gather(1, pick[..., None].expand(-1, -1, E)))  # (S, n, E)
+    rho = routing_view(at_anchors(rec.probs, pick))  # (S, n, E)
     q_keys, q_labels = queue.contents() if queue is not None else (None, None)
     per_token = sequence_info_nce(rho, pick // T, phi, present, q_keys, q_labels, temperature)
-    loss = ((per_token * w).sum(1) / w.sum(1).clamp(min=1)).mean()
-    return loss, queue_entries(phi, present) if queue is not None else None
+    return token_mean(per_token, w), queue_entries(phi, present) if queue is not None else None
+
+
+def at_anchors(t, pick):
+    """Each site's rows of t (S, B, T, E) at the sampled positions pick (S, n) into B*T: (S, n, E)."""
+    S, B, T, E = t.shape
+    return t.reshape(S, B * T, E).gather(1, pick[..., None].expand(-1, -1, E))
+
+
+def token_mean(per_token, w):
+    """Mean over sites of the weighted mean over each site's sampled tokens: per_token and w (S, n)."""
+    return ((per_token * w).sum(1) / w.sum(1).clamp(min=1)).mean()
 
 
 def queue_entries(phi, present):
@@ -170,17 +181,15 @@ def assign_loss(rec: RouterRecord, weight, queue: ExpertQueue | None, tokens_per
     S, B, T, E = rec.probs.shape
     phi, present = sequence_views(rec.probs, weight)  # (S, B, E), (B,)
     pick, w = sample_positions(weight, S, tokens_per_site, generator)  # (S, n)
-    at_anchors = lambda t: t.reshape(S, B * T, E).gather(1, pick[..., None].expand(-1, -1, E))  # noqa: E731 (S, n, E)
-    nce = sequence_info_nce(routing_view(at_anchors(rec.probs)), pick // T, phi, present, temperature=temperature)
+    nce = sequence_info_nce(routing_view(at_anchors(rec.probs, pick)), pick // T, phi, present, temperature=temperature)
     rows, valid = phi.detach(), present.expand(S, -1)
     if queue is not None:  # why the queue here: 4 sequences cannot be spread evenly over 8 experts; 4 + K can
         q_keys, q_labels = queue.contents()
         rows, valid = torch.cat([rows, q_keys], 1), torch.cat([valid, q_labels >= 0], 1)  # (S, B + K, ...)
     code = sinkhorn(rows, valid)[:, :B]  # (S, B, E)
     target = code.gather(1, (pick // T)[..., None].expand(-1, -1, E))  # (S, n, E): each anchor's sequence code
-    per_token = nce - (target * at_anchors(rec.logits).log_softmax(-1)).sum(-1)  # (S, n)
-    loss = ((per_token * w).sum(1) / w.sum(1).clamp(min=1)).mean()
-    return loss, queue_entries(phi, present) if queue is not None else None
+    per_token = nce - (target * at_anchors(rec.logits, pick).log_softmax(-1)).sum(-1)  # (S, n)
+    return token_mean(per_token, w), queue_entries(phi, present) if queue is not None else None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def restore_optimizer(body, opt, sched, gen, state: dict, cfg: TrainConfig) -> i
 
 
 def train_step(wrapped, body, batches, queue, gen, params, opt, sched, cfg: TrainConfig, fsdp: bool, device,
-               step: int = 0):
+               step: int):
     """Forward and backward every micro-batch, clip, step (0-based ``step``: the first --router-warmup steps
     leave the experts as they are). Returns (the step's losses as global means, what the routers did on the last
     micro-batch). One read from the device per step: the loss parts and the gradient norm together, for the log

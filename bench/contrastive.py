@@ -100,6 +100,9 @@ def main():
     if a.arm in ARMS:
         print(json.dumps(run_arm(a, a.arm, path, ids)))
         return
+    unknown = set(a.arms.split(",")) - set(ARMS)
+    if unknown:
+        sys.exit(f"--arms: unknown {', '.join(sorted(unknown))}; valid: {', '.join(ARMS)}")
     res = {arm: [] for arm in ARMS if arm == "base" or arm in a.arms.split(",")}
     for rep in range(a.reps):
         for arm in res:

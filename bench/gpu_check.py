@@ -151,7 +151,7 @@ def ours_arm(path, out, steps, batch, max_len, extra: dict):
     syncs = []
     for step in range(3):
         syncs.append(count_syncs(lambda: train_step(wrapped, body, batches(step), queue, gen, params, opt, sched,
-                                                    cfg, fsdp, device))[1])
+                                                    cfg, fsdp, device, step))[1])
     return [(h["step_time"], h["tokens_per_s"] * h["step_time"], syncs[-1]) for h in hist]
 
 

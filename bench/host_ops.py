@@ -67,7 +67,7 @@ def train_py_step(path, batches, **kw):
     model, heads, queue, gen = T.build_model(cfg, path, dev, 0, verbose=False)
     body = HybridLoss(model, heads, cfg)
     params, opt, sched = T.make_optimizer(body, cfg, dev)
-    return lambda b: T.train_step(body, body, b, queue, gen, params, opt, sched, cfg, False, dev)
+    return lambda b: T.train_step(body, body, b, queue, gen, params, opt, sched, cfg, False, dev, 0)
 
 
 def peft_step(path, batches):

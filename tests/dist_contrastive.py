@@ -11,7 +11,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from contrastive import contrastive_loss, make_heads  # noqa: E402
+from contrastive import ROUTING_VIEWS, contrastive_loss, make_heads  # noqa: E402
 from expert_queue import ExpertQueue  # noqa: E402
 from lora_moe import LoRAMoEConfig, add_lora_moe, record_routing, sites, stack_records  # noqa: E402
 from model import Qwen3, Qwen3Config  # noqa: E402
@@ -29,7 +29,7 @@ def build(momentum=0.0, views="mixture"):
     with torch.no_grad():
         for _, m in sites(model):
             m.lora_B.normal_(0, 0.05)
-    if views in ("sequence", "assign"):  # routings, no heads; the queue holds E = 4 dims; 6 > 4 per step
+    if views in ROUTING_VIEWS:  # routings, no heads; the queue holds E = 4 dims; 6 > 4 per step
         return model, None, ExpertQueue(len(sites(model)), size=6, dim=4)
     heads = make_heads(model, dim=16, momentum=momentum)
     queues = ExpertQueue(len(sites(model)), size=40, dim=16)  # 40: the 2 ranks' 48 keys per step wrap it
@@ -46,7 +46,7 @@ def run(rank=0, world=1, views="mixture", momentum=0.0, micro=1):
     for step in range(STEPS):
         lm, cl, new = 0.0, 0.0, []
         for ids in data[step].chunk(world)[rank].chunk(micro):
-            with record_routing(model, expert_acts=views not in ("sequence", "assign")) as recs:
+            with record_routing(model, expert_acts=views not in ROUTING_VIEWS) as recs:
                 logits = model(ids)
             lm_j = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1)) / micro
             cl_j, entries = contrastive_loss(stack_records(recs), torch.ones(ids.shape), views, heads, queues,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import forward_records, tiny_adapted
-from contrastive import contrastive_loss, info_nce, make_heads
+from contrastive import ROUTING_VIEWS, contrastive_loss, info_nce, make_heads
 from expert_queue import ExpertQueue
 from lora_moe import sites
 
@@ -146,7 +146,7 @@ def test_two_process_gloo_equals_one_process(tmp_path, views, momentum):
     micro-steps of 2 for the routing readings (their negatives and codes are the micro-batch's own sequences
     and the queue, so a step's loss does not depend on ranks vs accumulation); queues identical on both ranks
     and equal to the 1-process queue (a step's entries are written after it, in the order of the pieces)."""
-    routing = views in ("sequence", "assign")
+    routing = views in ROUTING_VIEWS
     sys.path.insert(0, HERE)
     import dist_contrastive
 

@@ -385,7 +385,7 @@ def step_once(tiny_dir, out, batches):
     params, opt, sched = T.make_optimizer(body, cfg, torch.device("cpu"))
     grads = []
     opt.step = lambda: grads.extend(p.grad.clone() for p in params)
-    rec, _ = T.train_step(body, body, batches, queue, gen, params, opt, sched, cfg, False, torch.device("cpu"))
+    rec, _ = T.train_step(body, body, batches, queue, gen, params, opt, sched, cfg, False, torch.device("cpu"), 0)
     return rec, grads
 
 
