@@ -29,13 +29,12 @@ Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2;
   oracle      control: every token of domain d forced onto expert d (top-1), no router learning
   supervised  control: + balance + a router cross-entropy to the domain (lambda 0.1)
 
-Measured on a held-out sample of fresh prompts (``measure``): LM loss on answer tokens; exact match per
-domain (every answer token and <|im_end|> the argmax under teacher forcing); per layer NMI(domain; top-1
-expert) over answer positions, mean per-token router entropy, expert-load entropy, mean pairwise cosine of
-the experts' outputs B_e A_e x on the same tokens; the router gradient share of the contrastive term
-||d(lambda_cl L_cl)/dW_router|| / ||d L_LM/dW_router|| (``router_gradient_share``); and for seed 0 a domain x
-expert ablation matrix (held-out loss increase per domain when one expert is dropped). ``probe_ceiling``:
-what any token-level router could reach, from the frozen base (linear probe and k-means on router inputs).
+Measured on a held-out sample of fresh prompts by ``ablation_metrics`` (its docstring lists them): loss,
+exact match, per-layer NMI(domain; top-1 expert) and routing entropies, the contrastive term's router gradient
+share, and for seed 0 two ablation matrices, each summarized by its specificity (1: a drop hurts every domain
+alike; D: one domain only). ``expert_ablation`` drops expert index e at every site; ``routed_ablation`` drops,
+site by site, the expert each domain is routed to (mapped on a separate sample, --eval-seed + 1), since expert
+indices mean nothing across sites unless training ties them.
 """
 from __future__ import annotations
 
@@ -54,6 +53,9 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # why last: bench/contrastive.py must not shadow ours
+from ablation_metrics import (entropy, expert_ablation, measure, nmi, probe_ceiling,  # noqa: E402,F401
+                              routed_ablation, router_gradient_share, specificity)
 from lora_moe import sites  # noqa: E402  (after the path: bench/ runs from anywhere)
 from objective import HybridLoss  # noqa: E402
 
@@ -132,182 +134,6 @@ def make_base(path: str, logit_scale: float = 8.0) -> str:
         write_qwen_tokenizer(tmp)
         os.replace(tmp, path)
     return path
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Measuring a trained model
-
-
-@torch.no_grad()
-def measure(model, tok, examples, batch_size: int = 32) -> dict:
-    """Held-out loss and exact match per domain, and per-site routing statistics at answer positions."""
-    from data import answer_mask, collate, tokenize
-    from lora_moe import record_routing, sites
-
-    model.eval()
-    has_moe = bool(sites(model)) and sites(model)[0][1].E > 1
-    D = len(DOMAINS)
-    nll, n_tok, exact, count = np.zeros(D), np.zeros(D), np.zeros(D), np.zeros(D)
-    joint = {name: np.zeros((D, E)) for name, _ in sites(model)} if has_moe else {}
-    cos, ent = {name: [] for name in joint}, {name: [] for name in joint}
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        ids, labels, mask = collate([tokenize(msgs, tok) for _, msgs in chunk], tok.pad_id)
-        with record_routing(model, expert_acts=has_moe) as recs:
-            hidden = model.model(ids)  # (B, T, hidden)
-        tgt = labels[:, 1:]  # position t predicts token t+1
-        sel = answer_mask(labels)  # (B, T-1) answer positions
-        logits = model.lm_head(hidden[:, :-1][sel]).float()  # (N, V)
-        y = tgt[sel]
-        dom = torch.tensor([d for d, _ in chunk])
-        dom_tok = dom[:, None].expand_as(sel)[sel]  # (N,) domain of each answer position
-        tok_nll = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-        np.add.at(nll, dom_tok.numpy(), tok_nll.numpy())
-        np.add.at(n_tok, dom_tok.numpy(), 1)
-        right = torch.zeros_like(tgt, dtype=torch.bool)
-        right[sel] = logits.argmax(-1) == y
-        row_ok = (right | ~sel).all(1)
-        np.add.at(exact, dom.numpy(), row_ok.numpy())
-        np.add.at(count, dom.numpy(), 1)
-        for (name, m), rec in zip(sites(model), recs):
-            if name not in joint:
-                continue
-            top1 = rec.topk_idx[:, :-1, 0][sel]  # (N,)
-            np.add.at(joint[name], (dom_tok.numpy(), top1.numpy()), 1)
-            p = rec.probs[:, :-1][sel]  # (N, E)
-            ent[name].append(float(-(p * p.clamp(min=1e-12).log()).sum(-1).mean()))
-            u = rec.expert_acts[:, :-1][sel]  # (N, E, r): every expert's A_e x
-            outs = torch.einsum("ner,oer->neo", u, m.lora_B.view(-1, m.E, m.r))  # (N, E, out): B_e A_e x
-            outs = torch.nn.functional.normalize(outs, dim=-1)
-            gram = outs @ outs.transpose(1, 2)  # (N, E, E)
-            off = gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
-            cos[name].append((off / (m.E * (m.E - 1))).mean().item())
-    res = {"loss": float(nll.sum() / n_tok.sum()), "loss_per_domain": (nll / n_tok).tolist(),
-           "exact": (exact / count).tolist(), "exact_mean": float(exact.sum() / count.sum())}
-    if has_moe:
-        layers = sorted({int(n.split(".")[2]) for n in joint})
-        per = {L: [n for n in joint if int(n.split(".")[2]) == L] for L in layers}
-        res["nmi"] = [float(np.mean([nmi(joint[n]) for n in per[L]])) for L in layers]
-        res["load_entropy"] = [float(np.mean([entropy(joint[n].sum(0)) for n in per[L]])) for L in layers]
-        res["router_entropy"] = [float(np.mean([np.mean(ent[n]) for n in per[L]])) for L in layers]
-        res["expert_cos"] = [float(np.mean([np.mean(cos[n]) for n in per[L]])) for L in layers]
-        # a domain x expert share table for the heat map: the last layer's sites summed
-        hm = sum(joint[n] for n in per[layers[-1]])
-        res["heatmap_last_layer"] = (hm / hm.sum(1, keepdims=True)).tolist()
-    return res
-
-
-def expert_ablation(model, tok, examples) -> list[list[float]]:
-    """(domain x expert): each domain's held-out loss increase when expert e is dropped from every site."""
-    from lora_moe import sites
-
-    base = np.array(measure(model, tok, examples)["loss_per_domain"])
-    out = np.zeros((len(DOMAINS), E))
-    for e in range(E):
-        saved = [m.lora_B[:, e * m.r:(e + 1) * m.r].clone() for _, m in sites(model)]
-        with torch.no_grad():
-            for _, m in sites(model):
-                m.lora_B[:, e * m.r:(e + 1) * m.r] = 0
-        out[:, e] = np.array(measure(model, tok, examples)["loss_per_domain"]) - base
-        with torch.no_grad():
-            for (_, m), b in zip(sites(model), saved):
-                m.lora_B[:, e * m.r:(e + 1) * m.r] = b
-    return out.round(4).tolist()
-
-
-def router_gradient_share(model, tok, examples, cfg, heads, queue) -> float:
-    """||d(lambda_cl L_cl)/dW_router|| / ||d L_LM/dW_router|| on held-out examples, with the run's settings and
-    the checkpoint's heads and queue: how much of the routers' training signal the contrastive term is."""
-    from contrastive import ROUTING_VIEWS, contrastive_loss
-    from data import answer_mask, collate, tokenize
-    from lora_moe import record_routing, sites, stack_records
-    from objective import lm_loss_sum
-
-    routers = [m.router.weight for _, m in sites(model)]
-    ids, labels, mask = collate([tokenize(msgs, tok) for _, msgs in examples[:32]], tok.pad_id)
-    model.eval()
-    norms = []
-    for term in ("lm", "cl"):
-        with record_routing(model, expert_acts=cfg.cl_views not in ROUTING_VIEWS) as recs:
-            hidden = model.model(ids)
-        if term == "lm":
-            loss = lm_loss_sum(model, hidden, labels, 4096) / answer_mask(labels).sum()
-        else:
-            loss = cfg.lambda_cl * contrastive_loss(stack_records(recs), mask.float(), cfg.cl_views, heads, queue,
-                                                    cfg.tokens_per_site, cfg.temperature,
-                                                    torch.Generator().manual_seed(0))[0]
-        grads = torch.autograd.grad(loss, routers, allow_unused=True)
-        norms.append(float(torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None))))
-    return norms[1] / max(norms[0], 1e-12)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# What any token-level router could reach: probes on the frozen base
-
-
-@torch.no_grad()
-def probe_ceiling(model_dir: str, tok, examples, seed: int = 0) -> dict:
-    """Per layer and router input (attention in: q/k/v; o_proj in; MLP in: gate/up; down_proj in): held-out
-    accuracy of a linear classifier from the router input x to the domain over answer positions, and
-    NMI(domain; k-means cluster) with k = E. Train / test: the two halves of ``examples``."""
-    from data import answer_mask, collate, tokenize
-    from model import load_model
-
-    model = load_model(model_dir)
-    kinds = {"attn_in": "self_attn.q_proj", "o_in": "self_attn.o_proj", "mlp_in": "mlp.gate_proj",
-             "down_in": "mlp.down_proj"}
-    feats, hooks = {}, []
-    for L, layer in enumerate(model.model.layers):
-        for kind, path in kinds.items():
-            mod = layer.get_submodule(path)
-            hooks.append(mod.register_forward_hook(lambda m, i, o, key=(L, kind): feats.setdefault(key, []).append(i[0])))
-    doms, xs = [], {}
-    for i in range(0, len(examples), 32):
-        chunk = examples[i:i + 32]
-        ids, labels, _ = collate([tokenize(msgs, tok) for _, msgs in chunk], tok.pad_id)
-        feats.clear()
-        model.model(ids)
-        sel = answer_mask(labels)  # answer positions (those that predict an answer token)
-        doms.append(torch.tensor([d for d, _ in chunk])[:, None].expand_as(sel)[sel])
-        for key, (x,) in feats.items():
-            xs.setdefault(key, []).append(x[:, :-1][sel])
-    for h in hooks:
-        h.remove()
-    y = torch.cat(doms)
-    half = len(y) // 2
-    out = {}
-    for (L, kind), parts in sorted(xs.items()):
-        x = torch.cat(parts).float()
-        x = (x - x[:half].mean(0)) / (x[:half].std(0) + 1e-6)
-        out[f"layer {L} {kind}"] = {"probe_accuracy": _linear_probe(x[:half], y[:half], x[half:], y[half:], seed),
-                                    "kmeans_nmi": _kmeans_nmi(x, y, E, seed)}
-    return out
-
-
-def _linear_probe(xtr, ytr, xte, yte, seed: int) -> float:
-    torch.manual_seed(seed)
-    with torch.enable_grad():
-        w = torch.zeros(xtr.shape[1], len(DOMAINS), requires_grad=True)
-        b = torch.zeros(len(DOMAINS), requires_grad=True)
-        opt = torch.optim.Adam([w, b], lr=0.05)
-        for _ in range(300):
-            opt.zero_grad()
-            (torch.nn.functional.cross_entropy(xtr @ w + b, ytr) + 1e-3 * (w ** 2).sum()).backward()
-            opt.step()
-    return round(float(((xte @ w + b).argmax(-1) == yte).float().mean()), 4)
-
-
-def _kmeans_nmi(x, y, k: int, seed: int, iters: int = 25) -> float:
-    g = torch.Generator().manual_seed(seed)
-    c = x[torch.randperm(len(x), generator=g)[:k]].clone()
-    for _ in range(iters):
-        assign = torch.cdist(x, c).argmin(1)
-        for j in range(k):
-            if (assign == j).any():
-                c[j] = x[assign == j].mean(0)
-    joint = np.zeros((len(DOMAINS), k))
-    np.add.at(joint, (y.numpy(), assign.numpy()), 1)
-    return round(nmi(joint), 4)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -394,21 +220,6 @@ def control_objective(arm: str, tok, lambda_sup: float):
     return HybridLoss
 
 
-def entropy(counts) -> float:
-    p = counts / max(counts.sum(), 1)
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
-
-
-def nmi(joint) -> float:
-    """I(domain; expert) / H(domain) from a count table (D, E)."""
-    p = joint / joint.sum()
-    pd, pe = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
-    nz = p > 0
-    mi = float((p[nz] * np.log(p[nz] / (pd @ pe)[nz])).sum())
-    return mi / entropy(joint.sum(1))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # One (arm, seed) run, in its own process (clean peak memory)
 
@@ -454,8 +265,11 @@ def run_one(arm: str, seed: int, a) -> dict:
         over_steps.append({"step": step, "loss": r["loss"], "exact_mean": r["exact_mean"], "router_grad_share": share,
                            "nmi_mean": float(np.mean(r["nmi"])) if "nmi" in r else None})
     final = {**r, "router_grad_share": share}  # the last checkpoint is the end of training
+    final.pop("top1_counts", None)
     if seed == 0 and "nmi" in r and a.expert_ablation:
         final["expert_ablation"] = expert_ablation(model, tok, held_out)
+        mapping = make_examples(a.eval_size, a.eval_seed + 1, perms)  # not the held-out sample
+        final["routed_ablation"] = routed_ablation(model, tok, held_out, mapping)
     times = [h["step_time"] for h in hist[1:]] or [hist[0]["step_time"]]
     return {"arm": arm, "seed": seed, **final, "over_steps": over_steps,
             "train_curve": [{k: h[k] for k in ("step", "lm", "balance", "contrastive")} for h in hist],
@@ -493,7 +307,7 @@ def summarize(runs: list[dict]) -> tuple[dict, str]:
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     summary = {}
     head = ["arm", "held-out loss", "exact match", "NMI mean", "NMI best layer", "router entropy", "load entropy",
-            "expert cos", "cl grad share", "s/step", "peak MB"]
+            "expert cos", "cl grad share", "specificity: index / routed", "s/step", "peak MB"]
     rows = []
     for arm in arms:
         rs = [r for r in runs if r["arm"] == arm]
@@ -501,13 +315,17 @@ def summarize(runs: list[dict]) -> tuple[dict, str]:
              "exact": [r["exact"] for r in rs], "nmi": [r.get("nmi") for r in rs],
              "router_entropy": [r.get("router_entropy") for r in rs], "load_entropy": [r.get("load_entropy") for r in rs],
              "expert_cos": [r.get("expert_cos") for r in rs], "router_grad_share": [r.get("router_grad_share") for r in rs],
-             "step_time_s": [r["step_time_s"] for r in rs], "peak_rss_mb": [r["peak_rss_mb"] for r in rs]}
+             "step_time_s": [r["step_time_s"] for r in rs], "peak_rss_mb": [r["peak_rss_mb"] for r in rs],
+             "specificity": [[specificity(r[k]) if k in r else None for k in ("expert_ablation", "routed_ablation")]
+                             for r in rs]}
         summary[arm] = s
+        spec = next((" / ".join("-" if x is None else f"{x:.2f}" for x in sp) for sp in s["specificity"]
+                     if any(x is not None for x in sp)), "-")  # seed 0's
         per_layer = lambda key: [float(np.mean(x)) if x else None for x in s[key]]  # noqa: E731
         best = [float(np.max(x)) if x else None for x in s["nmi"]]
         rows.append([arm, mean_std(s["loss"]), mean_std(s["exact_mean"]), mean_std(per_layer("nmi")), mean_std(best),
                      mean_std(per_layer("router_entropy")), mean_std(per_layer("load_entropy")),
-                     mean_std(per_layer("expert_cos")), mean_std(s["router_grad_share"]),
+                     mean_std(per_layer("expert_cos")), mean_std(s["router_grad_share"]), spec,
                      f"{np.mean(s['step_time_s']):.2f}", f"{np.mean(s['peak_rss_mb']):.0f}"])
     w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
@@ -604,7 +422,7 @@ def main():
         return
     from tokenizer import load_tokenizer
 
-    probe = probe_ceiling(a.model, load_tokenizer(a.model), make_examples(2 * a.eval_size, 777, permutations()))
+    probe = probe_ceiling(a.model, load_tokenizer(a.model), make_examples(2 * a.eval_size, 777, permutations()), E)
     todo = [(arm, seed) for arm in a.arms.split(",") for seed in map(int, a.seeds.split(","))]
     common = ["--out", a.out, "--model", a.model, "--steps", str(a.steps), "--eval-every", str(a.eval_every),
               "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--queue-size", str(a.queue_size),

@@ -147,6 +147,42 @@ def test_oracle_routes_each_domain_to_its_expert(qwen_tok_dir):
         assert len(recs) == 7 and all(torch.equal(r.topk_idx[..., 0], want) for r in recs)
 
 
+def test_routed_ablation_finds_each_domains_expert_site_by_site(qwen_tok_dir):
+    """Every site routes domain d (top-1) to its own expert perm_s[d], a different permutation per site, and
+    every expert's B is nonzero. Dropping, site by site, the expert a domain is routed to hurts that domain and
+    leaves the others exactly as they were (specificity D); dropping index e everywhere hits a different domain
+    at each site. The mapping comes from a separate sample, and every weight is back afterwards."""
+    import torch.nn as nn
+
+    from lora_moe import sites
+    from tokenizer import Tokenizer
+
+    class PermutedRouter(nn.Module):  # logit +30 on expert perm[d] instead of d
+        def __init__(self, inner, perm):
+            super().__init__()
+            self.inner, self.inv = inner, torch.argsort(perm)
+
+        def forward(self, x):
+            return self.inner(x)[..., self.inv]
+
+    tok = Tokenizer(qwen_tok_dir)
+    model, _, _, _, _ = _domain_model(tok, top_k=1)
+    ablation.install_oracle(model, ablation.domain_word_ids(tok))
+    g = torch.Generator().manual_seed(0)
+    for _, m in sites(model):
+        m.router = PermutedRouter(m.router, torch.randperm(8, generator=g))
+        nn.init.normal_(m.lora_B, std=0.5, generator=g)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    held_out, mapping = (ablation.make_examples(32, s, ablation.permutations()) for s in (1, 2))
+    routed = np.array(ablation.routed_ablation(model, tok, held_out, mapping))  # (domain, dropped domain)
+    assert routed.shape == (8, 8)
+    assert np.all(routed[~np.eye(8, dtype=bool)] == 0) and np.all(routed.diagonal() != 0)
+    by_index = np.array(ablation.expert_ablation(model, tok, held_out))  # (domain, dropped index)
+    assert all((by_index[:, e] != 0).sum() >= 2 for e in range(8))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert ablation.specificity(np.eye(4)) == pytest.approx(4.0) and ablation.specificity(np.ones((4, 3))) == 1.0
+
+
 def test_supervised_control_adds_the_routers_cross_entropy(qwen_tok_dir):
     """SupervisedRouting's loss = the hybrid loss + lambda_sup * mean over sites of the router cross-entropy to
     the domain over real tokens, / micro-steps; the hybrid parts are unchanged."""
