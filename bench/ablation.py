@@ -266,7 +266,7 @@ def run_one(arm: str, seed: int, a) -> dict:
                            "nmi_mean": float(np.mean(r["nmi"])) if "nmi" in r else None})
     final = {**r, "router_grad_share": share}  # the last checkpoint is the end of training
     final.pop("top1_counts", None)
-    if seed == 0 and "nmi" in r and a.expert_ablation:
+    if seed in [int(x) for x in a.ablate_seeds.split(",") if x] and "nmi" in r:
         final["expert_ablation"] = expert_ablation(model, tok, held_out)
         mapping = make_examples(a.eval_size, a.eval_seed + 1, perms)  # not the held-out sample
         final["routed_ablation"] = routed_ablation(model, tok, held_out, mapping)
@@ -319,8 +319,7 @@ def summarize(runs: list[dict]) -> tuple[dict, str]:
              "specificity": [[specificity(r[k]) if k in r else None for k in ("expert_ablation", "routed_ablation")]
                              for r in rs]}
         summary[arm] = s
-        spec = next((" / ".join("-" if x is None else f"{x:.2f}" for x in sp) for sp in s["specificity"]
-                     if any(x is not None for x in sp)), "-")  # seed 0's
+        spec = " / ".join(mean_std([sp[i] for sp in s["specificity"]]) for i in (0, 1))  # the ablated seeds'
         per_layer = lambda key: [float(np.mean(x)) if x else None for x in s[key]]  # noqa: E731
         best = [float(np.max(x)) if x else None for x in s["nmi"]]
         rows.append([arm, mean_std(s["loss"]), mean_std(s["exact_mean"]), mean_std(per_layer("nmi")), mean_std(best),
@@ -404,8 +403,8 @@ def main():
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a train.py setting in every arm, e.g. --set lambda_cl=1.0 --set temperature=0.2")
     ap.add_argument("--lambda-sup", type=float, default=LAMBDA_SUP, help="the supervised control's weight")
-    ap.add_argument("--no-expert-ablation", dest="expert_ablation", action="store_false",
-                    help="skip the domain x expert ablation matrix (seed 0)")
+    ap.add_argument("--ablate-seeds", default="0", metavar="S,S",
+                    help="seeds whose final model gets the two expert-ablation matrices ('' = none; default 0)")
     ap.add_argument("--quick", action="store_true", help="3 arms, 1 seed, 6 steps, small data (CI smoke run)")
     ap.add_argument("--plots", action="store_true", help="draw PNGs into --out (needs matplotlib)")
     ap.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: ARM:SEED in this process
@@ -428,7 +427,7 @@ def main():
               "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--queue-size", str(a.queue_size),
               "--train-size", str(a.train_size), "--eval-size", str(a.eval_size), "--eval-seed", str(a.eval_seed),
               "--lambda-sup", str(a.lambda_sup)] + [f"--set={p}" for p in a.set] \
-        + ([] if a.expert_ablation else ["--no-expert-ablation"])
+        + [f"--ablate-seeds={a.ablate_seeds}"]
     env = dict(os.environ)
     if a.jobs > 1 and "OMP_NUM_THREADS" not in env:  # why: n processes each using every core would thrash
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // a.jobs))
