@@ -54,6 +54,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # why last: bench/contrastive.py must not shadow ours
+# entropy and nmi are not used here: tests reach them as ablation.entropy / ablation.nmi
 from ablation_metrics import (entropy, expert_ablation, measure, nmi, probe_ceiling,  # noqa: E402,F401
                               routed_ablation, router_gradient_share, specificity)
 from lora_moe import sites  # noqa: E402  (after the path: bench/ runs from anywhere)
