@@ -31,10 +31,10 @@ Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2;
 
 Measured on a held-out sample of fresh prompts by ``ablation_metrics`` (its docstring lists them): loss,
 exact match, per-layer NMI(domain; top-1 expert) and routing entropies, the contrastive term's router gradient
-share, and for seed 0 two ablation matrices, each summarized by its specificity (1: a drop hurts every domain
-alike; D: one domain only). ``expert_ablation`` drops expert index e at every site; ``routed_ablation`` drops,
-site by site, the expert each domain is routed to (mapped on a separate sample, --eval-seed + 1), since expert
-indices mean nothing across sites unless training ties them.
+share, and for the --ablate-seeds seeds (default 0) two ablation matrices, each summarized by its specificity
+(1: a drop hurts every domain alike; D: one domain only). ``expert_ablation`` drops expert index e at every
+site; ``routed_ablation`` drops, site by site, the expert each domain is routed to (mapped on a separate
+sample, --eval-seed + 1), since expert indices mean nothing across sites unless training ties them.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 argmax under teacher forcing); per layer NMI(domain; top-1 expert) over answer positions, mean per-token router
 entropy, expert-load entropy, mean pairwise cosine of the experts' outputs B_e A_e x on the same tokens.
 ``router_gradient_share``: ||d(lambda_cl L_cl)/dW_router|| / ||d L_LM/dW_router||. ``expert_ablation`` and
-``routed_ablation``: domain x expert (or domain x domain) held-out loss damage when experts are dropped, and
+``routed_ablation``: domain x expert (or domain x domain) held-out loss ``damage`` when experts are dropped, and
 ``specificity``, their one-number summary. ``probe_ceiling``: what any token-level router could reach, from the
 frozen base (linear probe and k-means on router inputs).
 
@@ -25,10 +25,11 @@ def measure(model, tok, examples, batch_size: int = 32) -> dict:
     from lora_moe import record_routing, sites
 
     model.eval()
-    has_moe = bool(sites(model)) and sites(model)[0][1].E > 1
-    D, E = 1 + max(d for d, _ in examples), sites(model)[0][1].E if sites(model) else 1
+    found = sites(model)
+    E = found[0][1].E if found else 1
+    has_moe, D = E > 1, 1 + max(d for d, _ in examples)
     nll, n_tok, exact, count = np.zeros(D), np.zeros(D), np.zeros(D), np.zeros(D)
-    joint = {name: np.zeros((D, E)) for name, _ in sites(model)} if has_moe else {}
+    joint = {name: np.zeros((D, E)) for name, _ in found} if has_moe else {}
     cos, ent = {name: [] for name in joint}, {name: [] for name in joint}
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
@@ -49,7 +50,7 @@ def measure(model, tok, examples, batch_size: int = 32) -> dict:
         row_ok = (right | ~sel).all(1)
         np.add.at(exact, dom.numpy(), row_ok.numpy())
         np.add.at(count, dom.numpy(), 1)
-        for (name, m), rec in zip(sites(model), recs):
+        for (name, m), rec in zip(found, recs):
             if name not in joint:
                 continue
             top1 = rec.topk_idx[:, :-1, 0][sel]  # (N,)
@@ -99,17 +100,23 @@ def dropped(model, choice: dict):
                 m.lora_B[:, blk] = b
 
 
+def damage(model, tok, examples, choices: list[dict]) -> list[list[float]]:
+    """(domain x ablation): each domain's held-out loss increase with ``dropped(model, choice)``, one column
+    per choice."""
+    base = np.array(measure(model, tok, examples)["loss_per_domain"])
+    cols = []
+    for choice in choices:
+        with dropped(model, choice):
+            cols.append(np.array(measure(model, tok, examples)["loss_per_domain"]) - base)
+    return np.stack(cols, 1).round(4).tolist()
+
+
 def expert_ablation(model, tok, examples) -> list[list[float]]:
     """(domain x expert): each domain's held-out loss increase when expert e is dropped from every site."""
     from lora_moe import sites
 
     names, E = [n for n, _ in sites(model)], sites(model)[0][1].E
-    base = np.array(measure(model, tok, examples)["loss_per_domain"])
-    cols = []
-    for e in range(E):
-        with dropped(model, {n: e for n in names}):
-            cols.append(np.array(measure(model, tok, examples)["loss_per_domain"]) - base)
-    return np.stack(cols, 1).round(4).tolist()
+    return damage(model, tok, examples, [{n: e for n in names} for e in range(E)])
 
 
 def routed_ablation(model, tok, examples, mapping_examples) -> list[list[float]]:
@@ -122,12 +129,8 @@ def routed_ablation(model, tok, examples, mapping_examples) -> list[list[float]]
     question per site: are the experts a domain is routed to the ones that domain needs?"""
     joint = measure(model, tok, mapping_examples)["top1_counts"]  # {site: (D, E)}
     mine = {n: np.asarray(j).argmax(1) for n, j in joint.items()}  # {site: (D,) each domain's expert}
-    base = np.array(measure(model, tok, examples)["loss_per_domain"])
-    cols = []
-    for d in range(len(base)):
-        with dropped(model, {n: e[d] for n, e in mine.items()}):
-            cols.append(np.array(measure(model, tok, examples)["loss_per_domain"]) - base)
-    return np.stack(cols, 1).round(4).tolist()
+    D = 1 + max(d for d, _ in examples)
+    return damage(model, tok, examples, [{n: e[d] for n, e in mine.items()} for d in range(D)])
 
 
 def specificity(damage) -> float:
