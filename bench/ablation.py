@@ -27,6 +27,8 @@ Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2;
   cl-asg      the assign reading (in-batch InfoNCE + balanced Sinkhorn codes), no queue
   cl-asg-q    the same with a queue of 64 past sequences, used only in the codes (SwAV)
   oracle      control: every token of domain d forced onto expert d (top-1), no router learning
+  oracle-l0   the same except at layer 0's q/k/v, whose input at an answer token holds no domain (probe 0.10):
+              there each site keeps its own router (top-1, so untrained): what a token router could be told
   supervised  control: + balance + a router cross-entropy to the domain (lambda 0.1)
 
 Measured on a held-out sample of fresh prompts by ``ablation_metrics`` (its docstring lists them): loss,
@@ -81,6 +83,7 @@ ARMS = {
     "cl-asg": dict(cl_views="assign", lambda_cl=1.0),
     "cl-asg-q": dict(cl_views="assign", queue=True, lambda_cl=1.0, queue_size=64),
     "oracle": dict(top_k=1, lambda_bal=0.0, lambda_cl=0.0),
+    "oracle-l0": dict(top_k=1, lambda_bal=0.0, lambda_cl=0.0),
     "supervised": dict(lambda_cl=0.0),
 }
 QUICK_ARMS = ("lora", "cl-exp", "cl-seq-nq")
@@ -166,13 +169,19 @@ class DomainRouter(nn.Module):
         return torch.full((*lead, E), -30.0, device=x.device).scatter(-1, d, 30.0)  # (B, T, E)
 
 
-def install_oracle(model, word_ids):
-    """Give every site a DomainRouter, and the model a hook that tells them the domain of each forward's
-    sequences (training and evaluation alike; a decode step of one token keeps the prompt's domain)."""
+ORACLE_KEEPS = {"oracle": (), "oracle-l0": ("layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj",
+                                             "layers.0.self_attn.v_proj")}  # sites that keep their own router
+
+
+def install_oracle(model, word_ids, keep=()):
+    """Give every site but those named in ``keep`` a DomainRouter, and the model a hook that tells them the
+    domain of each forward's sequences (training and evaluation alike; a decode step of one token keeps the
+    prompt's domain)."""
     routers = []
-    for _, m in sites(model):
-        m.router = DomainRouter(m.router)
-        routers.append(m.router)
+    for name, m in sites(model):
+        if not name.endswith(keep):  # (a tuple of suffixes; () keeps none)
+            m.router = DomainRouter(m.router)
+            routers.append(m.router)
 
     def tell_domain(module, args, kwargs):
         ids = args[0] if args else kwargs["input_ids"]
@@ -185,9 +194,9 @@ def install_oracle(model, word_ids):
     return model
 
 
-def oracle_objective(model, heads, cfg, word_ids):
-    """train.train's ``objective`` for the oracle arm: the hybrid loss of a model with DomainRouters."""
-    return HybridLoss(install_oracle(model, word_ids), heads, cfg)
+def oracle_objective(model, heads, cfg, word_ids, keep=()):
+    """train.train's ``objective`` for an oracle arm: the hybrid loss of a model with DomainRouters."""
+    return HybridLoss(install_oracle(model, word_ids, keep), heads, cfg)
 
 
 class SupervisedRouting(HybridLoss):
@@ -214,8 +223,8 @@ class SupervisedRouting(HybridLoss):
 def control_objective(arm: str, tok, lambda_sup: float):
     """train.train's ``objective`` for an arm: HybridLoss, or a control's."""
     word_ids = domain_word_ids(tok)
-    if arm == "oracle":
-        return functools.partial(oracle_objective, word_ids=word_ids)
+    if arm in ORACLE_KEEPS:
+        return functools.partial(oracle_objective, word_ids=word_ids, keep=ORACLE_KEEPS[arm])
     if arm == "supervised":
         return functools.partial(SupervisedRouting, word_ids=word_ids, lambda_sup=lambda_sup)
     return HybridLoss
@@ -256,8 +265,8 @@ def run_one(arm: str, seed: int, a) -> dict:
     hist = train(cfg, objective=control_objective(arm, tok, a.lambda_sup))
     # the run's model, heads and queue once (as train.py builds them); each checkpoint refills them
     model, heads, queue, _ = build_model(cfg, a.model, torch.device("cpu"), 0, verbose=False)
-    if arm == "oracle":
-        install_oracle(model, domain_word_ids(tok))
+    if arm in ORACLE_KEEPS:
+        install_oracle(model, domain_word_ids(tok), ORACLE_KEEPS[arm])
     over_steps = []
     for step in range(a.eval_every, a.steps + 1, a.eval_every):
         load_checkpoint(os.path.join(work, f"ckpt-{step:06d}"), model, heads, queue, torch.device("cpu"))

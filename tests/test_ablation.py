@@ -132,7 +132,7 @@ def _domain_model(tok, top_k):
 def test_oracle_routes_each_domain_to_its_expert(qwen_tok_dir):
     """The oracle control (its own routers, given to the adapters) forces domain d onto expert d, in training's
     forward and in a plain model call alike; its checkpoint keys are the model's own."""
-    from lora_moe import record_routing
+    from lora_moe import record_routing, sites
     from tokenizer import Tokenizer
 
     tok = Tokenizer(qwen_tok_dir)
@@ -145,6 +145,10 @@ def test_oracle_routes_each_domain_to_its_expert(qwen_tok_dir):
         with record_routing(model) as recs:
             call()
         assert len(recs) == 7 and all(torch.equal(r.topk_idx[..., 0], want) for r in recs)
+    model, ex, ids, _, _ = _domain_model(tok, top_k=1)  # oracle-l0: layer 0's q/k/v keep their own routers
+    ablation.install_oracle(model, ablation.domain_word_ids(tok), ablation.ORACLE_KEEPS["oracle-l0"])
+    kept = [n.split(".")[-1] for n, m in sites(model) if not isinstance(m.router, ablation.DomainRouter)]
+    assert kept == ["q_proj", "k_proj", "v_proj"]
 
 
 def test_routed_ablation_finds_each_domains_expert_site_by_site(qwen_tok_dir):
