@@ -41,29 +41,23 @@ sample, --eval-seed + 1), since expert indices mean nothing across sites unless 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
-import random
 import subprocess
 import sys
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # why last: bench/contrastive.py must not shadow ours
-# entropy and nmi are not used here: tests reach them as ablation.entropy / ablation.nmi
-from ablation_metrics import (entropy, expert_ablation, measure, nmi, probe_ceiling,  # noqa: E402,F401
-                              routed_ablation, router_gradient_share, specificity)
-from lora_moe import sites  # noqa: E402  (after the path: bench/ runs from anywhere)
-from objective import HybridLoss  # noqa: E402
+# after the path (bench/ runs from anywhere): the measurements, and the task with its controls
+from ablation_metrics import (expert_ablation, measure, probe_ceiling, routed_ablation,  # noqa: E402
+                              router_gradient_share, specificity)
+from ablation_task import (DOMAINS, ORACLE_KEEPS, control_objective, domain_word_ids, install_oracle,  # noqa: E402
+                           make_base, make_examples, permutations)
 
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-DOMAINS = ("north", "south", "east", "west", "red", "blue", "green", "black")  # each a single Qwen token
 E, R, TOP_K = 8, 4, 2
 LAMBDA_SUP = 0.1  # the supervised control's router cross-entropy weight (--lambda-sup)
 ARMS = {
@@ -87,147 +81,6 @@ ARMS = {
     "supervised": dict(lambda_cl=0.0),
 }
 QUICK_ARMS = ("lora", "cl-exp", "cl-seq-nq")
-
-
-def permutations(task_seed: int = 1234) -> list[dict]:
-    """One fixed random permutation of LETTERS per domain (the task, the same for every run)."""
-    rng = random.Random(task_seed)
-    perms = []
-    for _ in DOMAINS:
-        p = list(LETTERS)
-        rng.shuffle(p)
-        perms.append(dict(zip(LETTERS, p)))
-    return perms
-
-
-def make_examples(n: int, seed: int, perms) -> list[tuple[int, list[dict]]]:
-    """n (domain, chat messages) pairs, domains balanced: "<word_d> <n>: x" -> "sigma_d(x) sigma_d^2(x) ..." (n letters)."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        d = i % len(DOMAINS)
-        x = start = rng.choice(LETTERS)
-        chain = []
-        for _ in range(rng.randint(6, 10)):
-            x = perms[d][x]
-            chain.append(x)
-        out.append((d, [{"role": "user", "content": f"{DOMAINS[d]} {len(chain)}: {start}"},
-                        {"role": "assistant", "content": " ".join(chain)}]))
-    rng.shuffle(out)
-    return out
-
-
-def make_base(path: str, logit_scale: float = 8.0) -> str:
-    """The ablation's frozen base: the tiny demo Qwen3 (random, real Qwen vocabulary) with its final norm's
-    weight set to ``logit_scale``.
-
-    why: with std-0.02 random embeddings as the tied LM head, a unit final norm caps every logit at about
-    sqrt(128) * 0.02 * sqrt(128) ~ 3, so no adapter can take the LM loss below ~9 nats over 151,936 tokens
-    and every arm would look equally bad. A larger final-norm weight is a sharper output temperature: the
-    base stays frozen and random, but a confident prediction becomes expressible."""
-    from model import Qwen3, Qwen3Config
-    from tiny_qwen import init_weights, save_model
-    from tiny_qwen import TINY_CONFIG, write_qwen_tokenizer
-
-    if not os.path.exists(os.path.join(path, "tokenizer.json")):
-        model = init_weights(Qwen3(Qwen3Config(**TINY_CONFIG)), seed=0)
-        with torch.no_grad():
-            model.model.norm.weight.fill_(logit_scale)
-        tmp = path.rstrip("/") + ".tmp"
-        save_model(model, tmp)
-        write_qwen_tokenizer(tmp)
-        os.replace(tmp, path)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The control arms: routing told the domain, through train.py's public parts (its routers, its objective)
-
-
-def domain_word_ids(tok) -> list[int]:
-    """The token id of each domain's prefix word (each a single Qwen token)."""
-    return [tok.encode(w)[0] for w in DOMAINS]
-
-
-def domain_of(ids, word_ids) -> torch.Tensor:
-    """(B,) the domain of each sequence: which domain word its prompt holds."""
-    return torch.stack([(ids == w).any(1) for w in word_ids], 1).float().argmax(1)
-
-
-class DomainRouter(nn.Module):
-    """The oracle's router: every token of a domain-d sequence gets logit +30 on expert d, -30 elsewhere, so
-    ``lora_moe.route`` (top-1 in this arm) sends it to expert d. ``domain`` (B,) is set before each forward by
-    ``install_oracle``'s hook; the replaced router's weight is kept (unused) so checkpoints keep their keys."""
-
-    def __init__(self, old: nn.Linear):
-        super().__init__()
-        self.weight, self.domain = old.weight, None
-
-    def forward(self, x):
-        E, lead = self.weight.shape[0], x.shape[:-1]
-        d = self.domain.to(x.device).reshape(-1, *[1] * (len(lead) - 1), 1).expand(*lead, 1)  # (B,) -> (B, T, 1)
-        return torch.full((*lead, E), -30.0, device=x.device).scatter(-1, d, 30.0)  # (B, T, E)
-
-
-ORACLE_KEEPS = {"oracle": (), "oracle-l0": ("layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj",
-                                             "layers.0.self_attn.v_proj")}  # sites that keep their own router
-
-
-def install_oracle(model, word_ids, keep=()):
-    """Give every site but those named in ``keep`` a DomainRouter, and the model a hook that tells them the
-    domain of each forward's sequences (training and evaluation alike; a decode step of one token keeps the
-    prompt's domain)."""
-    routers = []
-    for name, m in sites(model):
-        if not name.endswith(keep):  # (a tuple of suffixes; () keeps none)
-            m.router = DomainRouter(m.router)
-            routers.append(m.router)
-
-    def tell_domain(module, args, kwargs):
-        ids = args[0] if args else kwargs["input_ids"]
-        if ids.shape[1] > 1:
-            d = domain_of(ids, word_ids)
-            for r in routers:
-                r.domain = d
-
-    model.model.register_forward_pre_hook(tell_domain, with_kwargs=True)
-    return model
-
-
-def oracle_objective(model, heads, cfg, word_ids, keep=()):
-    """train.train's ``objective`` for an oracle arm: the hybrid loss of a model with DomainRouters."""
-    return HybridLoss(install_oracle(model, word_ids, keep), heads, cfg)
-
-
-class SupervisedRouting(HybridLoss):
-    """The supervised control: the hybrid loss + lambda_sup * the routers' cross-entropy to the domain over
-    real tokens, averaged over sites (read from each router's output by a forward hook, gradient included)."""
-
-    def __init__(self, model, heads, cfg, word_ids, lambda_sup: float):
-        super().__init__(model, heads, cfg)
-        self.word_ids, self.lambda_sup = word_ids, lambda_sup
-
-    def forward(self, ids, labels, mask, sup_tokens, micro_steps, queue=None, generator=None):
-        logits = []  # (B, T, E) per site, this forward's
-        hooks = [m.router.register_forward_hook(lambda mod, inp, out: logits.append(out)) for _, m in sites(self.model)]
-        try:
-            loss, parts, routing, entries = super().forward(ids, labels, mask, sup_tokens, micro_steps, queue, generator)
-        finally:
-            for h in hooks:
-                h.remove()
-        d = domain_of(ids, self.word_ids)[:, None].expand_as(mask)[mask]  # (N,) the domain of each real token
-        ce = torch.stack([F.cross_entropy(z[mask], d) for z in logits]).mean()
-        return loss + self.lambda_sup * ce / micro_steps, parts, routing, entries
-
-
-def control_objective(arm: str, tok, lambda_sup: float):
-    """train.train's ``objective`` for an arm: HybridLoss, or a control's."""
-    word_ids = domain_word_ids(tok)
-    if arm in ORACLE_KEEPS:
-        return functools.partial(oracle_objective, word_ids=word_ids, keep=ORACLE_KEEPS[arm])
-    if arm == "supervised":
-        return functools.partial(SupervisedRouting, word_ids=word_ids, lambda_sup=lambda_sup)
-    return HybridLoss
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ entropy, expert-load entropy, mean pairwise cosine of the experts' outputs B_e A
 ``specificity``, their one-number summary. ``probe_ceiling``: what any token-level router could reach, from the
 frozen base (linear probe and k-means on router inputs).
 
-Examples are ``(domain, chat messages)`` pairs with domains 0..D-1 (``ablation.make_examples``).
+Examples are ``(domain, chat messages)`` pairs with domains 0..D-1 (``ablation_task.make_examples``).
 """
 from __future__ import annotations
 

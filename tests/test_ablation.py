@@ -1,4 +1,4 @@
-"""bench/ablation.py (the miniature ablation), plot_routing.py and chat.py --adapter."""
+"""bench/ablation.py (the miniature ablation, its task and measurements), plot_routing.py and chat.py --adapter."""
 import json
 import os
 import subprocess
@@ -22,10 +22,12 @@ def _load_ablation():
 
 
 ablation = _load_ablation()
+import ablation_metrics as metrics  # noqa: E402  (bench/ is on sys.path, last, once ablation.py ran)
+import ablation_task as task  # noqa: E402
 
 
 def test_nmi_and_entropy_hand_values():
-    entropy, nmi = ablation.entropy, ablation.nmi
+    entropy, nmi = metrics.entropy, metrics.nmi
 
     assert nmi(np.eye(4) * 10) == pytest.approx(1.0)  # the expert names the domain
     assert nmi(np.ones((4, 4))) == pytest.approx(0.0, abs=1e-12)  # routing ignores the domain
@@ -37,7 +39,7 @@ def test_nmi_and_entropy_hand_values():
 
 
 def test_task_rules_are_domain_permutations():
-    DOMAINS, LETTERS, make_examples, permutations = ablation.DOMAINS, ablation.LETTERS, ablation.make_examples, ablation.permutations
+    DOMAINS, LETTERS, make_examples, permutations = task.DOMAINS, task.LETTERS, task.make_examples, task.permutations
 
     perms = permutations()
     assert all(sorted(p.values()) == list(LETTERS) for p in perms)
@@ -52,7 +54,7 @@ def test_task_rules_are_domain_permutations():
 
 
 def test_letters_are_single_qwen_tokens(qwen_tok_dir):
-    make_examples, permutations = ablation.make_examples, ablation.permutations
+    make_examples, permutations = task.make_examples, task.permutations
     from tokenizer import Tokenizer
     from data import IGNORE, tokenize
 
@@ -124,7 +126,7 @@ def _domain_model(tok, top_k):
                       num_attention_heads=2, num_key_value_heads=1, head_dim=8)
     model = add_lora_moe(init_weights(Qwen3(cfg)), LoRAMoEConfig(num_experts=8, rank=2, top_k=top_k, dropout=0.0),
                          verbose=False)
-    ex = ablation.make_examples(16, 0, ablation.permutations())
+    ex = task.make_examples(16, 0, task.permutations())
     ids, labels, mask = collate([tokenize(m, tok) for _, m in ex], tok.pad_id)
     return model, ex, ids, labels, mask
 
@@ -138,7 +140,7 @@ def test_oracle_routes_each_domain_to_its_expert(qwen_tok_dir):
     tok = Tokenizer(qwen_tok_dir)
     model, ex, ids, _, _ = _domain_model(tok, top_k=1)
     keys = set(model.state_dict())
-    ablation.install_oracle(model, ablation.domain_word_ids(tok))
+    task.install_oracle(model, task.domain_word_ids(tok))
     assert set(model.state_dict()) == keys
     want = torch.tensor([d for d, _ in ex])[:, None].expand(ids.shape)
     for call in (lambda: model(ids), lambda: model.model(ids)):
@@ -146,8 +148,8 @@ def test_oracle_routes_each_domain_to_its_expert(qwen_tok_dir):
             call()
         assert len(recs) == 7 and all(torch.equal(r.topk_idx[..., 0], want) for r in recs)
     model, ex, ids, _, _ = _domain_model(tok, top_k=1)  # oracle-l0: layer 0's q/k/v keep their own routers
-    ablation.install_oracle(model, ablation.domain_word_ids(tok), ablation.ORACLE_KEEPS["oracle-l0"])
-    kept = [n.split(".")[-1] for n, m in sites(model) if not isinstance(m.router, ablation.DomainRouter)]
+    task.install_oracle(model, task.domain_word_ids(tok), task.ORACLE_KEEPS["oracle-l0"])
+    kept = [n.split(".")[-1] for n, m in sites(model) if not isinstance(m.router, task.DomainRouter)]
     assert kept == ["q_proj", "k_proj", "v_proj"]
 
 
@@ -171,20 +173,20 @@ def test_routed_ablation_finds_each_domains_expert_site_by_site(qwen_tok_dir):
 
     tok = Tokenizer(qwen_tok_dir)
     model, _, _, _, _ = _domain_model(tok, top_k=1)
-    ablation.install_oracle(model, ablation.domain_word_ids(tok))
+    task.install_oracle(model, task.domain_word_ids(tok))
     g = torch.Generator().manual_seed(0)
     for _, m in sites(model):
         m.router = PermutedRouter(m.router, torch.randperm(8, generator=g))
         nn.init.normal_(m.lora_B, std=0.5, generator=g)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    held_out, mapping = (ablation.make_examples(32, s, ablation.permutations()) for s in (1, 2))
-    routed = np.array(ablation.routed_ablation(model, tok, held_out, mapping))  # (domain, dropped domain)
+    held_out, mapping = (task.make_examples(32, s, task.permutations()) for s in (1, 2))
+    routed = np.array(metrics.routed_ablation(model, tok, held_out, mapping))  # (domain, dropped domain)
     assert routed.shape == (8, 8)
     assert np.all(routed[~np.eye(8, dtype=bool)] == 0) and np.all(routed.diagonal() != 0)
-    by_index = np.array(ablation.expert_ablation(model, tok, held_out))  # (domain, dropped index)
+    by_index = np.array(metrics.expert_ablation(model, tok, held_out))  # (domain, dropped index)
     assert all((by_index[:, e] != 0).sum() >= 2 for e in range(8))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert ablation.specificity(np.eye(4)) == pytest.approx(4.0) and ablation.specificity(np.ones((4, 3))) == 1.0
+    assert metrics.specificity(np.eye(4)) == pytest.approx(4.0) and metrics.specificity(np.ones((4, 3))) == 1.0
 
 
 def test_supervised_control_adds_the_routers_cross_entropy(qwen_tok_dir):
@@ -200,8 +202,8 @@ def test_supervised_control_adds_the_routers_cross_entropy(qwen_tok_dir):
     tok = Tokenizer(qwen_tok_dir)
     model, ex, ids, labels, mask = _domain_model(tok, top_k=2)
     cfg = TrainConfig(lambda_cl=0.0, dropout=0.0)
-    word_ids = ablation.domain_word_ids(tok)
-    sup = ablation.SupervisedRouting(model, None, cfg, word_ids, lambda_sup=0.5)
+    word_ids = task.domain_word_ids(tok)
+    sup = task.SupervisedRouting(model, None, cfg, word_ids, lambda_sup=0.5)
     loss, parts, _, _ = sup(ids, labels, mask, 100.0, 2)
     base, base_parts, _, _ = HybridLoss(model, None, cfg)(ids, labels, mask, 100.0, 2)
     with record_routing(model) as recs:
