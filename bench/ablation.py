@@ -30,6 +30,8 @@ Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2;
   oracle-l0   the same except at layer 0's q/k/v, whose input at an answer token holds no domain (probe 0.10):
               there each site keeps its own router (top-1, so untrained): what a token router could be told
   supervised  control: + balance + a router cross-entropy to the domain (lambda 0.1)
+  cl-seq-ctx  a candidate, not a control: the defaults with every router also reading the causal mean of its
+              site's inputs (ablation_task.ContextRouter)        moe+bal-ctx  the same router, moe+bal
 
 Measured on a held-out sample of fresh prompts by ``ablation_metrics`` (its docstring lists them): loss,
 exact match, per-layer NMI(domain; top-1 expert) and routing entropies, the contrastive term's router gradient
@@ -55,8 +57,8 @@ sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # why last: bench/c
 # after the path (bench/ runs from anywhere): the measurements, and the task with its controls
 from ablation_metrics import (expert_ablation, measure, probe_ceiling, routed_ablation,  # noqa: E402
                               router_gradient_share, specificity)
-from ablation_task import (DOMAINS, ORACLE_KEEPS, control_objective, domain_word_ids, install_oracle,  # noqa: E402
-                           make_base, make_examples, permutations)
+from ablation_task import (DOMAINS, control_objective, install_control, make_base, make_examples,  # noqa: E402
+                           permutations)
 
 E, R, TOP_K = 8, 4, 2
 LAMBDA_SUP = 0.1  # the supervised control's router cross-entropy weight (--lambda-sup)
@@ -79,6 +81,8 @@ ARMS = {
     "oracle": dict(top_k=1, lambda_bal=0.0, lambda_cl=0.0),
     "oracle-l0": dict(top_k=1, lambda_bal=0.0, lambda_cl=0.0),
     "supervised": dict(lambda_cl=0.0),
+    "cl-seq-ctx": dict(cl_views="sequence", lambda_cl=1.0),  # the defaults, routers that see the sequence so far
+    "moe+bal-ctx": dict(lambda_cl=0.0),
 }
 QUICK_ARMS = ("lora", "cl-exp", "cl-seq-nq")
 
@@ -118,8 +122,7 @@ def run_one(arm: str, seed: int, a) -> dict:
     hist = train(cfg, objective=control_objective(arm, tok, a.lambda_sup))
     # the run's model, heads and queue once (as train.py builds them); each checkpoint refills them
     model, heads, queue, _ = build_model(cfg, a.model, torch.device("cpu"), 0, verbose=False)
-    if arm in ORACLE_KEEPS:
-        install_oracle(model, domain_word_ids(tok), ORACLE_KEEPS[arm])
+    install_control(arm, model, tok)  # the arm's own routers, as training had them
     over_steps = []
     for step in range(a.eval_every, a.steps + 1, a.eval_every):
         load_checkpoint(os.path.join(work, f"ckpt-{step:06d}"), model, heads, queue, torch.device("cpu"))

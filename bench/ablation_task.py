@@ -128,9 +128,35 @@ def install_oracle(model, word_ids, keep=()):
     return model
 
 
-def oracle_objective(model, heads, cfg, word_ids, keep=()):
-    """train.train's ``objective`` for an oracle arm: the hybrid loss of a model with DomainRouters."""
-    return HybridLoss(install_oracle(model, word_ids, keep), heads, cfg)
+class ContextRouter(nn.Module):
+    """A candidate router, not a control (arms ``*-ctx``): logits W x_t + W_c m_t, m_t = mean_{i <= t} x_i the
+    causal mean of this site's inputs over the sequence so far. why: at layer 0's q/k/v an answer token's input
+    holds no domain (round 6), while m_t holds the prompt's domain word at every site. W_c starts at 0, so the
+    router starts as the token router it replaces (whose weight it keeps, under the same key). Full-sequence
+    forwards only (training, teacher-forced evaluation): with right padding a real token's mean covers real
+    tokens only; a KV-cache decode step would need m_t carried as state, which this miniature never does."""
+
+    def __init__(self, old: nn.Linear):
+        super().__init__()
+        self.weight = old.weight
+        self.weight_ctx = nn.Parameter(torch.zeros_like(old.weight))
+
+    def forward(self, x):  # x (..., T, d)
+        n = torch.arange(1, x.shape[-2] + 1, device=x.device, dtype=x.dtype)[:, None]  # (T, 1) tokens so far
+        return F.linear(x, self.weight) + F.linear(x.cumsum(-2) / n, self.weight_ctx)
+
+
+CONTEXT_ARMS = ("cl-seq-ctx", "moe+bal-ctx")  # every site's router a ContextRouter
+
+
+def install_control(arm: str, model, tok):
+    """The arm's own routers, given to the model's sites (oracle and context arms; any other arm: none)."""
+    if arm in ORACLE_KEEPS:
+        install_oracle(model, domain_word_ids(tok), ORACLE_KEEPS[arm])
+    elif arm in CONTEXT_ARMS:
+        for _, m in sites(model):
+            m.router = ContextRouter(m.router)
+    return model
 
 
 class SupervisedRouting(HybridLoss):
@@ -155,10 +181,7 @@ class SupervisedRouting(HybridLoss):
 
 
 def control_objective(arm: str, tok, lambda_sup: float):
-    """train.train's ``objective`` for an arm: HybridLoss, or a control's."""
-    word_ids = domain_word_ids(tok)
-    if arm in ORACLE_KEEPS:
-        return functools.partial(oracle_objective, word_ids=word_ids, keep=ORACLE_KEEPS[arm])
+    """train.train's ``objective`` for an arm: HybridLoss (of a model with the arm's own routers), or a control's."""
     if arm == "supervised":
-        return functools.partial(SupervisedRouting, word_ids=word_ids, lambda_sup=lambda_sup)
-    return HybridLoss
+        return functools.partial(SupervisedRouting, word_ids=domain_word_ids(tok), lambda_sup=lambda_sup)
+    return lambda model, heads, cfg: HybridLoss(install_control(arm, model, tok), heads, cfg)
