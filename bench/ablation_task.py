@@ -1,9 +1,10 @@
-"""The miniature ablation's synthetic task, and its control arms: routers told the answer (the domain).
+"""The miniature ablation's synthetic task, its control arms (routers told the answer, the domain) and one
+candidate router (``ContextRouter``).
 
 The task: D = 8 domains, each a different random permutation sigma_d of the 26 letters, named by its own
 prefix word; a prompt ``"<word_d> <n>: x"`` asks for the chain ``sigma_d(x) sigma_d(sigma_d(x)) ...`` of n letters
 (``make_examples``). The frozen base is the tiny demo Qwen3 with a sharper output temperature (``make_base``).
-The controls reach train.py only through its public parts: a site's router module and the objective factory
+The arms reach train.py only through its public parts: a site's router module and the objective factory
 ``train.train(cfg, objective=...)`` (``control_objective``). bench/ablation.py runs them; this file only builds them.
 """
 from __future__ import annotations
@@ -134,7 +135,8 @@ class ContextRouter(nn.Module):
     holds no domain (round 6), while m_t holds the prompt's domain word at every site. W_c starts at 0, so the
     router starts as the token router it replaces (whose weight it keeps, under the same key). Full-sequence
     forwards only (training, teacher-forced evaluation): with right padding a real token's mean covers real
-    tokens only; a KV-cache decode step would need m_t carried as state, which this miniature never does."""
+    tokens only. A KV-cache decode step, left padding or scoring's candidate trees would each need their own
+    m_t (state, a mask, a tree), which this miniature never needs."""
 
     def __init__(self, old: nn.Linear):
         super().__init__()
