@@ -148,7 +148,7 @@ class ContextRouter(nn.Module):
         return F.linear(x, self.weight) + F.linear(x.cumsum(-2) / n, self.weight_ctx)
 
 
-CONTEXT_ARMS = ("cl-seq-ctx", "moe+bal-ctx")  # every site's router a ContextRouter
+CONTEXT_ARMS = ("cl-seq-ctx", "moe+bal-ctx", "cl-asg-q-ctx")  # every site's router a ContextRouter
 
 
 def install_control(arm: str, model, tok):
