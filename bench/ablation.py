@@ -28,7 +28,8 @@ Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2;
   cl-asg-q    the same with a queue of 64 past sequences, used only in the codes (SwAV)
   oracle      control: every token of domain d forced onto expert d (top-1), no router learning
   oracle-l0   the same except at layer 0's q/k/v, whose input at an answer token holds no domain (probe 0.10):
-              there each site keeps its own router (top-1, so untrained): what a token router could be told
+              there each site keeps its own router (top-1: the LM term gives it only rounding-noise gradient,
+              so it stays near its init): what a token router could be told
   supervised  control: + balance + a router cross-entropy to the domain (lambda 0.1)
   cl-seq-ctx  a candidate, not a control: the defaults with every router also reading the causal mean of its
               site's inputs (ablation_task.ContextRouter)        moe+bal-ctx  the same router, moe+bal
