@@ -104,12 +104,13 @@ def read_adapter_config(path: str) -> LoRAMoEConfig:
     cfg_file = os.path.join(path, "adapter_config.json")
     with open(cfg_file, encoding="utf-8") as f:
         cfg = json.load(f)
+    optional = {"router": "token"}  # why: adapters saved before --router existed all have token routers
     missing = [k for k in ("base_config_hash", *(f.name for f in fields(LoRAMoEConfig)))
-               if not isinstance(cfg, dict) or k not in cfg]
+               if not isinstance(cfg, dict) or (k not in cfg and k not in optional)]
     if missing:
         raise ValueError(f"{cfg_file} is not a SparseDoctor adapter config: missing {missing}")
     try:
-        return LoRAMoEConfig(**{f.name: cfg[f.name] for f in fields(LoRAMoEConfig)})
+        return LoRAMoEConfig(**{f.name: cfg.get(f.name, optional.get(f.name)) for f in fields(LoRAMoEConfig)})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cfg_file}: {e}") from None
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 import cli
 from contrastive import CL_VIEWS, ROUTING_VIEWS
-from lora_moe import TARGETS, LoRAMoEConfig, check_targets
+from lora_moe import ROUTERS, TARGETS, LoRAMoEConfig, check_targets
 from model import Qwen3Config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -81,6 +81,8 @@ HELP = {  # group -> {field: what it does and what it goes with}; --help prints 
         "top_k": "experts each token is routed to (<= --num-experts); = E is dense routing",
         "dropout": "dropout on the adapters' input",
         "targets": "comma-separated projections to adapt, of " + ",".join(TARGETS),
+        "router": "what a router reads: token (x_t, the paper's token routing) or context (x_t and the mean of "
+                  "the projection's inputs over the sequence so far; docs/design.md)",
     },
     "model": {
         "model": "Hugging Face Qwen3 checkpoint dir (config.json, *.safetensors, tokenizer.json); "
@@ -150,8 +152,8 @@ CHECKS = {  # each numeric flag's parser, which states its valid range
     "save_every": cli.at_least(1), "keep": cli.at_least(1), "log_every": cli.at_least(1)}
 # adapter and loss shapes a checkpoint was trained with: a resume must use the same ones (run_dir.plan_resume
 # also refuses a resume that turns the contrastive term or the momentum heads on or off)
-FIXED_ON_RESUME = ("num_experts", "rank", "alpha", "top_k", "targets", "proj_dim", "queue_size", "queue",
-                   "cl_views")
+FIXED_ON_RESUME = ("num_experts", "rank", "alpha", "top_k", "targets", "router", "proj_dim", "queue_size",
+                   "queue", "cl_views")
 
 
 def validate(cfg: TrainConfig):
@@ -190,8 +192,9 @@ def add_flag(group, f):
         group.add_argument("--no-progress", action="store_false", dest="progress", help=text)
     elif f.type == "bool":
         group.add_argument(flag, action="store_true", dest=f.name, help=text)
-    elif f.name == "cl_views":
-        group.add_argument(flag, choices=CL_VIEWS, default=f.default, help=f"{text} (default: {f.default})")
+    elif f.name in ("cl_views", "router"):
+        choices = CL_VIEWS if f.name == "cl_views" else ROUTERS
+        group.add_argument(flag, choices=choices, default=f.default, help=f"{text} (default: {f.default})")
     elif f.name == "targets":
         group.add_argument(flag, type=parse_targets, default=TARGETS, help=f"{text} (default: all)")
     elif f.name == "dtype":

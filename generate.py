@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from lora_moe import new_context, read_in_context
 from tokenizer import ENDOFTEXT, IM_END, Tokenizer
 
 
@@ -25,8 +26,10 @@ def generate(model, prompt, tokenizer: Tokenizer | None = None, max_new_tokens: 
     B, T = ids.shape
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(B, T + max_new_tokens)
+    ctx = new_context(model, B)  # context routers' memory of the past, kept beside the KV cache (None: none)
     mask = attention_mask.to(device) if attention_mask is not None else None
-    logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
+    with read_in_context(model, ctx, weight=mask):  # why weight: a context mean must skip the left padding
+        logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
     for step in range(max_new_tokens):
@@ -51,7 +54,8 @@ def generate(model, prompt, tokenizer: Tokenizer | None = None, max_new_tokens: 
             break
         if mask is not None:
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
-        logits = model(nxt[:, None], attention_mask=mask, cache=cache, last_only=True)[:, -1]
+        with read_in_context(model, ctx):
+            logits = model(nxt[:, None], attention_mask=mask, cache=cache, last_only=True)[:, -1]
     new = torch.stack(out, dim=1) if out else ids.new_zeros(B, 0)
     if as_text:
         return tokenizer.decode([t for t in new[0].tolist() if t not in (eos_id, pad_id)])

@@ -18,6 +18,14 @@ load-balancing loss (``balance_loss``), per site, averaged over sites:
 
     L_bal = E * sum_e f_e * P_e      f_e: share of top-k slots given to expert e, P_e: mean router probability
 
+*Context routers* (``--router context``): logits W x_t + W_c m_t, m_t the mean of the site's inputs over the
+tokens t sees (itself and the real tokens before it; W_c = 0 at init, so the router starts as a token router).
+W_c is linear, so a site averages c_i = W_c x_i, E numbers a token. A forward of whole sequences from their
+first token, padded on the right (training), needs nothing: m is a running mean. Any other forward (left
+padding, KV-cache decoding, scoring's candidate trees) runs inside ``read_in_context`` with a
+``SequenceContext``: each row's sum of c over what it read before, which is to the routers what the KV cache is
+to attention.
+
 The model knows nothing of this file: ``add_lora_moe`` swaps ``nn.Linear`` modules from the outside.
 """
 from __future__ import annotations
@@ -33,6 +41,7 @@ import torch.nn.functional as F
 from parallel import all_reduce_
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ROUTERS = ("token", "context")  # what a router reads: x_t, or x_t and the mean of x over the sequence so far
 
 
 def check_targets(names) -> tuple:
@@ -53,6 +62,7 @@ class LoRAMoEConfig:
     top_k: int = 2            # experts per token
     dropout: float = 0.05     # on the adapters' input
     targets: tuple = TARGETS  # projection names to adapt
+    router: str = "token"     # one of ROUTERS
 
     def __post_init__(self):
         self.targets = check_targets(self.targets)
@@ -66,6 +76,10 @@ class LoRAMoEConfig:
             raise ValueError(f"alpha={self.alpha!r} must be a number > 0")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router={self.router!r}: valid: {', '.join(ROUTERS)}")
+        if self.router == "context" and self.num_experts == 1:
+            raise ValueError("router='context' needs num_experts > 1: plain LoRA has no router")
 
 
 @dataclass
@@ -111,11 +125,15 @@ class LoRAMoELinear(nn.Module):
         # adapters live in fp32 whatever the base dtype (bf16 base on GPU): their updates are tiny
         self.router = (nn.Linear(base.in_features, self.E, bias=False, device=dev, dtype=torch.float32)
                        if self.E > 1 else None)  # why none for E = 1: its gate is 1 whatever it learns
+        # W_c of a context router (0 at init); why a bare tensor: an nn.Linear would draw an init from the RNG
+        self.router_ctx = (nn.Parameter(torch.zeros(self.E, base.in_features, device=dev))
+                           if cfg.router == "context" and self.E > 1 else None)
         self.lora_A = nn.Parameter(torch.empty(self.E * self.r, base.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, self.E * self.r, device=dev))
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.reset_parameters()
         self.recording = None  # (records dict, this site's index, keep expert acts): see record_routing
+        self.context = None  # (SequenceContext, site index, weight, tree, written dict): see read_in_context
 
     def reset_parameters(self):
         with torch.no_grad():
@@ -130,7 +148,10 @@ class LoRAMoELinear(nn.Module):
         xf = x.to(self.lora_A.dtype)  # why one cast: router and experts share it, so autograd keeps one fp32 copy
         h = F.linear(self.dropout(xf), self.lora_A)  # (..., E*r): every expert's A_e x
         if self.router is not None:
-            rec = route(self.router(xf), self.top_k)  # why a module call: a control can give its own router
+            logits = self.router(xf)  # why a module call: a control can give its own router
+            if self.router_ctx is not None:
+                logits = logits + self.context_mean(F.linear(xf, self.router_ctx))
+            rec = route(logits, self.top_k)
             lead = h.shape[:-1]
             u = h.view(*lead, self.E, self.r)  # (..., E*r) -> (..., E, r)
             if self.recording is not None:
@@ -138,6 +159,22 @@ class LoRAMoELinear(nn.Module):
                 records[i] = replace(rec, expert_acts=u) if keep_acts else rec
             h = (u * rec.gates.to(u.dtype).unsqueeze(-1)).reshape(*lead, self.E * self.r)  # unchosen -> 0
         return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
+
+    def context_mean(self, c):
+        """c (B, T, E), c_t = W_c x_t -> (B, T, E) the mean of c over the real tokens each token sees."""
+        if self.context is None:  # whole sequences from their first token, any padding after the real tokens
+            n = torch.arange(1, c.shape[-2] + 1, device=c.device, dtype=c.dtype)[:, None]  # (T, 1) tokens so far
+            return c.cumsum(-2) / n
+        ctx, i, weight, tree, written = self.context
+        w = torch.ones_like(c[..., :1]) if weight is None else weight[..., None].to(c.dtype)  # (B, T, 1)
+        if tree is None:  # causal: what came before in ctx, then this forward's real tokens up to t
+            s, n = ctx.sums[i][:, None] + (c * w).cumsum(1), ctx.count[:, None] + w.cumsum(1)
+            written[i] = (s[:, -1], n[:, -1])
+        else:
+            seen = tree.to(c.dtype) * w.transpose(1, 2)  # (B, T, T): query t sees key j, and j is real
+            s, n = ctx.sums[i][:, None] + seen @ c, ctx.count[:, None] + seen.sum(-1, keepdim=True)
+        # why clamp: a padding query sees nothing, and its 0/0 = NaN would reach attention, where NaN * 0 = NaN
+        return s / n.clamp(min=1)
 
     def extra_repr(self):
         return f"experts={self.E}, rank={self.r}, top_k={self.top_k}, alpha={self.alpha}"
@@ -181,7 +218,8 @@ def adapter_config(model: nn.Module) -> LoRAMoEConfig:
     m = found[0][1]
     targets = tuple(t for t in TARGETS if any(n.endswith("." + t) for n, _ in found))
     dropout = m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0
-    return LoRAMoEConfig(m.E, m.r, m.alpha, m.top_k, dropout, targets)
+    return LoRAMoEConfig(m.E, m.r, m.alpha, m.top_k, dropout, targets,
+                         "token" if m.router_ctx is None else "context")
 
 
 def add_lora_moe(model: nn.Module, cfg: LoRAMoEConfig | None = None, verbose: bool = True) -> nn.Module:
@@ -225,6 +263,54 @@ def record_routing(model: nn.Module, expert_acts: bool = False):
             m.recording = None
         for i, rec in written.items():
             records[i] = rec
+
+
+@dataclass
+class SequenceContext:
+    """What the context routers have read of each of B rows before a forward: ``sums`` (S, B, E), per site the
+    sum of c = W_c x over the real tokens read so far, and ``count`` (B, 1), how many (the same at every site)."""
+    sums: torch.Tensor
+    count: torch.Tensor
+
+    def repeat(self, batch: int) -> "SequenceContext":
+        """``batch`` rows that each start where this 1-row context is: a shared prefix (as ``KVCache.repeat``)."""
+        return SequenceContext(self.sums.expand(-1, batch, -1).clone(), self.count.expand(batch, -1).clone())
+
+
+def new_context(model: nn.Module, batch: int) -> SequenceContext | None:
+    """An empty context for ``batch`` rows, or None when the model has no context routers (nothing to carry)."""
+    found = [m for _, m in sites(model)]
+    if not found or found[0].router_ctx is None:
+        return None
+    dev = found[0].router_ctx.device
+    return SequenceContext(torch.zeros(len(found), batch, found[0].E, device=dev), torch.zeros(batch, 1, device=dev))
+
+
+@contextlib.contextmanager
+def read_in_context(model: nn.Module, ctx: SequenceContext | None, weight=None, tree=None):
+    """``with read_in_context(model, ctx, weight, tree): model(...)``: each token's context mean covers what
+    ``ctx`` holds plus the tokens of this forward it sees; afterwards ``ctx`` holds this forward's real tokens
+    too (not after a tree forward: its nodes are alternatives, never a past). ``weight`` (B, T): 1 real token,
+    0 padding (None: all real); ``tree`` (B, T, T) bool: which of this forward's tokens each token sees (None:
+    causal). ``ctx`` None (token routers): nothing to do.
+
+    why it must wrap every forward that is not whole right-padded sequences: without it a site sees neither
+    the padding nor the past, and its mean is silently wrong (tests/test_lora_moe.py checks each caller)."""
+    if ctx is None:
+        yield
+        return
+    found = [m for _, m in sites(model)]
+    written = {}
+    for i, m in enumerate(found):
+        m.context = (ctx, i, weight, tree, written)
+    try:
+        yield
+        if tree is None and written:
+            ctx.sums = torch.stack([written[i][0] for i in range(len(found))])
+            ctx.count = written[0][1]
+    finally:
+        for m in found:
+            m.context = None
 
 
 def stack_records(records: list[RouterRecord]) -> RouterRecord:

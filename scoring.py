@@ -31,6 +31,7 @@ from tqdm import tqdm
 from benchmarks import Item
 from generate import generate
 from data import left_pad
+from lora_moe import new_context, read_in_context
 
 
 def letter_token_ids(tok) -> dict:
@@ -102,13 +103,15 @@ def _ancestor_mask(parents: list[int]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _forward_batch(model, prefix_cache, rests: list[list[int]], tries: list):
-    """One batch of questions after a shared prefix: the log-probabilities after each question (B, V) and
-    the selected log-probabilities at every trie node (list of (n_b, V_sel) with the id order ``sel``)."""
+def _forward_batch(model, prefix, rests: list[list[int]], tries: list):
+    """One batch of questions after a shared prefix (``_prefill``'s (KV cache, router context), or None): the
+    log-probabilities after each question (B, V) and at every trie node (list of (n_b, V))."""
     device = model.lm_head.weight.device
+    prefix_cache, prefix_ctx = prefix or (None, None)
     B, P = len(rests), (prefix_cache.pos if prefix_cache is not None else 0)
     Ls, Lt = max(map(len, rests)), max((len(t[0]) for t in tries), default=0)
     cache = prefix_cache.repeat(B, P + Ls + Lt) if prefix_cache is not None else model.new_cache(B, Ls + Lt)
+    ctx = prefix_ctx.repeat(B) if prefix_ctx is not None else new_context(model, B)
     lens = torch.tensor([len(r) for r in rests], device=device)
     ids = torch.full((B, Ls), 0, dtype=torch.long)
     for b, r in enumerate(rests):
@@ -117,7 +120,8 @@ def _forward_batch(model, prefix_cache, rests: list[list[int]], tries: list):
     k = torch.arange(P + Ls, device=device)
     own = (k[None, None, :] - P <= q[None, :, None]) & (k[None, None, :] - P < lens[:, None, None])
     mask = (k[None, None, :] < P) | own | (k[None, None, :] - P == q[None, :, None])  # (B, Ls, P+Ls)
-    h = model.model(ids.to(device), position_ids=(P + q).expand(B, Ls), cache=cache, attn_mask=mask)
+    with read_in_context(model, ctx, weight=q[None, :] < lens[:, None]):  # the real tokens of each row's rest
+        h = model.model(ids.to(device), position_ids=(P + q).expand(B, Ls), cache=cache, attn_mask=mask)
     root = model.lm_head(h[torch.arange(B, device=device), lens - 1]).float().log_softmax(-1)  # (B, V)
     if Lt == 0:
         return root, [None] * B
@@ -130,7 +134,8 @@ def _forward_batch(model, prefix_cache, rests: list[list[int]], tries: list):
         tree[b, :n, :n] = _ancestor_mask(parents)
     prompt_keys = (k[None, None, :] < P) | (k[None, None, :] - P < lens[:, None, None])  # (B, 1, P+Ls)
     mask = torch.cat([prompt_keys.expand(B, Lt, P + Ls), tree.to(device)], dim=-1)
-    h = model.model(ids.to(device), position_ids=pos.to(device), cache=cache, attn_mask=mask)
+    with read_in_context(model, ctx, tree=tree.to(device)):  # a node's past: the prompt and its ancestors
+        h = model.model(ids.to(device), position_ids=pos.to(device), cache=cache, attn_mask=mask)
     nodes = [model.lm_head(h[b, :len(t[0])]).float().log_softmax(-1) for b, t in enumerate(tries)]
     return root, nodes
 
@@ -160,7 +165,7 @@ def score_logits(model, tok, prompts: list[tuple[str, str]], items: list[Item], 
     groups = list(prompt_groups(tok, prompts).values())
     bar = tqdm(total=len(items), desc="scoring", disable=not sys.stderr.isatty())
     for prefix_ids, rows in groups:
-        prefix_cache = _prefill(model, prefix_ids) if prefix_ids else None  # once per group
+        prefix = _prefill(model, prefix_ids) if prefix_ids else None  # once per group
         rows = sorted(rows, key=lambda r: len(r[1]))  # similar lengths batch together
         for j in range(0, len(rows), batch_size):
             batch = rows[j:j + batch_size]
@@ -170,7 +175,7 @@ def score_logits(model, tok, prompts: list[tuple[str, str]], items: list[Item], 
                 if key is not None and key not in tries:
                     tries[key] = candidate_trie(candidate_ids(tok, items[i], term))
                 cands.append(tries[key] if key is not None else ([], [], [], []))
-            root, nodes = _forward_batch(model, prefix_cache, [r for _, r in batch], cands)
+            root, nodes = _forward_batch(model, prefix, [r for _, r in batch], cands)
             for b, (i, _) in enumerate(batch):
                 preds[i], probs[i] = letter_choice(root[b], items[i], letters)
                 if items[i].pick_many:  # the exact MAP over every terminated subset
@@ -183,9 +188,11 @@ def score_logits(model, tok, prompts: list[tuple[str, str]], items: list[Item], 
 
 @torch.inference_mode()
 def _prefill(model, ids: list[int]):
-    cache = model.new_cache(1, len(ids))
-    model.model(torch.tensor([ids], device=model.lm_head.weight.device), cache=cache)
-    return cache
+    """One shared prefix read once: its (KV cache, router context) (the context None for token routers)."""
+    cache, ctx = model.new_cache(1, len(ids)), new_context(model, 1)
+    with read_in_context(model, ctx):
+        model.model(torch.tensor([ids], device=model.lm_head.weight.device), cache=cache)
+    return cache, ctx
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,7 +204,8 @@ def next_token_logprobs(model, seqs: list[list[int]], pad_id: int):
     """log-softmax of the next-token logits after each sequence (batched, left-padded): (B, V) fp32."""
     device = model.lm_head.weight.device
     ids, mask = left_pad(seqs, pad_id)
-    logits = model(ids.to(device), attention_mask=mask.to(device), last_only=True)[:, -1]
+    with read_in_context(model, new_context(model, len(seqs)), weight=mask.to(device)):  # skip the left pads
+        logits = model(ids.to(device), attention_mask=mask.to(device), last_only=True)[:, -1]
     return logits.float().log_softmax(-1).cpu()
 
 
@@ -210,7 +218,7 @@ def answer_string_logprob(model, prompt: list[int], conts: list[list[int]], pad_
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)  # right padding: real tokens never see the pads after them
-    hidden = model.model(ids.to(device))
+    hidden = model.model(ids.to(device))  # whole right-padded rows: a context router needs no context
     scores = torch.zeros(len(seqs))
     for i, c in enumerate(conts):
         pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c), device=device)  # positions predicting c

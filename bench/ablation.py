@@ -32,7 +32,7 @@ Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2;
               so it stays near its init): what a token router could be told
   supervised  control: + balance + a router cross-entropy to the domain (lambda 0.1)
   cl-seq-ctx  a candidate, not a control: the defaults with every router also reading the causal mean of its
-              site's inputs (ablation_task.ContextRouter)        moe+bal-ctx  the same router, moe+bal
+              site's inputs (--router context)                    moe+bal-ctx  the same router, moe+bal
   cl-asg-q-ctx  the same router, cl-asg-q
 
 Measured on a held-out sample of fresh prompts by ``ablation_metrics`` (its docstring lists them): loss,
@@ -83,9 +83,9 @@ ARMS = {
     "oracle": dict(top_k=1, lambda_bal=0.0, lambda_cl=0.0),
     "oracle-l0": dict(top_k=1, lambda_bal=0.0, lambda_cl=0.0),
     "supervised": dict(lambda_cl=0.0),
-    "cl-seq-ctx": dict(cl_views="sequence", lambda_cl=1.0),  # the defaults, routers that see the sequence so far
-    "moe+bal-ctx": dict(lambda_cl=0.0),
-    "cl-asg-q-ctx": dict(cl_views="assign", queue=True, lambda_cl=1.0, queue_size=64),
+    "cl-seq-ctx": dict(router="context"),  # the defaults, routers that see the sequence so far
+    "moe+bal-ctx": dict(lambda_cl=0.0, router="context"),
+    "cl-asg-q-ctx": dict(cl_views="assign", queue=True, lambda_cl=1.0, queue_size=64, router="context"),
 }
 QUICK_ARMS = ("lora", "cl-exp", "cl-seq-nq")
 

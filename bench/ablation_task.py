@@ -1,5 +1,4 @@
-"""The miniature ablation's synthetic task, its control arms (routers told the answer, the domain) and one
-candidate router (``ContextRouter``).
+"""The miniature ablation's synthetic task and its control arms (routers told the answer, the domain).
 
 The task: D = 8 domains, each a different random permutation sigma_d of the 26 letters, named by its own
 prefix word; a prompt ``"<word_d> <n>: x"`` asks for the chain ``sigma_d(x) sigma_d(sigma_d(x)) ...`` of n letters
@@ -129,35 +128,10 @@ def install_oracle(model, word_ids, keep=()):
     return model
 
 
-class ContextRouter(nn.Module):
-    """A candidate router, not a control (arms ``*-ctx``): logits W x_t + W_c m_t, m_t = mean_{i <= t} x_i the
-    causal mean of this site's inputs over the sequence so far. why: at layer 0's q/k/v an answer token's input
-    holds no domain (round 6), while m_t holds the prompt's domain word at every site. W_c starts at 0, so the
-    router starts as the token router it replaces (whose weight it keeps, under the same key). Full-sequence
-    forwards only (training, teacher-forced evaluation): with right padding a real token's mean covers real
-    tokens only. A KV-cache decode step, left padding or scoring's candidate trees would each need their own
-    m_t (state, a mask, a tree), which this miniature never needs."""
-
-    def __init__(self, old: nn.Linear):
-        super().__init__()
-        self.weight = old.weight
-        self.weight_ctx = nn.Parameter(torch.zeros_like(old.weight))
-
-    def forward(self, x):  # x (..., T, d)
-        n = torch.arange(1, x.shape[-2] + 1, device=x.device, dtype=x.dtype)[:, None]  # (T, 1) tokens so far
-        return F.linear(x, self.weight) + F.linear(x.cumsum(-2) / n, self.weight_ctx)
-
-
-CONTEXT_ARMS = ("cl-seq-ctx", "moe+bal-ctx", "cl-asg-q-ctx")  # every site's router a ContextRouter
-
-
 def install_control(arm: str, model, tok):
-    """The arm's own routers, given to the model's sites (oracle and context arms; any other arm: none)."""
+    """The arm's own routers, given to the model's sites (the oracle arms; any other arm: none)."""
     if arm in ORACLE_KEEPS:
         install_oracle(model, domain_word_ids(tok), ORACLE_KEEPS[arm])
-    elif arm in CONTEXT_ARMS:
-        for _, m in sites(model):
-            m.router = ContextRouter(m.router)
     return model
 
 

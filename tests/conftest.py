@@ -84,7 +84,7 @@ def one_site(logits, topk_idx=None, top_k=1):
     return rec, torch.ones(1, logits.shape[0])
 
 
-def tiny_adapted(E=4, k=2, seed=0):
+def tiny_adapted(E=4, k=2, seed=0, router="token"):
     """A tiny random Qwen3 (vocab 64, 2 layers) with LoRA-MoE adapters on every projection, no dropout."""
     from lora_moe import LoRAMoEConfig, add_lora_moe
     from model import Qwen3, Qwen3Config
@@ -94,5 +94,5 @@ def tiny_adapted(E=4, k=2, seed=0):
                       num_key_value_heads=2, head_dim=8)
     model = init_weights(Qwen3(cfg), seed=seed)
     torch.manual_seed(seed)
-    add_lora_moe(model, LoRAMoEConfig(num_experts=E, rank=4, top_k=k, dropout=0.0), verbose=False)
+    add_lora_moe(model, LoRAMoEConfig(num_experts=E, rank=4, top_k=k, dropout=0.0, router=router), verbose=False)
     return model

@@ -229,21 +229,5 @@ def test_run_config_layers_arm_and_set_overrides():
     mix = ablation.run_config("cl-mix", 0, SimpleNamespace(**{**vars(a), "set": []}), "d.jsonl", "w")
     assert (mix.cl_views, mix.lambda_cl, mix.queue, mix.queue_size, mix.num_experts, mix.rank) == \
         ("mixture", 0.1, True, 1024, ablation.E, ablation.R)
-
-
-def test_context_router_starts_as_the_token_router_and_reads_only_the_past():
-    """ContextRouter (the *-ctx arms): W x_t + W_c mean_{i<=t} x_i; with W_c = 0 (its init) exactly the router it
-    replaces; a token's logits do not depend on later tokens (so right padding cannot reach a real token)."""
-    import torch.nn as nn
-
-    g = torch.Generator().manual_seed(0)
-    old = nn.Linear(6, 4, bias=False)
-    x = torch.randn(2, 5, 6, generator=g)
-    router = task.ContextRouter(old)
-    assert router.weight is old.weight and torch.equal(router(x), old(x))
-    nn.init.normal_(router.weight_ctx, generator=g)
-    want = old(x) + torch.stack([x[:, :t + 1].mean(1) for t in range(5)], 1) @ router.weight_ctx.T
-    torch.testing.assert_close(router(x), want)
-    later = x.clone()
-    later[:, 3:] = torch.randn(2, 2, 6, generator=g)
-    torch.testing.assert_close(router(later)[:, :3], router(x)[:, :3])
+    ctx = ablation.run_config("cl-seq-ctx", 0, SimpleNamespace(**{**vars(a), "set": []}), "d.jsonl", "w")
+    assert (ctx.router, ctx.cl_views, ctx.lambda_cl, ctx.queue) == ("context", "sequence", 1.0, False)

@@ -50,6 +50,8 @@ def one_line_exit(capsys, fn):
     (["--batch-size", "1"], "--batch-size 1 leaves no negatives"),
     (["--batch-size", "1", "--cl-views", "assign"], "--cl-views assign contrasts the sequences of one micro-batch"),
     (["--cl-views", "experts"], "invalid choice: 'experts'"),
+    (["--router", "ctx"], "invalid choice: 'ctx'"),
+    (["--router", "context", "--num-experts", "1", "--top-k", "1"], "router='context' needs num_experts > 1"),
 ])
 def test_bad_train_flags(capsys, flags, needle):
     from train import parse_args

@@ -310,6 +310,26 @@ def test_resume_with_other_adapter_shapes_is_refused(tiny_dir, done_run, tmp_pat
     assert tree(run) == before
 
 
+def test_resume_keeps_the_router_and_reads_older_checkpoints_as_token_routers(tiny_dir, done_run, tmp_path):
+    """--router decides which tensors a checkpoint holds: a switch is refused; a train_config.json from before
+    --router existed (no such key, manifest rewritten) resumes as the token router it had."""
+    from adapter_io import write_manifest
+    from run_dir import RunDirError, find_resume
+    from train import train
+
+    run = copy_run(done_run, tmp_path)
+    with pytest.raises(RunDirError, match=re.escape("'router': ('token', 'context')")):
+        train(small_cfg(tiny_dir, run, resume=str(run), router="context"))
+    ckpt = find_resume(str(run))
+    cfg_file = os.path.join(ckpt, "train_config.json")
+    saved = json.load(open(cfg_file))
+    saved.pop("router")
+    with open(cfg_file, "w") as f:
+        json.dump(saved, f)
+    write_manifest(ckpt)
+    assert [h["step"] for h in train(small_cfg(tiny_dir, run, resume=str(run), steps=7))] == [7]
+
+
 @pytest.mark.parametrize("change, needle", [
     (dict(lambda_cl=0.0, queue=False), "'contrastive loss on': (True, False)"),
     (dict(queue_momentum=0.9), "'momentum key heads': (False, True)"),

@@ -75,7 +75,7 @@ def test_loss_falls_and_metrics_are_written(tiny_dir, tmp_path):
     assert sum(h["lm"] for h in hist[-3:]) < sum(h["lm"] for h in hist[:3])
 
 
-@pytest.mark.parametrize("kw", [{}, {"cl_views": "expert", "queue_momentum": 0.9},
+@pytest.mark.parametrize("kw", [{}, {"cl_views": "expert", "queue_momentum": 0.9}, {"router": "context"},
                                 {"cl_views": "sequence", "lambda_cl": 1.0, "queue": True, "tokens_per_site": 16}])
 def test_resume_continues_exactly(tiny_dir, tmp_path, kw):
     from safetensors.torch import load_file
@@ -295,8 +295,8 @@ def test_grad_checkpointing_changes_nothing_but_memory(tiny_dir, tmp_path):
     assert all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_compiled_layers_equal_eager_without_a_graph_break(checkpointing):
+@pytest.mark.parametrize("checkpointing,router", [(False, "token"), (True, "token"), (False, "context")])
+def test_compiled_layers_equal_eager_without_a_graph_break(checkpointing, router):
     """--compile (train.compile_layers): the default objective's loss parts and every adapter gradient equal the
     eager model's, the routing records survive compilation, and each layer is one graph with no break (a break
     per site would give back most of what compiling wins). aot_eager: dynamo's capture without inductor's
@@ -309,7 +309,7 @@ def test_compiled_layers_equal_eager_without_a_graph_break(checkpointing):
 
     dynamo.reset()
     dynamo.utils.counters.clear()
-    eager, compiled = tiny_adapted(), tiny_adapted()
+    eager, compiled = tiny_adapted(router=router), tiny_adapted(router=router)
     compile_layers(compiled, backend="aot_eager")
     ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(0))
     labels, mask = ids.clone(), torch.ones_like(ids, dtype=torch.bool)
