@@ -81,8 +81,8 @@ HELP = {  # group -> {field: what it does and what it goes with}; --help prints 
         "top_k": "experts each token is routed to (<= --num-experts); = E is dense routing",
         "dropout": "dropout on the adapters' input",
         "targets": "comma-separated projections to adapt, of " + ",".join(TARGETS),
-        "router": "what a router reads: token (x_t, the paper's token routing) or context (x_t and the mean of "
-                  "the projection's inputs over the sequence so far; docs/design.md)",
+        "router": "what a router reads: context (x_t and the mean of the projection's inputs over the sequence "
+                  "so far; docs/design.md) or token (x_t alone, the paper's token routing)",
     },
     "model": {
         "model": "Hugging Face Qwen3 checkpoint dir (config.json, *.safetensors, tokenizer.json); "
@@ -192,9 +192,11 @@ def add_flag(group, f):
         group.add_argument("--no-progress", action="store_false", dest="progress", help=text)
     elif f.type == "bool":
         group.add_argument(flag, action="store_true", dest=f.name, help=text)
-    elif f.name in ("cl_views", "router"):
-        choices = CL_VIEWS if f.name == "cl_views" else ROUTERS
-        group.add_argument(flag, choices=choices, default=f.default, help=f"{text} (default: {f.default})")
+    elif f.name == "cl_views":
+        group.add_argument(flag, choices=CL_VIEWS, default=f.default, help=f"{text} (default: {f.default})")
+    elif f.name == "router":  # why None: the default depends on --num-experts (LoRAMoEConfig resolves it)
+        group.add_argument(flag, choices=ROUTERS, default=None, help=f"{text} (default: context; token with "
+                                                                     "--num-experts 1, which has no router)")
     elif f.name == "targets":
         group.add_argument(flag, type=parse_targets, default=TARGETS, help=f"{text} (default: all)")
     elif f.name == "dtype":

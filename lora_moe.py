@@ -1,13 +1,13 @@
-"""LoRA-MoE: LoRA experts with a token router inside each frozen projection.
+"""LoRA-MoE: LoRA experts with a router inside each frozen projection, choosing the top-k experts per token.
 
     y = base(x) + (alpha / r) * sum_{e in top-k(x)} g_e(x) * B_e A_e dropout(x)
 
-Router: a bias-free linear to E logits, in fp32; gates = softmax over all E experts, keep the top-k and
-renormalize them to sum to 1 (so top_k = E is dense routing with the full softmax). E = 1 is plain LoRA: no
-router at all (its one gate is always 1). Experts are stored pre-stacked, A as (E*r, in) and B as (out, E*r),
-and computed *densely masked*: one matmul into every expert's rank space, each r-block scaled by its gate
-(0 where not chosen), one matmul out. No Python loop over experts, no host sync, every parameter in the graph
-(DDP needs no ``find_unused_parameters``).
+Router: a bias-free linear to E logits (plus a context term, below), in fp32; gates = softmax over all E
+experts, keep the top-k and renormalize them to sum to 1 (so top_k = E is dense routing with the full
+softmax). E = 1 is plain LoRA: no router at all (its one gate is always 1). Experts are stored pre-stacked,
+A as (E*r, in) and B as (out, E*r), and computed *densely masked*: one matmul into every expert's rank space,
+each r-block scaled by its gate (0 where not chosen), one matmul out. No Python loop over experts, no host
+sync, every parameter in the graph (DDP needs no ``find_unused_parameters``).
 
 A *site* is one adapted projection (``model.layers.3.mlp.up_proj``). What the routers did is collected, only
 when asked, by ``record_routing``: ``with record_routing(model) as records: model(ids)`` leaves one
@@ -18,8 +18,10 @@ load-balancing loss (``balance_loss``), per site, averaged over sites:
 
     L_bal = E * sum_e f_e * P_e      f_e: share of top-k slots given to expert e, P_e: mean router probability
 
-*Context routers* (``--router context``): logits W x_t + W_c m_t, m_t the mean of the site's inputs over the
-tokens t sees (itself and the real tokens before it; W_c = 0 at init, so the router starts as a token router).
+*Context routers* (the default; ``--router token`` is the paper's token router, logits W x_t): logits
+W x_t + W_c m_t, m_t the mean of the site's inputs over the tokens t sees (itself and the real tokens before
+it; W_c = 0 at init, so the router starts as a token router). why: at a token whose own input does not say what
+the sequence is about (an answer letter at layer 0), m_t still does (docs/ablation.md, rounds 7-8).
 W_c is linear, so a site averages c_i = W_c x_i, E numbers a token. A forward of whole sequences from their
 first token, padded on the right (training), needs nothing: m is a running mean. Any other forward (left
 padding, KV-cache decoding, scoring's candidate trees) runs inside ``read_in_context`` with a
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 from parallel import all_reduce_
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ROUTERS = ("token", "context")  # what a router reads: x_t, or x_t and the mean of x over the sequence so far
+ROUTERS = ("context", "token")  # what a router reads: x_t and the mean of x over the sequence so far, or x_t
 
 
 def check_targets(names) -> tuple:
@@ -62,7 +64,7 @@ class LoRAMoEConfig:
     top_k: int = 2            # experts per token
     dropout: float = 0.05     # on the adapters' input
     targets: tuple = TARGETS  # projection names to adapt
-    router: str = "token"     # one of ROUTERS
+    router: str | None = None  # one of ROUTERS; None: "context" where there is a router (E > 1), else "token"
 
     def __post_init__(self):
         self.targets = check_targets(self.targets)
@@ -76,6 +78,8 @@ class LoRAMoEConfig:
             raise ValueError(f"alpha={self.alpha!r} must be a number > 0")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+        if self.router is None:  # why not a fixed default: plain LoRA has no router to give a context
+            self.router = "context" if self.num_experts > 1 else "token"
         if self.router not in ROUTERS:
             raise ValueError(f"router={self.router!r}: valid: {', '.join(ROUTERS)}")
         if self.router == "context" and self.num_experts == 1:

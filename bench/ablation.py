@@ -22,8 +22,8 @@ Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2;
   cl-exp-m    the same with momentum key heads (0.99)       cl-exp-nq  the same without the queue
   cl-seq      + balance + contrastive, sequence reading, queue, lambda_cl 1.0
   cl-seq-q16  the same with a queue of 16 (one step's sequences at batch 4 x accumulation 4)
-  cl-seq-nq   the same without the queue: train.py's defaults
-  cl-seq-w50  the defaults with --router-warmup 50 (routers alone for 50 steps, then everything)
+  cl-seq-nq   the same without the queue: train.py's defaults with token routers (its defaults until round 8)
+  cl-seq-w50  cl-seq-nq with --router-warmup 50 (routers alone for 50 steps, then everything)
   cl-asg      the assign reading (in-batch InfoNCE + balanced Sinkhorn codes), no queue
   cl-asg-q    the same with a queue of 64 past sequences, used only in the codes (SwAV)
   oracle      control: every token of domain d forced onto expert d (top-1), no router learning
@@ -31,8 +31,8 @@ Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2;
               there each site keeps its own router (top-1: the LM term gives it only rounding-noise gradient,
               so it stays near its init): what a token router could be told
   supervised  control: + balance + a router cross-entropy to the domain (lambda 0.1)
-  cl-seq-ctx  a candidate, not a control: the defaults with every router also reading the causal mean of its
-              site's inputs (--router context)                    moe+bal-ctx  the same router, moe+bal
+  cl-seq-ctx  train.py's defaults since round 8: cl-seq-nq with every router also reading the causal mean of
+              its site's inputs (--router context)                moe+bal-ctx  the same router, moe+bal
   cl-asg-q-ctx  the same router, cl-asg-q
 
 Measured on a held-out sample of fresh prompts by ``ablation_metrics`` (its docstring lists them): loss,
@@ -76,14 +76,14 @@ ARMS = {
     "cl-exp-nq": dict(cl_views="expert", lambda_cl=0.1),
     "cl-seq": dict(cl_views="sequence", queue=True, lambda_cl=1.0),
     "cl-seq-q16": dict(cl_views="sequence", queue=True, lambda_cl=1.0, queue_size=16),
-    "cl-seq-nq": dict(cl_views="sequence", lambda_cl=1.0),  # the defaults of train.py
+    "cl-seq-nq": dict(cl_views="sequence", lambda_cl=1.0),  # train.py's defaults, with token routers
     "cl-seq-w50": dict(cl_views="sequence", lambda_cl=1.0, router_warmup=50),
     "cl-asg": dict(cl_views="assign", lambda_cl=1.0),
     "cl-asg-q": dict(cl_views="assign", queue=True, lambda_cl=1.0, queue_size=64),
     "oracle": dict(top_k=1, lambda_bal=0.0, lambda_cl=0.0),
     "oracle-l0": dict(top_k=1, lambda_bal=0.0, lambda_cl=0.0),
     "supervised": dict(lambda_cl=0.0),
-    "cl-seq-ctx": dict(router="context"),  # the defaults, routers that see the sequence so far
+    "cl-seq-ctx": dict(router="context"),  # train.py's defaults: routers that see the sequence so far
     "moe+bal-ctx": dict(lambda_cl=0.0, router="context"),
     "cl-asg-q-ctx": dict(cl_views="assign", queue=True, lambda_cl=1.0, queue_size=64, router="context"),
 }
@@ -102,7 +102,8 @@ def run_config(arm: str, seed: int, a, data: str, work: str):
     run = dict(model=a.model, data=data, out=work, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                warmup=max(1, a.steps // 10), max_len=64, dropout=0.0, queue_size=a.queue_size, proj_dim=32,
                tokens_per_site=128, seed=seed, save_every=a.eval_every, keep=10_000, progress=False, overwrite=True)
-    moe = dict(num_experts=E, rank=R, alpha=2.0 * R, top_k=TOP_K)  # alpha / rank = 2 in every arm
+    # alpha / rank = 2 in every arm; token routers unless the arm says context (as every arm ran before round 8)
+    moe = dict(num_experts=E, rank=R, alpha=2.0 * R, top_k=TOP_K, router="token")
     return TrainConfig(**{**run, **moe, **ARMS[arm], **overrides(a.set)})
 
 

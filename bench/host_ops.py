@@ -1,5 +1,6 @@
 """Host work of one training step, counted with torch.profiler: leaf aten ops, and the ops that make the host
-wait for the GPU, for train.py (defaults; with context routers; plain LoRA) and a transformers + peft LoRA loop, at a chosen depth.
+wait for the GPU, for train.py (defaults; with token routers; plain LoRA) and a transformers + peft LoRA loop, at
+a chosen depth.
 
     python bench/host_ops.py [--layers 36] [--batch 2] [--seq 128]
 
@@ -110,8 +111,9 @@ def main():
     arms = {"transformers + peft LoRA r16": lambda: peft_step(path, steps),
             "train.py plain LoRA (E=1, r=16)": lambda: train_py_step(path, steps, num_experts=1, top_k=1, rank=16,
                                                                      alpha=32),
-            "train.py defaults (E=8, top-2, balance + sequence contrastive)": lambda: train_py_step(path, steps),
-            "train.py defaults, --router context": lambda: train_py_step(path, steps, router="context")}
+            "train.py, --router token": lambda: train_py_step(path, steps, router="token"),
+            "train.py defaults (E=8, top-2, context routers, balance + sequence contrastive)":
+                lambda: train_py_step(path, steps)}
     res = {}
     for name, build in arms.items():
         step = build()

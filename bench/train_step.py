@@ -6,8 +6,9 @@ Same random Qwen3-0.6B-shaped base (cut to --layers, real Qwen vocabulary), same
 batches (train.py's length-bucketed order), fp32 CPU, AdamW. Arms, each in a fresh process:
   peft  : transformers Qwen3ForCausalLM + peft LoRA r=16 on all 7 projections, loss = model(labels=...).loss
   lora  : train.py, plain-LoRA baseline (--num-experts 1 --top-k 1 --rank 16: no router, no routing terms)
-  full  : train.py, full SparseDoctor with its defaults (E=8, r=8, top-2, balance + contrastive, sequence reading)
-  ctx   : full with --router context (routers that also read the sequence so far)
+  full  : train.py, full SparseDoctor with its defaults (E=8, r=8, top-2, context routers, balance + contrastive,
+          sequence reading)
+  token : full with --router token (the paper's token routers, which read x_t alone)
 Tokens/s counts real (non-padding) tokens; the first step is warmup and not counted. The arms run ``--reps``
 times, interleaved (peft, lora, full, peft, ...); each ratio is the median of the per-repetition ratios to
 peft, with their min-max.
@@ -25,14 +26,14 @@ from common import ROOT, make_checkpoint, peak_rss_mb, run_isolated, table
 
 ARMS = {"peft": "transformers + peft LoRA r=16", "lora": "train.py plain LoRA (E=1, r=16)",
         "full": "train.py SparseDoctor (E=8, r=8, top-2, all losses)",
-        "ctx": "the same with --router context"}
+        "token": "the same with --router token"}
 
 
 def run_arm(arm, path, a):
     from train import TrainConfig, train
 
-    if arm in ("lora", "full", "ctx"):
-        kw = {"lora": dict(num_experts=1, top_k=1, rank=16, alpha=32), "full": {}, "ctx": dict(router="context")}[arm]
+    if arm in ("lora", "full", "token"):
+        kw = {"lora": dict(num_experts=1, top_k=1, rank=16, alpha=32), "full": {}, "token": dict(router="token")}[arm]
         cfg = TrainConfig(model=path, out=tempfile.mkdtemp(), steps=a.steps, batch_size=a.batch, max_len=a.max_len,
                           dropout=0.0, progress=False, save_every=10**9, **kw)
         hist = train(cfg)

@@ -224,8 +224,8 @@ def test_run_config_layers_arm_and_set_overrides():
     a = SimpleNamespace(model="m", steps=300, batch_size=16, lr=3e-3, queue_size=1024, eval_every=100,
                         set=["queue_size=64", "temperature=0.2"])
     seq = ablation.run_config("cl-seq-nq", 1, a, "d.jsonl", "w")
-    assert (seq.cl_views, seq.lambda_cl, seq.queue, seq.queue_size, seq.temperature, seq.seed) == \
-        ("sequence", 1.0, False, 64, 0.2, 1)
+    assert (seq.cl_views, seq.lambda_cl, seq.queue, seq.queue_size, seq.temperature, seq.seed, seq.router) == \
+        ("sequence", 1.0, False, 64, 0.2, 1, "token")  # earlier rounds' arms keep the routers they ran with
     mix = ablation.run_config("cl-mix", 0, SimpleNamespace(**{**vars(a), "set": []}), "d.jsonl", "w")
     assert (mix.cl_views, mix.lambda_cl, mix.queue, mix.queue_size, mix.num_experts, mix.rank) == \
         ("mixture", 0.1, True, 1024, ablation.E, ablation.R)

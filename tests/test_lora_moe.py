@@ -26,7 +26,8 @@ def test_init_equals_base_exactly(tmp_path):
         assert torch.equal(adapted(x), base(x))
     assert len(sites(adapted)) == 2 * len(TARGETS)
     trainable = {n.rsplit(".", 1)[-1] for n, p in adapted.named_parameters() if p.requires_grad}
-    assert trainable == {"lora_A", "lora_B", "weight"}  # router.weight is the only 'weight' left trainable
+    # router.weight is the only 'weight' left trainable; router_ctx is W_c of the (default) context routers
+    assert trainable == {"lora_A", "lora_B", "weight", "router_ctx"}
     assert all(not p.requires_grad for n, p in adapted.named_parameters() if ".base." in n or "norm" in n)
 
 

@@ -59,6 +59,18 @@ def test_bad_train_flags(capsys, flags, needle):
     assert needle in one_line_exit(capsys, lambda: parse_args(flags))
 
 
+def test_the_router_defaults_to_context_where_there_is_one():
+    """No --router: context routers (E > 1), and plain LoRA (--num-experts 1, no router) stays valid; the
+    paper's token routers on request. An adapter's config resolves the same way."""
+    from lora_moe import LoRAMoEConfig
+    from train import parse_args
+
+    assert parse_args([]).router == "context"
+    assert parse_args(["--num-experts", "1", "--top-k", "1"]).router == "token"
+    assert parse_args(["--router", "token"]).router == "token"
+    assert (LoRAMoEConfig().router, LoRAMoEConfig(num_experts=1, top_k=1).router) == ("context", "token")
+
+
 def test_unsupported_model_config_is_a_flag_error(capsys, tmp_path):
     from train import parse_args
 
