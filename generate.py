@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_moe import new_context, read_in_context
+from router_context import new_context, read_in_context
 from tokenizer import ENDOFTEXT, IM_END, Tokenizer
 
 

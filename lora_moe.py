@@ -25,8 +25,8 @@ the sequence is about (an answer letter at layer 0), m_t still does (docs/ablati
 W_c is linear, so a site averages c_i = W_c x_i, E numbers a token. A forward of whole sequences from their
 first token, padded on the right (training), needs nothing: m is a running mean. Any other forward (left
 padding, KV-cache decoding, scoring's candidate trees) runs inside ``read_in_context`` with a
-``SequenceContext``: each row's sum of c over what it read before, which is to the routers what the KV cache is
-to attention.
+``SequenceContext`` (both in ``router_context.py``): each row's sum of c over what it read before, which is to the
+routers what the KV cache is to attention.
 
 The model knows nothing of this file: ``add_lora_moe`` swaps ``nn.Linear`` modules from the outside.
 """
@@ -137,7 +137,7 @@ class LoRAMoELinear(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.reset_parameters()
         self.recording = None  # (records dict, this site's index, keep expert acts): see record_routing
-        self.context = None  # (SequenceContext, site index, weight, tree, written dict): see read_in_context
+        self.context = None  # (SequenceContext, site index, weight, tree, written dict): router_context.py
 
     def reset_parameters(self):
         with torch.no_grad():
@@ -267,54 +267,6 @@ def record_routing(model: nn.Module, expert_acts: bool = False):
             m.recording = None
         for i, rec in written.items():
             records[i] = rec
-
-
-@dataclass
-class SequenceContext:
-    """What the context routers have read of each of B rows before a forward: ``sums`` (S, B, E), per site the
-    sum of c = W_c x over the real tokens read so far, and ``count`` (B, 1), how many (the same at every site)."""
-    sums: torch.Tensor
-    count: torch.Tensor
-
-    def repeat(self, batch: int) -> "SequenceContext":
-        """``batch`` rows that each start where this 1-row context is: a shared prefix (as ``KVCache.repeat``)."""
-        return SequenceContext(self.sums.expand(-1, batch, -1).clone(), self.count.expand(batch, -1).clone())
-
-
-def new_context(model: nn.Module, batch: int) -> SequenceContext | None:
-    """An empty context for ``batch`` rows, or None when the model has no context routers (nothing to carry)."""
-    found = [m for _, m in sites(model)]
-    if not found or found[0].router_ctx is None:
-        return None
-    dev = found[0].router_ctx.device
-    return SequenceContext(torch.zeros(len(found), batch, found[0].E, device=dev), torch.zeros(batch, 1, device=dev))
-
-
-@contextlib.contextmanager
-def read_in_context(model: nn.Module, ctx: SequenceContext | None, weight=None, tree=None):
-    """``with read_in_context(model, ctx, weight, tree): model(...)``: each token's context mean covers what
-    ``ctx`` holds plus the tokens of this forward it sees; afterwards ``ctx`` holds this forward's real tokens
-    too (not after a tree forward: its nodes are alternatives, never a past). ``weight`` (B, T): 1 real token,
-    0 padding (None: all real); ``tree`` (B, T, T) bool: which of this forward's tokens each token sees (None:
-    causal). ``ctx`` None (token routers): nothing to do.
-
-    why it must wrap every forward that is not whole right-padded sequences: without it a site sees neither
-    the padding nor the past, and its mean is silently wrong (tests/test_lora_moe.py checks each caller)."""
-    if ctx is None:
-        yield
-        return
-    found = [m for _, m in sites(model)]
-    written = {}
-    for i, m in enumerate(found):
-        m.context = (ctx, i, weight, tree, written)
-    try:
-        yield
-        if tree is None and written:
-            ctx.sums = torch.stack([written[i][0] for i in range(len(found))])
-            ctx.count = written[0][1]
-    finally:
-        for m in found:
-            m.context = None
 
 
 def stack_records(records: list[RouterRecord]) -> RouterRecord:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from benchmarks import Item
 from generate import generate
 from data import left_pad
-from lora_moe import new_context, read_in_context
+from router_context import new_context, read_in_context
 
 
 def letter_token_ids(tok) -> dict:

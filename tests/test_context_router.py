@@ -6,7 +6,8 @@ import torch
 import scoring as sc
 from conftest import tiny_adapted
 from generate import generate
-from lora_moe import LoRAMoEConfig, LoRAMoELinear, SequenceContext, new_context, read_in_context, record_routing, sites
+from lora_moe import LoRAMoEConfig, LoRAMoELinear, record_routing, sites
+from router_context import SequenceContext, new_context, read_in_context
 
 
 def randomize(model, seed=0):
