@@ -98,7 +98,7 @@ def sequence_views(probs, weight):
     return routing_view(mean), count > 0
 
 
-def sequence_info_nce(rho, seq, phi, present, q_keys=None, q_labels=None, temperature: float = 0.07):
+def sequence_info_nce(rho, seq, phi, present, q_keys=None, q_labels=None, *, temperature: float):
     """Per site and anchor, InfoNCE of routed views rho (S, n, E) against fused views phi (S, B, E): anchor t's
     positive is phi[:, seq[t]], its negatives every other present row of phi and every filled queue entry
     (q_keys (S, K, E), q_labels (S, K): its top expert, -1 = empty) whose top expert is not that of t's own
@@ -129,7 +129,7 @@ def sequence_loss(rec: RouterRecord, weight, queue: ExpertQueue | None, tokens_p
     pick, w = sample_positions(weight, S, tokens_per_site, generator)  # (S, n)
     rho = routing_view(at_anchors(rec.probs, pick))  # (S, n, E)
     q_keys, q_labels = queue.contents() if queue is not None else (None, None)
-    per_token = sequence_info_nce(rho, pick // T, phi, present, q_keys, q_labels, temperature)
+    per_token = sequence_info_nce(rho, pick // T, phi, present, q_keys, q_labels, temperature=temperature)
     return token_mean(per_token, w), queue_entries(phi, present) if queue is not None else None
 
 
@@ -253,8 +253,7 @@ def real_tokens(rec: RouterRecord, i: int, weight, n: int, generator=None):
     return flat
 
 
-def info_nce(z_r, labels, keys, key_labels, q_keys=None, q_labels=None, temperature: float = 0.07,
-             offset: int = 0):
+def info_nce(z_r, labels, keys, key_labels, q_keys=None, q_labels=None, *, temperature: float, offset: int = 0):
     """Mean InfoNCE of anchors z_r (n, d) against keys (N, d) (anchor i's positive is keys[offset + i]).
 
     Negatives: keys and queue entries whose expert label differs from the anchor's (label -1: an empty queue
@@ -274,7 +273,7 @@ def info_nce(z_r, labels, keys, key_labels, q_keys=None, q_labels=None, temperat
     return F.cross_entropy(torch.cat(cols, dim=1), torch.zeros(n, dtype=torch.long, device=z_r.device))
 
 
-def expert_info_nce(z_f, z_e, labels, q_keys=None, q_labels=None, temperature: float = 0.07):
+def expert_info_nce(z_f, z_e, labels, q_keys=None, q_labels=None, *, temperature: float):
     """Mean InfoNCE of anchors z_f (n, d): positive z_e[t, labels[t]], negatives the token's other experts'
     views z_e[t, e != labels[t]] and queue keys with another label. Logits column 0 is the positive."""
     n = z_f.shape[0]
@@ -304,10 +303,11 @@ def head_loss(views: str, rec: RouterRecord, weight, heads: ContrastiveHeads, qu
             z_r, z_f = heads.query[i]((g.unsqueeze(-1) * u).sum(1)), heads.keys(i, (p.unsqueeze(-1) * u).sum(1))
             keys, offset = all_gather_with_grad(z_f)  # with momentum z_f has no gradient, and neither has this
             key_labels = all_gather_varlen(top1)
-            losses.append(info_nce(z_r, top1, keys, key_labels, q_keys, q_labels, temperature, offset))
+            losses.append(info_nce(z_r, top1, keys, key_labels, q_keys, q_labels, temperature=temperature,
+                                   offset=offset))
         else:  # expert: the router's probabilities carry the gradient through the fused anchor
             z_f, z_e = heads.query[i]((p.unsqueeze(-1) * u).sum(1)), heads.keys(i, u)  # (n, d), (n, E, d)
-            losses.append(expert_info_nce(z_f, z_e, top1, q_keys, q_labels, temperature))
+            losses.append(expert_info_nce(z_f, z_e, top1, q_keys, q_labels, temperature=temperature))
             keys = all_gather_varlen(z_e[torch.arange(len(top1), device=top1.device), top1].detach())
             key_labels = all_gather_varlen(top1)
         new_keys.append(keys.detach())
@@ -319,7 +319,7 @@ def head_loss(views: str, rec: RouterRecord, weight, heads: ContrastiveHeads, qu
 
 
 def contrastive_loss(rec: RouterRecord, weight, views: str, heads: ContrastiveHeads | None,
-                     queue: ExpertQueue | None, tokens_per_site: int = 256, temperature: float = 0.07,
+                     queue: ExpertQueue | None, tokens_per_site: int = 256, *, temperature: float,
                      generator=None):
     """(L_cl, new queue entries): L_cl the mean over sites of the reading ``views`` (the formulas above), over
     one forward's stacked record (S, B, T, ...) (``lora_moe.record_routing`` + ``stack_records``) and token

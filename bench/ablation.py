@@ -102,8 +102,9 @@ def run_config(arm: str, seed: int, a, data: str, work: str):
     run = dict(model=a.model, data=data, out=work, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                warmup=max(1, a.steps // 10), max_len=64, dropout=0.0, queue_size=a.queue_size, proj_dim=32,
                tokens_per_site=128, seed=seed, save_every=a.eval_every, keep=10_000, progress=False, overwrite=True)
-    # alpha / rank = 2 in every arm; token routers unless the arm says context (as every arm ran before round 8)
-    moe = dict(num_experts=E, rank=R, alpha=2.0 * R, top_k=TOP_K, router="token")
+    # alpha / rank = 2 in every arm; token routers and tau 0.07 unless the arm says otherwise (as every arm ran
+    # before rounds 8 and 9), so a changed train.py default does not change what an earlier row measured
+    moe = dict(num_experts=E, rank=R, alpha=2.0 * R, top_k=TOP_K, router="token", temperature=0.07)
     return TrainConfig(**{**run, **moe, **ARMS[arm], **overrides(a.set)})
 
 

@@ -159,8 +159,8 @@ def router_gradient_share(model, tok, examples, cfg, heads, queue) -> float:
             loss = lm_loss_sum(model, hidden, labels, 4096) / answer_mask(labels).sum()
         else:
             loss = cfg.lambda_cl * contrastive_loss(stack_records(recs), mask.float(), cfg.cl_views, heads, queue,
-                                                    cfg.tokens_per_site, cfg.temperature,
-                                                    torch.Generator().manual_seed(0))[0]
+                                                    cfg.tokens_per_site, temperature=cfg.temperature,
+                                                    generator=torch.Generator().manual_seed(0))[0]
         grads = torch.autograd.grad(loss, routers, allow_unused=True)
         norms.append(float(torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None))))
     return norms[1] / max(norms[0], 1e-12)

@@ -53,7 +53,7 @@ def step_fn(path, ids, cl_on, views, momentum, queue_on, K=1024, tps=256):
         rec = stack_records(recs)
         loss = loss + 0.01 * balance_loss(rec, weight)
         if cl_on:
-            cl, new = contrastive_loss(rec, weight, views, heads, queue, tps, 0.07, gen)
+            cl, new = contrastive_loss(rec, weight, views, heads, queue, tps, temperature=0.07, generator=gen)
             loss = loss + cl
         loss.backward()
         with torch.no_grad():

@@ -227,7 +227,7 @@ def test_run_config_layers_arm_and_set_overrides():
     assert (seq.cl_views, seq.lambda_cl, seq.queue, seq.queue_size, seq.temperature, seq.seed, seq.router) == \
         ("sequence", 1.0, False, 64, 0.2, 1, "token")  # earlier rounds' arms keep the routers they ran with
     mix = ablation.run_config("cl-mix", 0, SimpleNamespace(**{**vars(a), "set": []}), "d.jsonl", "w")
-    assert (mix.cl_views, mix.lambda_cl, mix.queue, mix.queue_size, mix.num_experts, mix.rank) == \
-        ("mixture", 0.1, True, 1024, ablation.E, ablation.R)
+    assert (mix.cl_views, mix.lambda_cl, mix.queue, mix.queue_size, mix.num_experts, mix.rank, mix.temperature) == \
+        ("mixture", 0.1, True, 1024, ablation.E, ablation.R, 0.07)  # the tau every arm before round 9 ran with
     ctx = ablation.run_config("cl-seq-ctx", 0, SimpleNamespace(**{**vars(a), "set": []}), "d.jsonl", "w")
     assert (ctx.router, ctx.cl_views, ctx.lambda_cl, ctx.queue) == ("context", "sequence", 1.0, False)

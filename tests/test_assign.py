@@ -89,11 +89,11 @@ def test_assign_reading_reads_only_filled_queue_slots():
     S = len(sites(model))
     rec, w = forward_records(model, torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1)))
     queue = ExpertQueue(S, size=16, dim=4)
-    in_batch, none = contrastive_loss(rec, w, "assign", None, None)
-    empty, (keys, labels) = contrastive_loss(rec, w, "assign", None, queue)
+    in_batch, none = contrastive_loss(rec, w, "assign", None, None, temperature=0.07)
+    empty, (keys, labels) = contrastive_loss(rec, w, "assign", None, queue, temperature=0.07)
     assert none is None and torch.allclose(empty, in_batch, atol=1e-6)
     queue.enqueue(F.normalize(torch.randn(S, 8, 4), dim=-1), torch.zeros(S, 8, dtype=torch.long))
-    assert not torch.allclose(contrastive_loss(rec, w, "assign", None, queue)[0], in_batch, atol=1e-3)
+    assert not torch.allclose(contrastive_loss(rec, w, "assign", None, queue, temperature=0.07)[0], in_batch, atol=1e-3)
 
 
 def test_assign_reading_sharpens_routing_toward_one_expert_per_sequence():
@@ -115,7 +115,7 @@ def test_assign_reading_sharpens_routing_toward_one_expert_per_sequence():
     a0, h0 = agreement_and_entropy()
     for _ in range(40):
         opt.zero_grad()
-        loss, entries = contrastive_loss(*forward_records(model, ids), "assign", None, queue)
+        loss, entries = contrastive_loss(*forward_records(model, ids), "assign", None, queue, temperature=0.07)
         loss.backward()
         opt.step()
         queue.enqueue(*entries)

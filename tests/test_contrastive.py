@@ -1,4 +1,5 @@
 """Expert contrastive loss and the expert memory queue."""
+import functools
 import os
 import subprocess
 import sys
@@ -81,9 +82,9 @@ def test_info_nce_equals_hand_reference():
 def test_info_nce_finite_edge_cases():
     z = F.normalize(torch.randn(4, 8), dim=-1)
     one = torch.zeros(4, dtype=torch.long)  # every token on one expert, empty queue: no negatives
-    assert info_nce(z, one, z, one, None, None).item() == 0.0
+    assert info_nce(z, one, z, one, None, None, temperature=0.07).item() == 0.0
     empty_q = (torch.zeros(0, 8), torch.zeros(0, dtype=torch.long))
-    assert torch.isfinite(info_nce(z, torch.arange(4), z, torch.arange(4), *empty_q))
+    assert torch.isfinite(info_nce(z, torch.arange(4), z, torch.arange(4), *empty_q, temperature=0.07))
 
 
 def test_gradients_reach_heads_routers_and_A_but_not_the_queue():
@@ -118,7 +119,7 @@ def test_padding_never_enters_and_sampling_bounds_tokens(views):
     dim = 16 if views == "mixture" else 4
     queue = ExpertQueue(len(sites(model)), size=100, dim=dim)
     acts = views == "mixture"
-    full, new = contrastive_loss(*forward_records(model, ids, mask, acts), views, heads, queue)
+    full, new = contrastive_loss(*forward_records(model, ids, mask, acts), views, heads, queue, temperature=0.07)
     queue.enqueue(*new)
     if views == "mixture":
         assert int((queue.labels >= 0).sum()) == 16 * len(sites(model))
@@ -126,14 +127,15 @@ def test_padding_never_enters_and_sampling_bounds_tokens(views):
         assert int((queue.labels >= 0).sum()) == 2 * len(sites(model))  # one fused view per sequence
         other = ids.clone()
         other[0, :4] = (other[0, :4] + 5) % 64
-        again = contrastive_loss(*forward_records(model, other, mask), views, None, None)[0]
-        assert torch.allclose(again, contrastive_loss(*forward_records(model, ids, mask), views, None, None)[0])
+        in_batch = functools.partial(contrastive_loss, views=views, heads=None, queue=None, temperature=0.07)
+        again = in_batch(*forward_records(model, other, mask))[0]
+        assert torch.allclose(again, in_batch(*forward_records(model, ids, mask))[0])
         rec, w = forward_records(model, ids, mask)
-        assert not torch.allclose(contrastive_loss(rec, torch.ones_like(w), views, None, None)[0], again)
+        assert not torch.allclose(in_batch(rec, torch.ones_like(w))[0], again)
     queue = ExpertQueue(len(sites(model)), size=100, dim=dim)
     gen = torch.Generator().manual_seed(0)
     few, new = contrastive_loss(*forward_records(model, ids, mask, acts), views, heads, queue, tokens_per_site=5,
-                                generator=gen)
+                                temperature=0.07, generator=gen)
     queue.enqueue(*new)
     if views == "mixture":
         assert int((queue.labels >= 0).sum()) == 5 * len(sites(model))
