@@ -31,9 +31,10 @@ Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2;
               there each site keeps its own router (top-1: the LM term gives it only rounding-noise gradient,
               so it stays near its init): what a token router could be told
   supervised  control: + balance + a router cross-entropy to the domain (lambda 0.1)
-  cl-seq-ctx  train.py's defaults since round 8: cl-seq-nq with every router also reading the causal mean of
+  cl-seq-ctx  train.py's defaults in round 8: cl-seq-nq with every router also reading the causal mean of
               its site's inputs (--router context)                moe+bal-ctx  the same router, moe+bal
   cl-asg-q-ctx  the same router, cl-asg-q
+  cl-seq-ctx-t2  train.py's defaults since round 9: cl-seq-ctx at InfoNCE temperature 0.2 (every other arm: 0.07)
 
 Measured on a held-out sample of fresh prompts by ``ablation_metrics`` (its docstring lists them): loss,
 exact match, per-layer NMI(domain; top-1 expert) and routing entropies, the contrastive term's router gradient
@@ -83,9 +84,10 @@ ARMS = {
     "oracle": dict(top_k=1, lambda_bal=0.0, lambda_cl=0.0),
     "oracle-l0": dict(top_k=1, lambda_bal=0.0, lambda_cl=0.0),
     "supervised": dict(lambda_cl=0.0),
-    "cl-seq-ctx": dict(router="context"),  # train.py's defaults: routers that see the sequence so far
+    "cl-seq-ctx": dict(router="context"),  # routers that see the sequence so far (round 8's defaults)
     "moe+bal-ctx": dict(lambda_cl=0.0, router="context"),
     "cl-asg-q-ctx": dict(cl_views="assign", queue=True, lambda_cl=1.0, queue_size=64, router="context"),
+    "cl-seq-ctx-t2": dict(router="context", temperature=0.2),  # train.py's defaults since round 9
 }
 QUICK_ARMS = ("lora", "cl-exp", "cl-seq-nq")
 

@@ -44,7 +44,8 @@ def small_cfg(tiny_dir, out, **kw):
 
     base = dict(model=tiny_dir, out=str(out), steps=6, batch_size=2, max_len=96, num_experts=4, rank=4, top_k=2,
                 queue_size=64, proj_dim=16, tokens_per_site=32, save_every=3, progress=False, warmup=2, dropout=0.1,
-                cl_views="mixture", lambda_cl=0.1, queue=True, router="token")  # the first reading (golden curve)
+                cl_views="mixture", lambda_cl=0.1, queue=True, router="token", temperature=0.07)  # the first reading
+    # (golden curve), with the routers and tau it was measured with
     return TrainConfig(**{**base, **kw})
 
 

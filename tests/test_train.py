@@ -249,7 +249,7 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(tiny_dir, tmp_path, 
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 # train.py's defaults, for the loss terms and the routers
-DEFAULTS = dict(cl_views="sequence", lambda_cl=1.0, queue=False, tokens_per_site=256, router="context")
+DEFAULTS = dict(cl_views="sequence", lambda_cl=1.0, queue=False, tokens_per_site=256, router="context", temperature=0.2)
 
 
 @pytest.mark.parametrize("name, kw", [("loss_curve.json", {}), ("loss_curve_defaults.json", DEFAULTS)])
@@ -257,7 +257,7 @@ def test_golden_loss_curve(tiny_dir, tmp_path, name, kw):
     """20 steps, fixed seed, all three losses on, the bundled data: the per-step losses match the checked-in
     curve to 1e-4 relative. Two curves: the first reading (mixture, queue, lambda_cl 0.1; kept since round 1)
     and train.py's defaults (sequence reading, no queue, lambda_cl 1.0, 256 tokens sampled per site, context
-    routers; regenerated when they became the default).
+    routers, tau 0.2; regenerated when each became the default).
     Measured: 1 vs 2 threads differ by <= 2e-7 here; at this lr the run is not chaotic (at lr 2e-2 flipped
     top-k choices made 1 vs 2 threads differ by 20% after 13 steps). The LM loss falls by ~0.1 nats and the
     contrastive loss visibly over these steps, 100x and more the tolerance.
