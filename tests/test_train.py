@@ -8,6 +8,7 @@ import torch
 
 from conftest import ROOT, small_cfg
 
+from config import TrainConfig
 from tokenizer import IM_END, Tokenizer
 from data import IGNORE, DataError, collate, encode_all, read_jsonl, tokenize
 
@@ -248,8 +249,10 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(tiny_dir, tmp_path, 
 
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
-# train.py's defaults, for the loss terms and the routers
-DEFAULTS = dict(cl_views="sequence", lambda_cl=1.0, queue=False, tokens_per_site=256, router="context", temperature=0.2)
+# train.py's defaults for the loss terms and the routers (read from TrainConfig, so that changing one of them
+# fails the defaults curve until it is regenerated): sequence, 1.0, no queue, 256, context, 0.2
+DEFAULTS = {k: getattr(TrainConfig(), k) for k in ("cl_views", "lambda_cl", "queue", "tokens_per_site", "router",
+                                                   "temperature")}
 
 
 @pytest.mark.parametrize("name, kw", [("loss_curve.json", {}), ("loss_curve_defaults.json", DEFAULTS)])
