@@ -33,6 +33,7 @@ class TrainConfig(LoRAMoEConfig):
     lambda_cl: float = 1.0
     cl_views: str = "sequence"
     temperature: float = 0.2
+    cl_debias: float = 0.0
     tokens_per_site: int = 256
     queue: bool = False
     queue_size: int = 1024
@@ -98,6 +99,8 @@ HELP = {  # group -> {field: what it does and what it goes with}; --help prints 
         "cl_views": "contrastive reading: sequence (routings; the default), assign (sequence + balanced "
                     "Sinkhorn codes), or mixture / expert (projection heads over the experts' activations)",
         "temperature": "InfoNCE temperature tau (docs/ablation.md round 9 chose 0.2: experts specialize more)",
+        "cl_debias": "debiased InfoNCE (Chuang et al. 2020): the expected share tau+ of negatives of the anchor's own "
+                     "kind, taken out of the negatives' sum; routing readings only; 0 = plain InfoNCE",
         "tokens_per_site": "anchor tokens sampled per adapted projection for the contrastive term",
         "queue": "the expert memory queue: past keys as negatives (with assign: only in the Sinkhorn codes); "
                  "needs the contrastive term",
@@ -147,6 +150,7 @@ CHECKS = {  # each numeric flag's parser, which states its valid range
     "min_lr_ratio": cli.in_range(0, 1), "weight_decay": cli.at_least(0, float), "clip": cli.at_least(0, float),
     "seed": cli.at_least(0), "lambda_bal": cli.at_least(0, float), "z_loss": cli.at_least(0, float),
     "lambda_cl": cli.at_least(0, float), "temperature": cli.in_range(0, INF, lo_open=True),
+    "cl_debias": cli.in_range(0, 1, hi_open=True),
     "queue_momentum": cli.in_range(0, 1, hi_open=True), "queue_size": cli.at_least(1), "router_warmup": cli.at_least(0),
     "proj_dim": cli.at_least(1), "tokens_per_site": cli.at_least(1), "ce_chunk": cli.at_least(1),
     "save_every": cli.at_least(1), "keep": cli.at_least(1), "log_every": cli.at_least(1)}
@@ -171,6 +175,11 @@ def validate(cfg: TrainConfig):
     if contrastive and cfg.cl_views in ROUTING_VIEWS and cfg.batch_size < 2 and not cfg.queue:
         raise ValueError(f"--cl-views {cfg.cl_views} contrasts the sequences of one micro-batch: --batch-size 1 "
                          "leaves no negatives (use --batch-size >= 2, --queue, or --lambda-cl 0)")
+    if cfg.cl_debias > 0 and not (contrastive and cfg.cl_views in ROUTING_VIEWS):
+        raise ValueError("--cl-debias corrects the routing readings' InfoNCE (--cl-views sequence|assign, with "
+                         "--lambda-cl > 0 and --num-experts > 1)")
+    if cfg.cl_debias > 0 and cfg.temperature < 0.02:  # why: debiased_nce takes exp of scores up to 1/tau
+        raise ValueError(f"--cl-debias needs --temperature >= 0.02 (got {cfg.temperature}: exp(1/tau) overflows)")
     if cfg.router_warmup > 0 and not contrastive:  # why: with B = 0 the LM term gives routers no gradient
         raise ValueError("--router-warmup trains the routers alone, which only the contrastive term moves while "
                          "the experts are 0 (needs --lambda-cl > 0 and --num-experts > 1)")

@@ -10,6 +10,10 @@ whose top expert differs from that of phi_s(t) (Q(t)):
 
     L = - mean_t log [ exp(rho_t.phi_s(t)/tau) / ( sum_{s'} exp(rho_t.phi_s'/tau) + sum_{q in Q(t)} exp(rho_t.q/tau) ) ]
 
+With ``--cl-debias tau+`` (``debiased_nce``; Chuang et al. 2020) the N negatives' sum is replaced by N g, an
+estimate of what it would be without the negatives of the anchor's own kind, tau+ their expected share:
+g = max((mean_i exp(s_i) - tau+ exp(s+)) / (1 - tau+), exp(-1/tau)), s = the scores above (/tau), s+ the positive.
+
 why routings: any view made from the experts' activations u_e = A_e x can tell sequences apart by their
 content alone (x carries the domain), so the two head readings below are solved without moving the router;
 here only the router can lower the loss, by routing one sequence's tokens alike and other sequences
@@ -53,6 +57,7 @@ copy of H, without gradient, as in MoCo: ``ContrastiveHeads.update_keys`` after 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -98,11 +103,12 @@ def sequence_views(probs, weight):
     return routing_view(mean), count > 0
 
 
-def sequence_info_nce(rho, seq, phi, present, q_keys=None, q_labels=None, *, temperature: float):
+def sequence_info_nce(rho, seq, phi, present, q_keys=None, q_labels=None, *, temperature: float,
+                      debias: float = 0.0):
     """Per site and anchor, InfoNCE of routed views rho (S, n, E) against fused views phi (S, B, E): anchor t's
     positive is phi[:, seq[t]], its negatives every other present row of phi and every filled queue entry
     (q_keys (S, K, E), q_labels (S, K): its top expert, -1 = empty) whose top expert is not that of t's own
-    sequence. Returns the loss of every anchor, (S, n)."""
+    sequence; ``debias`` > 0: ``debiased_nce`` with tau+ = debias. Returns the loss of every anchor, (S, n)."""
     sim = rho @ phi.transpose(1, 2) / temperature  # (S, n, B)
     pos = sim.gather(2, seq[..., None])  # (S, n, 1)
     own = torch.zeros_like(sim, dtype=torch.bool).scatter(2, seq[..., None], True)
@@ -112,11 +118,27 @@ def sequence_info_nce(rho, seq, phi, present, q_keys=None, q_labels=None, *, tem
         alike = (q_labels[:, None, :] == top[..., None]) | (q_labels[:, None, :] < 0)  # (S, n, K)
         cols.append((rho @ q_keys.transpose(1, 2) / temperature).masked_fill(alike, NEG_INF))
     logits = torch.cat(cols, dim=2)
+    if debias > 0:
+        return debiased_nce(logits, debias, temperature)
     return logits.logsumexp(2) - logits[..., 0]  # cross-entropy with the positive in column 0
 
 
+def debiased_nce(logits, tau_plus: float, temperature: float):
+    """Chuang et al. (2020)'s debiased contrastive loss with one positive, from InfoNCE logits (..., 1 + N):
+    the positive's score in column 0, the negatives' after it (-inf: not a negative). Without labels, some
+    negatives are of the anchor's own kind (here: two sequences of one domain in a micro-batch), a share tau+ of
+    them on average; their expected part, tau+ exp(s+), is taken out of the negatives' mean. At collapse (every
+    negative scored as the positive) g = exp(s+) and the loss is log(1 + N), as InfoNCE's: collapse still costs.
+    why exp without a max shift: every score is a cosine / tau, at most 1/tau (config.validate keeps tau >= 0.02)."""
+    pos, negs = logits[..., 0], logits[..., 1:]
+    n = torch.isfinite(negs).sum(-1).to(logits.dtype)  # negatives per anchor
+    neg_mean = negs.exp().sum(-1) / n.clamp(min=1)
+    g = ((neg_mean - tau_plus * pos.exp()) / (1 - tau_plus)).clamp(min=math.exp(-1 / temperature))
+    return torch.log(pos.exp() + n * g) - pos
+
+
 def sequence_loss(rec: RouterRecord, weight, queue: ExpertQueue | None, tokens_per_site: int,
-                  temperature: float, generator=None):
+                  temperature: float, generator=None, debias: float = 0.0):
     """The sequence reading over a stacked record (S, B, T, ...) and token weights (B, T): mean over sites of
     the mean over sampled real tokens (the formula at the top). Returns (loss, (keys (S, B_all, E), labels
     (S, B_all)): this micro-step's phi of every rank, for the queue, or None without one).
@@ -129,7 +151,8 @@ def sequence_loss(rec: RouterRecord, weight, queue: ExpertQueue | None, tokens_p
     pick, w = sample_positions(weight, S, tokens_per_site, generator)  # (S, n)
     rho = routing_view(at_anchors(rec.probs, pick))  # (S, n, E)
     q_keys, q_labels = queue.contents() if queue is not None else (None, None)
-    per_token = sequence_info_nce(rho, pick // T, phi, present, q_keys, q_labels, temperature=temperature)
+    per_token = sequence_info_nce(rho, pick // T, phi, present, q_keys, q_labels, temperature=temperature,
+                                  debias=debias)
     return token_mean(per_token, w), queue_entries(phi, present) if queue is not None else None
 
 
@@ -172,7 +195,7 @@ def sinkhorn(scores, valid, epsilon: float = SINKHORN_EPSILON, iters: int = SINK
 
 
 def assign_loss(rec: RouterRecord, weight, queue: ExpertQueue | None, tokens_per_site: int, temperature: float,
-                generator=None):
+                generator=None, debias: float = 0.0):
     """The assign reading over a stacked record (S, B, T, ...) and token weights (B, T) (the formula at the top):
     the sequence reading's InfoNCE against this micro-batch's sequences only, plus the code term: the fused
     views of these sequences and of the queue's past ones get balanced codes c = Sinkhorn(phi / epsilon), and
@@ -181,7 +204,8 @@ def assign_loss(rec: RouterRecord, weight, queue: ExpertQueue | None, tokens_per
     S, B, T, E = rec.probs.shape
     phi, present = sequence_views(rec.probs, weight)  # (S, B, E), (B,)
     pick, w = sample_positions(weight, S, tokens_per_site, generator)  # (S, n)
-    nce = sequence_info_nce(routing_view(at_anchors(rec.probs, pick)), pick // T, phi, present, temperature=temperature)
+    nce = sequence_info_nce(routing_view(at_anchors(rec.probs, pick)), pick // T, phi, present,
+                            temperature=temperature, debias=debias)
     rows, valid = phi.detach(), present.expand(S, -1)
     if queue is not None:  # why the queue here: 4 sequences cannot be spread evenly over 8 experts; 4 + K can
         q_keys, q_labels = queue.contents()
@@ -320,15 +344,15 @@ def head_loss(views: str, rec: RouterRecord, weight, heads: ContrastiveHeads, qu
 
 def contrastive_loss(rec: RouterRecord, weight, views: str, heads: ContrastiveHeads | None,
                      queue: ExpertQueue | None, tokens_per_site: int = 256, *, temperature: float,
-                     generator=None):
+                     debias: float = 0.0, generator=None):
     """(L_cl, new queue entries): L_cl the mean over sites of the reading ``views`` (the formulas above), over
     one forward's stacked record (S, B, T, ...) (``lora_moe.record_routing`` + ``stack_records``) and token
     weights (B, T) (1 real, 0 padding). ``queue``: None = no memory queue, else read here; the entries this
     micro-step adds, (keys (S, n, d), labels (S, n)) of every rank, are returned, not written: train.py enqueues
     a step's entries after its optimizer step, so every micro-step of a step reads the same queue. ``heads``: the
-    head readings' projection heads (None for the sequence reading)."""
+    head readings' projection heads (None for the sequence reading). ``debias``: --cl-debias (routing readings)."""
     if views == "sequence":
-        return sequence_loss(rec, weight, queue, tokens_per_site, temperature, generator)
+        return sequence_loss(rec, weight, queue, tokens_per_site, temperature, generator, debias)
     if views == "assign":
-        return assign_loss(rec, weight, queue, tokens_per_site, temperature, generator)
+        return assign_loss(rec, weight, queue, tokens_per_site, temperature, generator, debias)
     return head_loss(views, rec, weight, heads, queue, tokens_per_site, temperature, generator)

@@ -111,7 +111,7 @@ class HybridLoss(nn.Module):
             parts["z"] = z_loss(rec, weight) / micro_steps
         if lam["contrastive"] > 0:
             cl, entries = contrastive_loss(rec, weight, c.cl_views, self.heads, queue, c.tokens_per_site,
-                                           temperature=c.temperature, generator=generator)
+                                           temperature=c.temperature, debias=c.cl_debias, generator=generator)
             parts["contrastive"] = cl / micro_steps
         for name in ("balance", "z", "contrastive"):
             if parts[name] is not None:

@@ -35,6 +35,7 @@ Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2;
               its site's inputs (--router context)                moe+bal-ctx  the same router, moe+bal
   cl-asg-q-ctx  the same router, cl-asg-q
   cl-seq-ctx-t2  train.py's defaults since round 9: cl-seq-ctx at InfoNCE temperature 0.2 (every other arm: 0.07)
+  cl-seq-ctx-db  cl-seq-ctx-t2 with the debiased InfoNCE, tau+ = 1/8 (--cl-debias; every other arm: plain)
 
 Measured on a held-out sample of fresh prompts by ``ablation_metrics`` (its docstring lists them): loss,
 exact match, per-layer NMI(domain; top-1 expert) and routing entropies, the contrastive term's router gradient
@@ -88,6 +89,7 @@ ARMS = {
     "moe+bal-ctx": dict(lambda_cl=0.0, router="context"),
     "cl-asg-q-ctx": dict(cl_views="assign", queue=True, lambda_cl=1.0, queue_size=64, router="context"),
     "cl-seq-ctx-t2": dict(router="context", temperature=0.2),  # train.py's defaults since round 9
+    "cl-seq-ctx-db": dict(router="context", temperature=0.2, cl_debias=0.125),  # round 10: debiased, tau+ = 1/8
 }
 QUICK_ARMS = ("lora", "cl-exp", "cl-seq-nq")
 
@@ -104,9 +106,9 @@ def run_config(arm: str, seed: int, a, data: str, work: str):
     run = dict(model=a.model, data=data, out=work, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                warmup=max(1, a.steps // 10), max_len=64, dropout=0.0, queue_size=a.queue_size, proj_dim=32,
                tokens_per_site=128, seed=seed, save_every=a.eval_every, keep=10_000, progress=False, overwrite=True)
-    # alpha / rank = 2 in every arm; token routers and tau 0.07 unless the arm says otherwise (as every arm ran
-    # before rounds 8 and 9), so a changed train.py default does not change what an earlier row measured
-    moe = dict(num_experts=E, rank=R, alpha=2.0 * R, top_k=TOP_K, router="token", temperature=0.07)
+    # alpha / rank = 2 in every arm; token routers, tau 0.07 and plain InfoNCE unless the arm says otherwise (as
+    # every arm ran before rounds 8-10), so a changed train.py default does not change what an earlier row measured
+    moe = dict(num_experts=E, rank=R, alpha=2.0 * R, top_k=TOP_K, router="token", temperature=0.07, cl_debias=0.0)
     return TrainConfig(**{**run, **moe, **ARMS[arm], **overrides(a.set)})
 
 

@@ -160,6 +160,7 @@ def router_gradient_share(model, tok, examples, cfg, heads, queue) -> float:
         else:
             loss = cfg.lambda_cl * contrastive_loss(stack_records(recs), mask.float(), cfg.cl_views, heads, queue,
                                                     cfg.tokens_per_site, temperature=cfg.temperature,
+                                                    debias=cfg.cl_debias,
                                                     generator=torch.Generator().manual_seed(0))[0]
         grads = torch.autograd.grad(loss, routers, allow_unused=True)
         norms.append(float(torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None))))

@@ -70,11 +70,14 @@ def test_quick_ablation_is_reproducible(tmp_path):
     agree on every number but the timings, in the same order."""
     outs = []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in both, so the same float sums
-    for k, jobs in enumerate(("1", "3")):
-        out = tmp_path / f"run{k}"
-        subprocess.run([sys.executable, "bench/ablation.py", "--quick", "--out", str(out), "--jobs", jobs], cwd=ROOT,
-                       check=True, capture_output=True, text=True, timeout=600, env=env)
-        res = json.load(open(out / "results.json"))
+    # why both at once: the --jobs 1 invocation alone would leave one of 2 cores idle
+    procs = [subprocess.Popen([sys.executable, "bench/ablation.py", "--quick", "--out", str(tmp_path / f"run{k}"),
+                               "--jobs", jobs], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for k, jobs in enumerate(("1", "3"))]
+    for k, p in enumerate(procs):
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        res = json.load(open(tmp_path / f"run{k}" / "results.json"))
         for r in res["runs"]:
             r.pop("step_time_s"), r.pop("peak_rss_mb")
         outs.append(res["runs"])
@@ -230,8 +233,10 @@ def test_run_config_layers_arm_and_set_overrides():
     assert (mix.cl_views, mix.lambda_cl, mix.queue, mix.queue_size, mix.num_experts, mix.rank, mix.temperature) == \
         ("mixture", 0.1, True, 1024, ablation.E, ablation.R, 0.07)  # the tau every arm before round 9 ran with
     ctx = ablation.run_config("cl-seq-ctx", 0, SimpleNamespace(**{**vars(a), "set": []}), "d.jsonl", "w")
-    assert (ctx.router, ctx.cl_views, ctx.lambda_cl, ctx.queue) == ("context", "sequence", 1.0, False)
+    assert (ctx.router, ctx.cl_views, ctx.lambda_cl, ctx.queue, ctx.cl_debias) == ("context", "sequence", 1.0, False, 0)
+    db = ablation.run_config("cl-seq-ctx-db", 0, SimpleNamespace(**{**vars(a), "set": []}), "d.jsonl", "w")
+    assert (db.router, db.temperature, db.cl_debias) == ("context", 0.2, 0.125)
     from train import TrainConfig  # the arm named for train.py's defaults has its objective's defaults
-    keys = ("cl_views", "lambda_cl", "lambda_bal", "temperature", "queue", "z_loss", "router_warmup")
+    keys = ("cl_views", "lambda_cl", "lambda_bal", "temperature", "cl_debias", "queue", "z_loss", "router_warmup")
     now = ablation.run_config("cl-seq-ctx-t2", 0, SimpleNamespace(**{**vars(a), "set": []}), "d.jsonl", "w")
     assert [getattr(now, k) for k in keys] == [getattr(TrainConfig(), k) for k in keys] and now.router == "context"

@@ -1,5 +1,6 @@
 """Expert contrastive loss and the expert memory queue."""
 import functools
+import math
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import forward_records, tiny_adapted
-from contrastive import ROUTING_VIEWS, contrastive_loss, info_nce, make_heads
+from contrastive import ROUTING_VIEWS, contrastive_loss, debiased_nce, info_nce, make_heads
 from expert_queue import ExpertQueue
 from lora_moe import sites
 
@@ -152,12 +153,13 @@ def test_two_process_gloo_equals_one_process(tmp_path, views, momentum):
     sys.path.insert(0, HERE)
     import dist_contrastive
 
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ranks = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",  # meanwhile:
+                              "--master_port=29531", os.path.join(HERE, "dist_contrastive.py"), str(tmp_path), views,
+                              str(momentum)], env=env)
     single_losses, single_q = dist_contrastive.run(views=views, momentum=momentum,
                                                    micro=2 if routing else 1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-                    os.path.join(HERE, "dist_contrastive.py"), str(tmp_path), views, str(momentum)],
-                   check=True, env=env, timeout=300)
+    assert ranks.wait(timeout=300) == 0
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     # why a looser bound after 4 steps for the sequence reading: it normalizes p - 1/E, whose norm is ~0.03 for
     # near-uniform routers, so float reordering (one batch of 4 vs 2 + 2) grows ~30x per step at this lr
@@ -263,10 +265,11 @@ def test_momentum_update_of_the_key_heads():
     assert make_heads(model, dim=16).key is None  # momentum 0: no copy, keys from the heads themselves
 
 
-def reference_sequence_info_nce(p, seq, qk, ql, tau):
+def reference_sequence_info_nce(p, seq, qk, ql, tau, tau_plus=0.0):
     """Hand-written from the formula, one token at a time: rho_t = (p_t - 1/E) / |p_t - 1/E|, phi_s = the same
     of the mean of p over sequence s; positive phi_seq(t), then every other sequence's phi, then every queue
-    entry (keys qk, labels ql) whose label is not the top expert of phi_seq(t)."""
+    entry (keys qk, labels ql) whose label is not the top expert of phi_seq(t). tau_plus > 0: Chuang et al.'s
+    debiased loss, -log(e+ / (e+ + N g)), g = max((mean of the N negatives' e - tau+ e+) / (1 - tau+), e^(-1/tau))."""
     E = p.shape[1]
     seqs = sorted(set(seq.tolist()))
     phi = {s: F.normalize(p[seq == s].mean(0) - 1 / E, dim=0) for s in seqs}
@@ -276,13 +279,20 @@ def reference_sequence_info_nce(p, seq, qk, ql, tau):
         cols = [rho @ phi[int(seq[t])] / tau] + [rho @ phi[s] / tau for s in seqs if s != int(seq[t])]
         cols += [rho @ qk[j] / tau for j in range(qk.shape[0]) if ql[j] != phi[int(seq[t])].argmax()]
         logits = torch.stack(cols)
-        losses.append(-(logits[0] - logits.logsumexp(0)))
+        if tau_plus == 0:
+            losses.append(-(logits[0] - logits.logsumexp(0)))
+            continue
+        e_pos, e_neg = logits[0].exp(), logits[1:].exp()
+        g = max((e_neg.mean() - tau_plus * e_pos) / (1 - tau_plus), torch.tensor(1 / tau).neg().exp())
+        losses.append(-torch.log(e_pos / (e_pos + len(e_neg) * g)))
     return torch.stack(losses).mean()
 
 
-def test_sequence_reading_equals_the_formula_end_to_end():
+@pytest.mark.parametrize("debias", [0.0, 0.3])
+def test_sequence_reading_equals_the_formula_end_to_end(debias):
     """contrastive_loss(views="sequence") over a real forward with padding = the formula by hand from p alone
-    (over real tokens, sequences numbered by batch row), with a queue; it enqueues one phi per sequence."""
+    (over real tokens, sequences numbered by batch row), with a queue, plain and debiased (--cl-debias); it
+    enqueues one phi per sequence."""
     model = tiny_adapted()
     S = len(sites(model))
     queue = ExpertQueue(S, size=10, dim=4)
@@ -295,15 +305,28 @@ def test_sequence_reading_equals_the_formula_end_to_end():
     weight = mask.float()
     keep, seq = mask.reshape(-1), torch.arange(3)[:, None].expand(3, 6).reshape(-1)[mask.reshape(-1)]
     probs = [rec.probs[i].reshape(18, 4)[keep] for i in range(S)]
-    want = torch.stack([reference_sequence_info_nce(p, seq, *filled(queue, i), 0.1)
+    want = torch.stack([reference_sequence_info_nce(p, seq, *filled(queue, i), 0.1, debias)
                         for i, p in enumerate(probs)]).mean()
-    got, new = contrastive_loss(rec, weight, "sequence", None, queue, tokens_per_site=1000, temperature=0.1)
+    got, new = contrastive_loss(rec, weight, "sequence", None, queue, tokens_per_site=1000, temperature=0.1,
+                                debias=debias)
     assert torch.allclose(got, want, atol=1e-5)
     queue.enqueue(*new)
     keys, labels = filled(queue, 0)
     assert keys.shape == (8, 4) and torch.allclose(keys[-3:].norm(dim=-1), torch.ones(3))
     phi1 = F.normalize(probs[0][seq == 1].mean(0) - 0.25, dim=0)
     assert torch.allclose(keys[-2], phi1, atol=1e-6) and labels[-2] == phi1.argmax()
+
+
+def test_debiased_loss_at_collapse_and_without_debias():
+    """debiased_nce: every negative scored as the positive gives log(1 + N), as InfoNCE (collapse still costs);
+    negatives far below the positive no longer count (the clamp: loss ~ 0); tau+ -> 0 is InfoNCE."""
+    tau = 0.2
+    same = torch.full((2, 1 + 3), 0.9 / tau)
+    assert torch.allclose(debiased_nce(same, 0.125, tau), torch.full((2,), math.log(4)), atol=1e-5)
+    far = torch.tensor([[1 / tau, 0.3 / tau, 0.3 / tau, float("-inf")]])  # 2 negatives at cos 0.3, one masked
+    assert float(debiased_nce(far, 0.125, tau)) < 1e-3 < float(far.logsumexp(1) - far[:, 0])
+    x = torch.randn(5, 1 + 4) / tau
+    assert torch.allclose(debiased_nce(x, 1e-9, tau), x.logsumexp(1) - x[:, 0], atol=1e-5)
 
 
 def test_sequence_reading_routes_each_sequence_alike_and_sequences_apart():
