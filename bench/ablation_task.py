@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import shutil
 
 import torch
 import torch.nn as nn
@@ -67,10 +68,15 @@ def make_base(path: str, logit_scale: float = 8.0) -> str:
         model = init_weights(Qwen3(Qwen3Config(**TINY_CONFIG)), seed=0)
         with torch.no_grad():
             model.model.norm.weight.fill_(logit_scale)
-        tmp = path.rstrip("/") + ".tmp"
+        tmp = f"{path.rstrip('/')}.tmp{os.getpid()}"  # why per process: two ablations may start at once
         save_model(model, tmp)
         write_qwen_tokenizer(tmp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process finished first: its base is the same (seed 0), keep it
+            shutil.rmtree(tmp)
+            if not os.path.exists(os.path.join(path, "tokenizer.json")):
+                raise
     return path
 
 

@@ -150,16 +150,28 @@ def test_frozen_head_ce_equals_plain_cross_entropy():
 def train_cli(args, out, nproc: int = 1) -> list[dict]:
     """train.py ``args`` into ``out`` (under torchrun, gloo, when ``nproc`` > 1; one thread per process, so
     runs compare float for float); its metrics.jsonl records."""
+    return train_clis((args, out, nproc))[0]
+
+
+def train_clis(*runs) -> list[list[dict]]:
+    """``train_cli`` for several (args, out, nproc) at once, each in its own processes; their records in order.
+    why at once: every process has one thread, so a 1-process run next to a 2-rank one fills the 2 cores that
+    it alone would leave half idle (the results cannot differ: no run reads another's files)."""
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                  f"--nproc_per_node={nproc}"]
-    r = subprocess.run(launch + ["train.py", *args, "--out", str(out)], cwd=root, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    procs = []
+    for args, out, nproc in runs:
+        launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      f"--nproc_per_node={nproc}"]
+        procs.append(subprocess.Popen(launch + ["train.py", *args, "--out", str(out)], cwd=root, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    return [[json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))] for _, out, _ in runs]
 
 
 def equal_length_args(tiny_dir, tmp_path) -> list[str]:
@@ -203,8 +215,8 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(tiny_dir, tmp_path, 
               "ddp-default-accum": (["--batch-size", "2", "--grad-accum", "4"],
                                     ["--batch-size", "2", "--grad-accum", "2"])
               }.get(mode, (["--batch-size", "4"], ["--batch-size", "2"]))
-    m1 = train_cli(common + b1, tmp_path / "one")
-    m2 = train_cli(common + b2 + (["--fsdp"] if mode == "fsdp" else []), tmp_path / "two", nproc=2)
+    m1, m2 = train_clis((common + b1, tmp_path / "one", 1),
+                        (common + b2 + (["--fsdp"] if mode == "fsdp" else []), tmp_path / "two", 2))
     assert len(m1) == len(m2) == 4
     for a, b in zip(m1, m2):
         assert (a["balance"] is None) == (b["balance"] is None) == (not heads)
