@@ -11,6 +11,25 @@ SHARED = os.environ.get("SPARSEDOCTOR_SHARED", os.path.join(os.path.dirname(ROOT
 BENCH = os.path.join(SHARED, "benchmarks")
 
 
+def run_at_once(*calls) -> list:
+    """Each call (argv list, or a shell line as a str; optional stdin bytes as a second item) run from the repo
+    root, all at once; their CompletedProcess in order (bytes out). why at once: each is mostly one-threaded
+    start-up (imports, loading), so one after another leaves a core of 2 idle."""
+    import subprocess
+
+    procs = []
+    for call in calls:
+        cmd, stdin = call if isinstance(call, tuple) else (call, None)
+        procs.append((cmd, stdin, subprocess.Popen(cmd if isinstance(cmd, str) else [sys.executable, *cmd],
+                                                   shell=isinstance(cmd, str), cwd=ROOT, stdin=subprocess.PIPE,
+                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+    done = []
+    for cmd, stdin, p in procs:
+        out, err = p.communicate(stdin, timeout=300)
+        done.append(subprocess.CompletedProcess(cmd, p.returncode, out, err))
+    return done
+
+
 def hf_tiny(path, tie=False, head_dim=32, heads=4, kv_heads=2, layers=2, hidden=64, vocab=1000, seed=0,
             max_shard_size=None, dtype=torch.float32):
     """Save a tiny random transformers Qwen3ForCausalLM with save_pretrained; return the HF model."""

@@ -15,7 +15,7 @@ import torch
 import benchmarks as bm
 import eval as ev
 import scoring as sc
-from conftest import ROOT, require_shared, small_cfg
+from conftest import ROOT, require_shared, run_at_once, small_cfg
 from tokenizer import Tokenizer
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -330,24 +330,30 @@ def test_bad_flags_are_one_line_errors(flags, needle):
 
 def test_bad_benchmark_files_are_one_line_errors(tmp_path, tiny_ckpt):
     (tmp_path / "val.csv").write_text("Question,Options,Answer\n", encoding="utf-8")
-    r = cli("cmexam", "--data-dir", str(tmp_path), "--split", "val", "--model", tiny_ckpt, "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and "no questions to score" in r.stderr and not (tmp_path / "o").exists()
     d = tmp_path / "cm" / "test"
     d.mkdir(parents=True)
     (d / "anatomy.csv").write_text(",Question,A,B,C,D,Answer\n0,q,a,b,c,d,AB\n", encoding="utf-8")
-    r = cli("cmmlu-med", "--data-dir", str(tmp_path / "cm"), "--subjects", "anatomy", "--shots", "0", "--model", tiny_ckpt)
-    assert r.returncode == 2 and "answer 'AB' is not one of A-D" in r.stderr
-    cmb = tmp_path / "cmb"
-    cmb.mkdir()
     rec = {"exam_type": "t", "exam_class": "c", "question": "q", "question_type": "单项选择题", "answer": "A"}
-    (cmb / "CMB-val-merge.json").write_text(json.dumps([{**rec, "option": ["x", "y"]}]), encoding="utf-8")
-    r = cli("cmb", "--data-dir", str(cmb), "--split", "val", "--model", tiny_ckpt)
-    assert r.returncode == 2 and "'option' must be a letter -> text object" in r.stderr
-    (cmb / "CMB-val-merge.json").write_text(json.dumps([{**rec, "option": {"A": "x"}}])[:-5], encoding="utf-8")
-    r = cli("cmb", "--data-dir", str(cmb), "--split", "val", "--model", tiny_ckpt)
-    assert r.returncode == 2 and "CMB-val-merge.json: not a valid UTF-8 JSON file" in r.stderr
-    for res in (r,):
-        assert "Traceback" not in res.stderr
+    for name, option in (("cmb", ["x", "y"]), ("cmb2", {"A": "x"})):
+        (tmp_path / name).mkdir()
+        text = json.dumps([{**rec, "option": option}])
+        (tmp_path / name / "CMB-val-merge.json").write_text(text if name == "cmb" else text[:-5], encoding="utf-8")
+    model = ["--model", tiny_ckpt]
+    runs = run_at_once(["eval.py", "cmexam", "--data-dir", str(tmp_path), "--split", "val", *model, "--out",
+                        str(tmp_path / "o")],
+                       ["eval.py", "cmmlu-med", "--data-dir", str(tmp_path / "cm"), "--subjects", "anatomy", "--shots",
+                        "0", *model, "--out", str(tmp_path / "o2")],
+                       ["eval.py", "cmb", "--data-dir", str(tmp_path / "cmb"), "--split", "val", *model, "--out",
+                        str(tmp_path / "o3")],
+                       ["eval.py", "cmb", "--data-dir", str(tmp_path / "cmb2"), "--split", "val", *model, "--out",
+                        str(tmp_path / "o4")])
+    needles = ["no questions to score", "answer 'AB' is not one of A-D", "'option' must be a letter -> text object",
+               "CMB-val-merge.json: not a valid UTF-8 JSON file"]
+    assert len(runs) == len(needles)
+    for r, needle in zip(runs, needles):
+        err = r.stderr.decode()
+        assert r.returncode == 2 and needle in err and "Traceback" not in err, err[-1500:]
+    assert not any((tmp_path / o).exists() for o in ("o", "o2", "o3", "o4"))
 
 
 def test_two_process_eval_equals_one(tiny_ckpt, tmp_path):

@@ -1,12 +1,11 @@
 """Careless and hostile input: every case gets a one-line error (exit 2) naming the flag or file, and
 nothing on disk that should survive is changed. No pickle is ever read."""
 import json
-import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_at_once
 
 
 def one_line_exit(capsys, fn):
@@ -113,10 +112,6 @@ def test_bad_data_lines_name_file_and_line(tmp_path, line, needle):
 # the command lines: one line, exit 2
 
 
-def run_cli(*args, stdin=None, **kw):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, input=stdin, **kw)
-
-
 def test_cli_one_line_errors(tiny_dir, tmp_path):
     cases = [
         (["train.py", "--model", tiny_dir, "--resume", str(tmp_path / "f.txt")], "not a run dir or checkpoint dir"),
@@ -124,17 +119,19 @@ def test_cli_one_line_errors(tiny_dir, tmp_path):
         (["chat.py", "--model", tiny_dir, "--adapter", str(tmp_path)], "adapter_config.json not found"),
     ]
     (tmp_path / "f.txt").write_text("x")
-    for args, needle in cases:
-        r = run_cli(*args, text=True)
-        err = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-1500:])
+    runs = run_at_once(*(args for args, _ in cases))
+    assert len(runs) == len(cases)
+    for (args, needle), r in zip(cases, runs):
+        stderr = r.stderr.decode()
+        err = stderr.strip().splitlines()
+        assert r.returncode == 2 and needle in stderr and "Traceback" not in stderr, (args, stderr[-1500:])
         assert len([l for l in err if l.startswith(("error", "train.py", "chat.py"))]) == 1
 
 
 def test_chat_stdin_closed_empty_or_not_utf8(tiny_dir):
-    r = run_cli("chat.py", "--model", tiny_dir, "--max-new-tokens", "2", stdin=b"\xff\xfe\n")
-    assert r.returncode == 2 and b"stdin is not UTF-8" in r.stderr and b"Traceback" not in r.stderr
-    r = run_cli("chat.py", "--model", tiny_dir, stdin=b"")
-    assert r.returncode == 0
-    r = subprocess.run(f"{sys.executable} chat.py --model {tiny_dir} <&-", shell=True, cwd=ROOT, capture_output=True)
-    assert r.returncode == 0 and b"Traceback" not in r.stderr
+    bad, empty, closed = run_at_once((["chat.py", "--model", tiny_dir, "--max-new-tokens", "2"], b"\xff\xfe\n"),
+                                     (["chat.py", "--model", tiny_dir], b""),
+                                     f"{sys.executable} chat.py --model {tiny_dir} <&-")
+    assert bad.returncode == 2 and b"stdin is not UTF-8" in bad.stderr and b"Traceback" not in bad.stderr
+    assert empty.returncode == 0 and b"Traceback" not in empty.stderr
+    assert closed.returncode == 0 and b"Traceback" not in closed.stderr
