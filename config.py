@@ -15,6 +15,7 @@ from lora_moe import ROUTERS, TARGETS, LoRAMoEConfig, check_targets
 from model import Qwen3Config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DEBIAS = 0.125  # --cl-debias's default tau+ for the routing readings: 1/8 (docs/ablation.md, round 10)
 
 
 @dataclass
@@ -33,7 +34,7 @@ class TrainConfig(LoRAMoEConfig):
     lambda_cl: float = 1.0
     cl_views: str = "sequence"
     temperature: float = 0.2
-    cl_debias: float = 0.0
+    cl_debias: float | None = None  # None: DEBIAS with a routing reading, else 0 (resolved in __post_init__)
     tokens_per_site: int = 256
     queue: bool = False
     queue_size: int = 1024
@@ -62,6 +63,8 @@ class TrainConfig(LoRAMoEConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.cl_debias is None:  # why not a fixed default: the head readings mask same-expert negatives instead
+            self.cl_debias = DEBIAS if self.uses_contrastive and self.cl_views in ROUTING_VIEWS else 0.0
         validate(self)
 
     def loss_weights(self) -> dict:
@@ -99,8 +102,9 @@ HELP = {  # group -> {field: what it does and what it goes with}; --help prints 
         "cl_views": "contrastive reading: sequence (routings; the default), assign (sequence + balanced "
                     "Sinkhorn codes), or mixture / expert (projection heads over the experts' activations)",
         "temperature": "InfoNCE temperature tau (docs/ablation.md round 9 chose 0.2: experts specialize more)",
-        "cl_debias": "debiased InfoNCE (Chuang et al. 2020): the expected share tau+ of negatives of the anchor's own "
-                     "kind, taken out of the negatives' sum; routing readings only; 0 = plain InfoNCE",
+        "cl_debias": "debiased InfoNCE (Chuang et al. 2020): tau+, the expected share of negatives of the anchor's "
+                     "own kind, taken out of the negatives' sum (round 10 chose 1/8: a better fit); routing "
+                     "readings only; 0 = plain InfoNCE",
         "tokens_per_site": "anchor tokens sampled per adapted projection for the contrastive term",
         "queue": "the expert memory queue: past keys as negatives (with assign: only in the Sinkhorn codes); "
                  "needs the contrastive term",
@@ -179,7 +183,8 @@ def validate(cfg: TrainConfig):
         raise ValueError("--cl-debias corrects the routing readings' InfoNCE (--cl-views sequence|assign, with "
                          "--lambda-cl > 0 and --num-experts > 1)")
     if cfg.cl_debias > 0 and cfg.temperature < 0.02:  # why: debiased_nce takes exp of scores up to 1/tau
-        raise ValueError(f"--cl-debias needs --temperature >= 0.02 (got {cfg.temperature}: exp(1/tau) overflows)")
+        raise ValueError(f"--cl-debias {cfg.cl_debias} needs --temperature >= 0.02 (got {cfg.temperature}: exp(1/tau) "
+                         "overflows); give --cl-debias 0 for plain InfoNCE")
     if cfg.router_warmup > 0 and not contrastive:  # why: with B = 0 the LM term gives routers no gradient
         raise ValueError("--router-warmup trains the routers alone, which only the contrastive term moves while "
                          "the experts are 0 (needs --lambda-cl > 0 and --num-experts > 1)")
@@ -203,6 +208,9 @@ def add_flag(group, f):
         group.add_argument(flag, action="store_true", dest=f.name, help=text)
     elif f.name == "cl_views":
         group.add_argument(flag, choices=CL_VIEWS, default=f.default, help=f"{text} (default: {f.default})")
+    elif f.name == "cl_debias":  # why None: the default depends on the reading (TrainConfig resolves it)
+        group.add_argument(flag, type=CHECKS[f.name], default=None, help=f"{text} (default: {DEBIAS} with "
+                           f"--cl-views sequence|assign, else 0; {CHECKS[f.name].valid})")
     elif f.name == "router":  # why None: the default depends on --num-experts (LoRAMoEConfig resolves it)
         group.add_argument(flag, choices=ROUTERS, default=None, help=f"{text} (default: context; token with "
                                                                      "--num-experts 1, which has no router)")

@@ -124,12 +124,11 @@ def sequence_info_nce(rho, seq, phi, present, q_keys=None, q_labels=None, *, tem
 
 
 def debiased_nce(logits, tau_plus: float, temperature: float):
-    """Chuang et al. (2020)'s debiased contrastive loss with one positive, from InfoNCE logits (..., 1 + N):
-    the positive's score in column 0, the negatives' after it (-inf: not a negative). Without labels, some
-    negatives are of the anchor's own kind (here: two sequences of one domain in a micro-batch), a share tau+ of
-    them on average; their expected part, tau+ exp(s+), is taken out of the negatives' mean. At collapse (every
-    negative scored as the positive) g = exp(s+) and the loss is log(1 + N), as InfoNCE's: collapse still costs.
-    why exp without a max shift: every score is a cosine / tau, at most 1/tau (config.validate keeps tau >= 0.02)."""
+    """Chuang et al. (2020)'s debiased loss, one positive, from InfoNCE logits (..., 1 + N): the positive's score
+    in column 0, then the negatives' (-inf: not one). A share tau+ of the negatives is, on average, of the
+    anchor's own kind (two sequences of one domain); their expected part, tau+ exp(s+), leaves the negatives'
+    mean. At collapse g = exp(s+) and the loss is log(1 + N), as InfoNCE's. why exp without a max shift: every
+    score is a cosine / tau, at most 1/tau (config.validate keeps tau >= 0.02)."""
     pos, negs = logits[..., 0], logits[..., 1:]
     n = torch.isfinite(negs).sum(-1).to(logits.dtype)  # negatives per anchor
     neg_mean = negs.exp().sum(-1) / n.clamp(min=1)

@@ -235,6 +235,7 @@ def plan_resume(cfg, fixed_on_resume: tuple, log) -> str | None:
         saved = json.load(f)
     if isinstance(saved, dict):
         saved.setdefault("router", "token")  # why: checkpoints from before --router existed had token routers
+        saved.setdefault("cl_debias", 0.0)  # and before --cl-debias plain InfoNCE (a resume logs the change)
     now = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
     try:  # the checkpoint's settings as a config of this run's type, so its properties say what it had on
         was = replace(cfg, **{k: v for k, v in saved.items() if k in now})

@@ -34,8 +34,9 @@ Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2;
   cl-seq-ctx  train.py's defaults in round 8: cl-seq-nq with every router also reading the causal mean of
               its site's inputs (--router context)                moe+bal-ctx  the same router, moe+bal
   cl-asg-q-ctx  the same router, cl-asg-q
-  cl-seq-ctx-t2  train.py's defaults since round 9: cl-seq-ctx at InfoNCE temperature 0.2 (every other arm: 0.07)
-  cl-seq-ctx-db  cl-seq-ctx-t2 with the debiased InfoNCE, tau+ = 1/8 (--cl-debias; every other arm: plain)
+  cl-seq-ctx-t2  train.py's defaults in round 9: cl-seq-ctx at InfoNCE temperature 0.2 (every other arm: 0.07)
+  cl-seq-ctx-db  train.py's defaults since round 10: cl-seq-ctx-t2 with the debiased InfoNCE, tau+ = 1/8
+                 (--cl-debias; every other arm: plain InfoNCE)
 
 Measured on a held-out sample of fresh prompts by ``ablation_metrics`` (its docstring lists them): loss,
 exact match, per-layer NMI(domain; top-1 expert) and routing entropies, the contrastive term's router gradient
@@ -88,8 +89,8 @@ ARMS = {
     "cl-seq-ctx": dict(router="context"),  # routers that see the sequence so far (round 8's defaults)
     "moe+bal-ctx": dict(lambda_cl=0.0, router="context"),
     "cl-asg-q-ctx": dict(cl_views="assign", queue=True, lambda_cl=1.0, queue_size=64, router="context"),
-    "cl-seq-ctx-t2": dict(router="context", temperature=0.2),  # train.py's defaults since round 9
-    "cl-seq-ctx-db": dict(router="context", temperature=0.2, cl_debias=0.125),  # round 10: debiased, tau+ = 1/8
+    "cl-seq-ctx-t2": dict(router="context", temperature=0.2),  # train.py's defaults in round 9
+    "cl-seq-ctx-db": dict(router="context", temperature=0.2, cl_debias=0.125),  # train.py's defaults since round 10
 }
 QUICK_ARMS = ("lora", "cl-exp", "cl-seq-nq")
 

@@ -234,9 +234,9 @@ def test_run_config_layers_arm_and_set_overrides():
         ("mixture", 0.1, True, 1024, ablation.E, ablation.R, 0.07)  # the tau every arm before round 9 ran with
     ctx = ablation.run_config("cl-seq-ctx", 0, SimpleNamespace(**{**vars(a), "set": []}), "d.jsonl", "w")
     assert (ctx.router, ctx.cl_views, ctx.lambda_cl, ctx.queue, ctx.cl_debias) == ("context", "sequence", 1.0, False, 0)
-    db = ablation.run_config("cl-seq-ctx-db", 0, SimpleNamespace(**{**vars(a), "set": []}), "d.jsonl", "w")
-    assert (db.router, db.temperature, db.cl_debias) == ("context", 0.2, 0.125)
+    t2 = ablation.run_config("cl-seq-ctx-t2", 0, SimpleNamespace(**{**vars(a), "set": []}), "d.jsonl", "w")
+    assert (t2.router, t2.temperature, t2.cl_debias) == ("context", 0.2, 0)  # round 9's defaults, plain InfoNCE
     from train import TrainConfig  # the arm named for train.py's defaults has its objective's defaults
     keys = ("cl_views", "lambda_cl", "lambda_bal", "temperature", "cl_debias", "queue", "z_loss", "router_warmup")
-    now = ablation.run_config("cl-seq-ctx-t2", 0, SimpleNamespace(**{**vars(a), "set": []}), "d.jsonl", "w")
+    now = ablation.run_config("cl-seq-ctx-db", 0, SimpleNamespace(**{**vars(a), "set": []}), "d.jsonl", "w")
     assert [getattr(now, k) for k in keys] == [getattr(TrainConfig(), k) for k in keys] and now.router == "context"

@@ -40,7 +40,8 @@ def one_line_exit(capsys, fn):
     (["--cl-debias", "1"], "--cl-debias: must be in [0"),
     (["--cl-debias", "0.1", "--cl-views", "mixture"], "--cl-debias corrects the routing readings' InfoNCE"),
     (["--cl-debias", "0.1", "--lambda-cl", "0"], "--cl-debias corrects the routing readings' InfoNCE"),
-    (["--cl-debias", "0.1", "--temperature", "0.01"], "--cl-debias needs --temperature >= 0.02"),
+    (["--cl-debias", "0.1", "--temperature", "0.01"], "--cl-debias 0.1 needs --temperature >= 0.02"),
+    (["--temperature", "0.01"], "give --cl-debias 0 for plain InfoNCE"),  # the default's tau+ 1/8
     (["--targets", "q_proj,vproj"], "['vproj'] not projection names"),
     (["--data", "/nonexistent.jsonl"], "--data: /nonexistent.jsonl is not found"),
     (["--data", ROOT], "is a directory"),
@@ -60,6 +61,17 @@ def test_bad_train_flags(capsys, flags, needle):
     from train import parse_args
 
     assert needle in one_line_exit(capsys, lambda: parse_args(flags))
+
+
+def test_the_debiased_infonce_is_the_default_of_the_routing_readings_only():
+    """No --cl-debias: tau+ 1/8 with the sequence and assign readings; 0 where nothing would read it (head
+    readings, which mask same-expert negatives; the contrastive term off); an explicit value is kept."""
+    from config import DEBIAS
+    from train import parse_args
+
+    assert DEBIAS == 0.125 and parse_args([]).cl_debias == parse_args(["--cl-views", "assign"]).cl_debias == 0.125
+    assert parse_args(["--cl-views", "mixture"]).cl_debias == parse_args(["--lambda-cl", "0"]).cl_debias == 0
+    assert parse_args(["--cl-debias", "0"]).cl_debias == 0 and parse_args(["--cl-debias", "0.3"]).cl_debias == 0.3
 
 
 def test_the_router_defaults_to_context_where_there_is_one():

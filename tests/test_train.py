@@ -262,9 +262,9 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(tiny_dir, tmp_path, 
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 # train.py's defaults for the loss terms and the routers (read from TrainConfig, so that changing one of them
-# fails the defaults curve until it is regenerated): sequence, 1.0, no queue, 256, context, 0.2
+# fails the defaults curve until it is regenerated): sequence, 1.0, no queue, 256, context, 0.2, 0.125
 DEFAULTS = {k: getattr(TrainConfig(), k) for k in ("cl_views", "lambda_cl", "queue", "tokens_per_site", "router",
-                                                   "temperature")}
+                                                   "temperature", "cl_debias")}
 
 
 @pytest.mark.parametrize("name, kw", [("loss_curve.json", {}), ("loss_curve_defaults.json", DEFAULTS)])
