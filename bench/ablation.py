@@ -286,7 +286,7 @@ def main():
     ap.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: ARM:SEED in this process
     a = ap.parse_args()
     if a.quick:
-        a.arms, a.seeds, a.steps, a.eval_every, a.train_size, a.eval_size = ",".join(QUICK_ARMS), "0", 6, 3, 64, 32
+        a.arms, a.seeds, a.steps, a.eval_every, a.train_size, a.eval_size = ",".join(QUICK_ARMS), "0", 6, 3, 64, 16
     if a.model is None:
         from tiny_qwen import DEFAULT_CACHE
         a.model = make_base(os.path.join(DEFAULT_CACHE, "ablation-base"))

@@ -19,17 +19,18 @@ import torch.nn.functional as F
 
 from common import make_checkpoint, peak_rss_mb, run_isolated, table
 
-ARMS = {  # name -> (contrastive on, reading, key-head momentum, queue)
-    "base": (False, "sequence", 0.0, False),
-    "sequence": (True, "sequence", 0.0, False),  # train.py's default: routings only, no heads, no queue
-    "sequence+queue": (True, "sequence", 0.0, True),
-    "assign+queue": (True, "assign", 0.0, True),  # the queue only in the Sinkhorn codes
-    "mixture+queue": (True, "mixture", 0.0, True),
-    "expert+momentum+queue": (True, "expert", 0.99, True),
+ARMS = {  # name -> (contrastive on, reading, key-head momentum, queue, debias tau+)
+    "base": (False, "sequence", 0.0, False, 0.0),
+    "sequence": (True, "sequence", 0.0, False, 0.0),  # routings only, no heads, no queue, plain InfoNCE
+    "sequence+debias": (True, "sequence", 0.0, False, 0.125),  # train.py's default since round 10
+    "sequence+queue": (True, "sequence", 0.0, True, 0.0),
+    "assign+queue": (True, "assign", 0.0, True, 0.0),  # the queue only in the Sinkhorn codes
+    "mixture+queue": (True, "mixture", 0.0, True, 0.0),
+    "expert+momentum+queue": (True, "expert", 0.99, True, 0.0),
 }
 
 
-def step_fn(path, ids, cl_on, views, momentum, queue_on, K=1024, tps=256):
+def step_fn(path, ids, cl_on, views, momentum, queue_on, debias, K=1024, tps=256):
     """One training step (LM + 0.01 balance [+ lambda_cl L_cl]) of a fresh adapted model, SGD."""
     from contrastive import ROUTING_VIEWS, contrastive_loss, make_heads
     from expert_queue import ExpertQueue
@@ -53,7 +54,8 @@ def step_fn(path, ids, cl_on, views, momentum, queue_on, K=1024, tps=256):
         rec = stack_records(recs)
         loss = loss + 0.01 * balance_loss(rec, weight)
         if cl_on:
-            cl, new = contrastive_loss(rec, weight, views, heads, queue, tps, temperature=0.07, generator=gen)
+            cl, new = contrastive_loss(rec, weight, views, heads, queue, tps, temperature=0.07, debias=debias,
+                                       generator=gen)
             loss = loss + cl
         loss.backward()
         with torch.no_grad():

@@ -168,15 +168,19 @@ def test_subset_map_equals_transformers_over_terminated_answers(tiny_ckpt, tmp_p
         ours, _ = sc.score_logits(model, tok, prompts, items, batch_size=4, chat=chat)
         for (p, r), it, got in zip(prompts, items, ours):
             prompt = tok.encode(p + r)
+            answers = ["".join(c) for n in range(1, len(it.options) + 1)
+                       for c in itertools.combinations(sorted(it.options), n)]
+            conts = [tok.encode(a + term) for a in answers]
+            width = len(prompt) + max(map(len, conts))  # why one batch: right padding cannot reach earlier
+            ids = torch.tensor([prompt + c + [0] * (width - len(prompt) - len(c)) for c in conts])  # positions
+            with torch.no_grad():  # transformers' forward of every answer string in full, its LM head where read
+                h = hf.model(ids).last_hidden_state[:, len(prompt) - 1:]  # (answers, longest answer + 1, hidden)
+                lp = hf.lm_head(h).log_softmax(-1)
+            scores = [sum(lp[i, j, t].item() for j, t in enumerate(c)) for i, c in enumerate(conts)]
             best, best_s = None, -float("inf")
-            for n in range(1, len(it.options) + 1):
-                for c in itertools.combinations(sorted(it.options), n):
-                    cont = tok.encode("".join(c) + term)
-                    with torch.no_grad():
-                        lp = hf(torch.tensor([prompt + cont])).logits[0].log_softmax(-1)
-                    s = sum(lp[len(prompt) - 1 + j, t].item() for j, t in enumerate(cont))
-                    if s > best_s + 1e-6:
-                        best, best_s = "".join(c), s
+            for a, s in zip(answers, scores):
+                if s > best_s + 1e-6:
+                    best, best_s = a, s
             assert got == best, (it.id, chat)
 
 
