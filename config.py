@@ -64,7 +64,7 @@ class TrainConfig(LoRAMoEConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.cl_debias is None:  # why not a fixed default: the head readings mask same-expert negatives instead
-            self.cl_debias = DEBIAS if self.uses_contrastive and self.cl_views in ROUTING_VIEWS else 0.0
+            self.cl_debias = DEBIAS if self.contrasts_routings else 0.0
         validate(self)
 
     def loss_weights(self) -> dict:
@@ -75,6 +75,11 @@ class TrainConfig(LoRAMoEConfig):
     @property
     def uses_contrastive(self) -> bool:
         return self.loss_weights()["contrastive"] > 0
+
+    @property
+    def contrasts_routings(self) -> bool:
+        """The contrastive term is on and reads routings (sequence, assign): what --cl-debias corrects."""
+        return self.uses_contrastive and self.cl_views in ROUTING_VIEWS
 
 
 HELP = {  # group -> {field: what it does and what it goes with}; --help prints these, with default and range
@@ -169,17 +174,17 @@ def validate(cfg: TrainConfig):
     combination that would do nothing, or something other than it says, is refused with one line."""
     if cfg.cl_views not in CL_VIEWS:
         raise ValueError(f"--cl-views {cfg.cl_views!r}: valid: {', '.join(CL_VIEWS)}")
-    contrastive = cfg.lambda_cl > 0 and cfg.num_experts > 1
+    contrastive = cfg.uses_contrastive
     if cfg.queue and not contrastive:
         raise ValueError("--queue holds negatives of the contrastive term, which is off (--lambda-cl 0 or "
                          "--num-experts 1)")
     if cfg.queue_momentum > 0 and not (contrastive and cfg.cl_views not in ROUTING_VIEWS):
         raise ValueError("--queue-momentum moves projection heads, which only the head readings have "
                          "(--cl-views mixture|expert, with --lambda-cl > 0 and --num-experts > 1)")
-    if contrastive and cfg.cl_views in ROUTING_VIEWS and cfg.batch_size < 2 and not cfg.queue:
+    if cfg.contrasts_routings and cfg.batch_size < 2 and not cfg.queue:
         raise ValueError(f"--cl-views {cfg.cl_views} contrasts the sequences of one micro-batch: --batch-size 1 "
                          "leaves no negatives (use --batch-size >= 2, --queue, or --lambda-cl 0)")
-    if cfg.cl_debias > 0 and not (contrastive and cfg.cl_views in ROUTING_VIEWS):
+    if cfg.cl_debias > 0 and not cfg.contrasts_routings:
         raise ValueError("--cl-debias corrects the routing readings' InfoNCE (--cl-views sequence|assign, with "
                          "--lambda-cl > 0 and --num-experts > 1)")
     if cfg.cl_debias > 0 and cfg.temperature < 0.02:  # why: debiased_nce takes exp of scores up to 1/tau

@@ -103,8 +103,7 @@ def sequence_views(probs, weight):
     return routing_view(mean), count > 0
 
 
-def sequence_info_nce(rho, seq, phi, present, q_keys=None, q_labels=None, *, temperature: float,
-                      debias: float = 0.0):
+def sequence_info_nce(rho, seq, phi, present, q_keys=None, q_labels=None, *, temperature: float, debias: float):
     """Per site and anchor, InfoNCE of routed views rho (S, n, E) against fused views phi (S, B, E): anchor t's
     positive is phi[:, seq[t]], its negatives every other present row of phi and every filled queue entry
     (q_keys (S, K, E), q_labels (S, K): its top expert, -1 = empty) whose top expert is not that of t's own
@@ -137,7 +136,7 @@ def debiased_nce(logits, tau_plus: float, temperature: float):
 
 
 def sequence_loss(rec: RouterRecord, weight, queue: ExpertQueue | None, tokens_per_site: int,
-                  temperature: float, generator=None, debias: float = 0.0):
+                  temperature: float, debias: float, generator=None):
     """The sequence reading over a stacked record (S, B, T, ...) and token weights (B, T): mean over sites of
     the mean over sampled real tokens (the formula at the top). Returns (loss, (keys (S, B_all, E), labels
     (S, B_all)): this micro-step's phi of every rank, for the queue, or None without one).
@@ -194,7 +193,7 @@ def sinkhorn(scores, valid, epsilon: float = SINKHORN_EPSILON, iters: int = SINK
 
 
 def assign_loss(rec: RouterRecord, weight, queue: ExpertQueue | None, tokens_per_site: int, temperature: float,
-                generator=None, debias: float = 0.0):
+                debias: float, generator=None):
     """The assign reading over a stacked record (S, B, T, ...) and token weights (B, T) (the formula at the top):
     the sequence reading's InfoNCE against this micro-batch's sequences only, plus the code term: the fused
     views of these sequences and of the queue's past ones get balanced codes c = Sinkhorn(phi / epsilon), and
@@ -342,16 +341,17 @@ def head_loss(views: str, rec: RouterRecord, weight, heads: ContrastiveHeads, qu
 
 
 def contrastive_loss(rec: RouterRecord, weight, views: str, heads: ContrastiveHeads | None,
-                     queue: ExpertQueue | None, tokens_per_site: int = 256, *, temperature: float,
-                     debias: float = 0.0, generator=None):
+                     queue: ExpertQueue | None, tokens_per_site: int = 256, *, temperature: float, debias: float,
+                     generator=None):
     """(L_cl, new queue entries): L_cl the mean over sites of the reading ``views`` (the formulas above), over
     one forward's stacked record (S, B, T, ...) (``lora_moe.record_routing`` + ``stack_records``) and token
     weights (B, T) (1 real, 0 padding). ``queue``: None = no memory queue, else read here; the entries this
     micro-step adds, (keys (S, n, d), labels (S, n)) of every rank, are returned, not written: train.py enqueues
     a step's entries after its optimizer step, so every micro-step of a step reads the same queue. ``heads``: the
-    head readings' projection heads (None for the sequence reading). ``debias``: --cl-debias (routing readings)."""
+    head readings' projection heads (None for the sequence reading). ``debias``: --cl-debias's tau+, read by the
+    routing readings (0 = plain InfoNCE; the head readings mask same-expert negatives instead)."""
     if views == "sequence":
-        return sequence_loss(rec, weight, queue, tokens_per_site, temperature, generator, debias)
+        return sequence_loss(rec, weight, queue, tokens_per_site, temperature, debias, generator)
     if views == "assign":
-        return assign_loss(rec, weight, queue, tokens_per_site, temperature, generator, debias)
+        return assign_loss(rec, weight, queue, tokens_per_site, temperature, debias, generator)
     return head_loss(views, rec, weight, heads, queue, tokens_per_site, temperature, generator)

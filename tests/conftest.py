@@ -11,21 +11,22 @@ SHARED = os.environ.get("SPARSEDOCTOR_SHARED", os.path.join(os.path.dirname(ROOT
 BENCH = os.path.join(SHARED, "benchmarks")
 
 
-def run_at_once(*calls) -> list:
-    """Each call (argv list, or a shell line as a str; optional stdin bytes as a second item) run from the repo
-    root, all at once; their CompletedProcess in order (bytes out). why at once: each is mostly one-threaded
-    start-up (imports, loading), so one after another leaves a core of 2 idle."""
+def run_at_once(*calls, env=None, timeout: float = 300) -> list:
+    """Each call (python's argv list, or a shell line as a str; optional stdin bytes as a second item) run from
+    the repo root, all at once; their CompletedProcess in order (bytes out). why at once: a run is mostly
+    one-threaded (start-up, or OMP_NUM_THREADS=1 for float-for-float comparisons), so one after another leaves
+    a core of 2 idle; no call may read another's files."""
     import subprocess
 
     procs = []
     for call in calls:
         cmd, stdin = call if isinstance(call, tuple) else (call, None)
         procs.append((cmd, stdin, subprocess.Popen(cmd if isinstance(cmd, str) else [sys.executable, *cmd],
-                                                   shell=isinstance(cmd, str), cwd=ROOT, stdin=subprocess.PIPE,
+                                                   shell=isinstance(cmd, str), cwd=ROOT, env=env, stdin=subprocess.PIPE,
                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
     done = []
     for cmd, stdin, p in procs:
-        out, err = p.communicate(stdin, timeout=300)
+        out, err = p.communicate(stdin, timeout=timeout)
         done.append(subprocess.CompletedProcess(cmd, p.returncode, out, err))
     return done
 

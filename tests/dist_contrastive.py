@@ -50,7 +50,7 @@ def run(rank=0, world=1, views="mixture", momentum=0.0, micro=1):
                 logits = model(ids)
             lm_j = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1)) / micro
             cl_j, entries = contrastive_loss(stack_records(recs), torch.ones(ids.shape), views, heads, queues,
-                                             tokens_per_site=10_000, temperature=0.1)
+                                             tokens_per_site=10_000, temperature=0.1, debias=0.0)
             (lm_j + 0.5 * cl_j / micro).backward()
             lm, cl, new = lm + lm_j.detach(), cl + cl_j.detach() / micro, new + [entries]
         with torch.no_grad():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, run_at_once
 
 
 def _load_ablation():
@@ -70,13 +70,10 @@ def test_quick_ablation_is_reproducible(tmp_path):
     agree on every number but the timings, in the same order."""
     outs = []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in both, so the same float sums
-    # why both at once: the --jobs 1 invocation alone would leave one of 2 cores idle
-    procs = [subprocess.Popen([sys.executable, "bench/ablation.py", "--quick", "--out", str(tmp_path / f"run{k}"),
-                               "--jobs", jobs], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env) for k, jobs in enumerate(("1", "3"))]
-    for k, p in enumerate(procs):
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+    runs = run_at_once(*(["bench/ablation.py", "--quick", "--out", str(tmp_path / f"run{k}"), "--jobs", jobs]
+                         for k, jobs in enumerate(("1", "3"))), env=env, timeout=600)
+    for k, r in enumerate(runs):
+        assert r.returncode == 0, r.stderr.decode()[-3000:]
         res = json.load(open(tmp_path / f"run{k}" / "results.json"))
         for r in res["runs"]:
             r.pop("step_time_s"), r.pop("peak_rss_mb")

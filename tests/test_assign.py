@@ -70,7 +70,8 @@ def test_assign_reading_equals_the_formula_end_to_end():
     routers = [m.router.weight for _, m in sites(model)]
 
     rec, _ = forward_records(model, ids)
-    got, new = contrastive_loss(rec, mask.float(), "assign", None, queue, tokens_per_site=1000, temperature=0.1)
+    got, new = contrastive_loss(rec, mask.float(), "assign", None, queue, tokens_per_site=1000,
+                                temperature=0.1, debias=0.0)
     got_grad = torch.autograd.grad(got, routers)
     rec, _ = forward_records(model, ids)
     keep, seq = mask.reshape(-1), torch.arange(3)[:, None].expand(3, 6).reshape(-1)[mask.reshape(-1)]
@@ -89,11 +90,12 @@ def test_assign_reading_reads_only_filled_queue_slots():
     S = len(sites(model))
     rec, w = forward_records(model, torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1)))
     queue = ExpertQueue(S, size=16, dim=4)
-    in_batch, none = contrastive_loss(rec, w, "assign", None, None, temperature=0.07)
-    empty, (keys, labels) = contrastive_loss(rec, w, "assign", None, queue, temperature=0.07)
+    in_batch, none = contrastive_loss(rec, w, "assign", None, None, temperature=0.07, debias=0.0)
+    empty, (keys, labels) = contrastive_loss(rec, w, "assign", None, queue, temperature=0.07, debias=0.0)
     assert none is None and torch.allclose(empty, in_batch, atol=1e-6)
     queue.enqueue(F.normalize(torch.randn(S, 8, 4), dim=-1), torch.zeros(S, 8, dtype=torch.long))
-    assert not torch.allclose(contrastive_loss(rec, w, "assign", None, queue, temperature=0.07)[0], in_batch, atol=1e-3)
+    assert not torch.allclose(contrastive_loss(rec, w, "assign", None, queue,
+                                               temperature=0.07, debias=0.0)[0], in_batch, atol=1e-3)
 
 
 def test_assign_reading_sharpens_routing_toward_one_expert_per_sequence():
@@ -115,7 +117,8 @@ def test_assign_reading_sharpens_routing_toward_one_expert_per_sequence():
     a0, h0 = agreement_and_entropy()
     for _ in range(40):
         opt.zero_grad()
-        loss, entries = contrastive_loss(*forward_records(model, ids), "assign", None, queue, temperature=0.07)
+        loss, entries = contrastive_loss(*forward_records(model, ids), "assign", None, queue,
+                                         temperature=0.07, debias=0.0)
         loss.backward()
         opt.step()
         queue.enqueue(*entries)

@@ -93,10 +93,11 @@ def test_gradients_reach_heads_routers_and_A_but_not_the_queue():
     heads = make_heads(model, dim=16)
     queue = ExpertQueue(len(sites(model)), size=32, dim=16)
     ids = torch.randint(0, 64, (2, 10))
-    _, new = contrastive_loss(*forward_records(model, ids, expert_acts=True), "mixture", heads, queue, temperature=0.1)
+    _, new = contrastive_loss(*forward_records(model, ids, expert_acts=True), "mixture", heads, queue,
+                              temperature=0.1, debias=0.0)
     queue.enqueue(*new)
     loss, new = contrastive_loss(*forward_records(model, ids, expert_acts=True), "mixture", heads, queue,
-                                 temperature=0.1)
+                                 temperature=0.1, debias=0.0)
     queue.enqueue(*new)
     loss.backward()
     for _, m in sites(model):
@@ -120,7 +121,8 @@ def test_padding_never_enters_and_sampling_bounds_tokens(views):
     dim = 16 if views == "mixture" else 4
     queue = ExpertQueue(len(sites(model)), size=100, dim=dim)
     acts = views == "mixture"
-    full, new = contrastive_loss(*forward_records(model, ids, mask, acts), views, heads, queue, temperature=0.07)
+    full, new = contrastive_loss(*forward_records(model, ids, mask, acts), views, heads, queue,
+                                 temperature=0.07, debias=0.0)
     queue.enqueue(*new)
     if views == "mixture":
         assert int((queue.labels >= 0).sum()) == 16 * len(sites(model))
@@ -128,7 +130,8 @@ def test_padding_never_enters_and_sampling_bounds_tokens(views):
         assert int((queue.labels >= 0).sum()) == 2 * len(sites(model))  # one fused view per sequence
         other = ids.clone()
         other[0, :4] = (other[0, :4] + 5) % 64
-        in_batch = functools.partial(contrastive_loss, views=views, heads=None, queue=None, temperature=0.07)
+        in_batch = functools.partial(contrastive_loss, views=views, heads=None, queue=None, temperature=0.07,
+                                     debias=0.0)
         again = in_batch(*forward_records(model, other, mask))[0]
         assert torch.allclose(again, in_batch(*forward_records(model, ids, mask))[0])
         rec, w = forward_records(model, ids, mask)
@@ -136,7 +139,7 @@ def test_padding_never_enters_and_sampling_bounds_tokens(views):
     queue = ExpertQueue(len(sites(model)), size=100, dim=dim)
     gen = torch.Generator().manual_seed(0)
     few, new = contrastive_loss(*forward_records(model, ids, mask, acts), views, heads, queue, tokens_per_site=5,
-                                temperature=0.07, generator=gen)
+                                temperature=0.07, debias=0.0, generator=gen)
     queue.enqueue(*new)
     if views == "mixture":
         assert int((queue.labels >= 0).sum()) == 5 * len(sites(model))
@@ -215,7 +218,7 @@ def test_contrastive_loss_equals_the_formula_end_to_end(views, momentum):
     g = torch.Generator().manual_seed(3)  # 8 entries of other labels, 2 slots left empty
     queue.enqueue(F.normalize(torch.randn(S, 8, 16, generator=g), dim=-1), torch.randint(0, 4, (S, 8), generator=g))
     rec, weight = forward_records(model, torch.randint(0, 64, (2, 6)), expert_acts=True)
-    got, _ = contrastive_loss(rec, weight, views, heads, queue, tokens_per_site=1000, temperature=0.1)
+    got, _ = contrastive_loss(rec, weight, views, heads, queue, tokens_per_site=1000, temperature=0.1, debias=0.0)
     key_head = heads.key if momentum else heads.query
     want = []
     for i in range(S):
@@ -246,7 +249,7 @@ def test_expert_reading_sharpens_the_router_toward_its_choice():
     for _ in range(20):
         opt.zero_grad()
         contrastive_loss(*forward_records(model, ids, expert_acts=True), "expert", heads, None,
-                         temperature=0.1)[0].backward()
+                         temperature=0.1, debias=0.0)[0].backward()
         opt.step()
     assert top1_prob().item() > before + 0.05
 
@@ -350,7 +353,8 @@ def test_sequence_reading_routes_each_sequence_alike_and_sequences_apart():
     (w0, b0) = within_and_between()
     for _ in range(30):
         opt.zero_grad()
-        contrastive_loss(*forward_records(model, ids), "sequence", None, None, temperature=0.1)[0].backward()
+        contrastive_loss(*forward_records(model, ids), "sequence", None, None,
+                         temperature=0.1, debias=0.0)[0].backward()
         opt.step()
     w1, b1 = within_and_between()
     assert w1 >= w0 and (w1 - b1) > (w0 - b0) + 0.15
@@ -369,9 +373,10 @@ def test_the_loss_reads_the_queue_and_returns_what_to_enqueue():
     heads = make_heads(model, dim=16)
     rec, w = forward_records(model, torch.randint(0, 64, (2, 10)), expert_acts=True)
     queue = ExpertQueue(len(sites(model)), size=64, dim=16)
-    with_queue, (keys, labels) = contrastive_loss(rec, w, "mixture", heads, queue, temperature=0.1)
-    in_batch, none = contrastive_loss(rec, w, "mixture", heads, None, temperature=0.1)
+    with_queue, (keys, labels) = contrastive_loss(rec, w, "mixture", heads, queue, temperature=0.1, debias=0.0)
+    in_batch, none = contrastive_loss(rec, w, "mixture", heads, None, temperature=0.1, debias=0.0)
     assert torch.allclose(with_queue, in_batch) and none is None
     assert int((queue.labels >= 0).sum()) == 0 and keys.shape == (len(sites(model)), 20, 16)
     queue.enqueue(keys, labels)
-    assert not torch.allclose(contrastive_loss(rec, w, "mixture", heads, queue, temperature=0.1)[0], in_batch)
+    assert not torch.allclose(contrastive_loss(rec, w, "mixture", heads, queue,
+                                               temperature=0.1, debias=0.0)[0], in_batch)

@@ -361,16 +361,11 @@ def test_bad_benchmark_files_are_one_line_errors(tmp_path, tiny_ckpt):
 
 
 def test_two_process_eval_equals_one(tiny_ckpt, tmp_path):
-    base = [sys.executable, "eval.py", "cmexam", "--model", tiny_ckpt, "--batch-size", "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(base + ["--out", str(tmp_path / "one")], cwd=ROOT, env=env,  # why at once: 2 cores
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-             subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                               "--master_port=29533"] + base[1:] + ["--out", str(tmp_path / "two")], cwd=ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    base = ["eval.py", "cmexam", "--model", tiny_ckpt, "--batch-size", "4"]
+    for r in run_at_once(base + ["--out", str(tmp_path / "one")],
+                         ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"] + base
+                         + ["--out", str(tmp_path / "two")], env={**os.environ, "OMP_NUM_THREADS": "1"}):
+        assert r.returncode == 0, r.stderr.decode()[-3000:]
     one = json.load(open(tmp_path / "one" / "summary.json"))
     two = json.load(open(tmp_path / "two" / "summary.json"))
     assert one["n"] == two["n"] == 39

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from conftest import ROOT, small_cfg
+from conftest import ROOT, run_at_once, small_cfg
 
 from config import TrainConfig
 from tokenizer import IM_END, Tokenizer
@@ -154,23 +154,14 @@ def train_cli(args, out, nproc: int = 1) -> list[dict]:
 
 
 def train_clis(*runs) -> list[list[dict]]:
-    """``train_cli`` for several (args, out, nproc) at once, each in its own processes; their records in order.
-    why at once: every process has one thread, so a 1-process run next to a 2-rank one fills the 2 cores that
-    it alone would leave half idle (the results cannot differ: no run reads another's files)."""
-    import subprocess
-    import sys
+    """``train_cli`` for several (args, out, nproc) at once (``run_at_once``), each in its own processes; their
+    records in order."""
+    def argv(args, out, nproc):
+        launch = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        return launch + ["train.py", *args, "--out", str(out)]
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    procs = []
-    for args, out, nproc in runs:
-        launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                      f"--nproc_per_node={nproc}"]
-        procs.append(subprocess.Popen(launch + ["train.py", *args, "--out", str(out)], cwd=root, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    for r in run_at_once(*(argv(*run) for run in runs), env={**os.environ, "OMP_NUM_THREADS": "1"}):
+        assert r.returncode == 0, r.stderr.decode()[-3000:]
     return [[json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))] for _, out, _ in runs]
 
 
