@@ -1,7 +1,7 @@
 """Checkpoints: what one holds, written atomically, read without trusting it.
 
 A checkpoint (``ckpt-NNNNNN/`` in a run directory, see run_dir.py) holds
-``adapter.safetensors`` (adapters, contrastive heads, queues), ``adapter_config.json``, ``state.safetensors`` +
+``adapter.safetensors`` (adapters and the expert memory queue), ``adapter_config.json``, ``state.safetensors`` +
 ``state.json`` (optimizer, schedule, every RNG: tensors and plain JSON, so reading a checkpoint can never run
 code), ``train_config.json`` and ``manifest.json`` (the sha256 of each file, checked on every load). It is
 written into ``ckpt-N.tmp/``, flushed to disk and renamed: a kill at any moment leaves the previous
@@ -27,14 +27,12 @@ CKPT_FILES = {"adapter.safetensors", "adapter_config.json", "state.safetensors",
               "manifest.json"}  # everything save_checkpoint writes into a checkpoint dir
 
 
-def gather_state(body, queue, opt):
-    """Every rank calls this (under FSDP it gathers): (adapter + head + queue tensors, optimizer state)."""
-    tensors = {n: full_tensor(p).detach() for n, p in adapter_state(body.model).items()}
-    if body.heads is not None:
-        tensors.update({f"heads.{k}": full_tensor(v) for k, v in body.heads.state_dict().items()})
+def gather_state(objective, queue, opt):
+    """Every rank calls this (under FSDP it gathers): (adapter + queue tensors, optimizer state)."""
+    tensors = {n: full_tensor(p).detach() for n, p in adapter_state(objective.model).items()}
     if queue is not None:
         tensors.update({f"queue.{k}": v for k, v in queue.state_dict().items()})
-    return tensors, optimizer_state(body, opt)
+    return tensors, optimizer_state(objective, opt)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,14 +170,9 @@ def is_valid_checkpoint(path: str) -> bool:
     return all(os.path.isfile(os.path.join(path, f)) for f in needed)
 
 
-def load_checkpoint(path: str, model, heads, queue, device) -> dict:
-    """Fill adapters, heads and queue from checkpoint ``path`` (checksums verified); return its
-    training state."""
+def load_checkpoint(path: str, model, queue, device) -> dict:
+    """Fill adapters and queue from checkpoint ``path`` (checksums verified); return its training state."""
     extra = load_adapter(model, path)
-    if heads is not None:
-        heads.load_state_dict({k[6:]: v for k, v in extra.items() if k.startswith("heads.")})
     if queue is not None:
         queue.load_state_dict({k[6:]: v.to(device) for k, v in extra.items() if k.startswith("queue.")})
     return read_training_state(path)
-
-

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from safetensors import SafetensorError
@@ -58,8 +59,10 @@ def message(e: BaseException) -> str:
     return " ".join(str(text).split()) or type(e).__name__
 
 
-def run(fn, debug: bool):
-    """Call ``fn``; a user mistake ends as ``error: ...`` on one line with exit status 2."""
+def run(fn, debug: bool = False):
+    """Call ``fn``; a user mistake ends as ``error: ...`` on one line with exit status 2 (a traceback instead with
+    ``debug`` or the environment variable SPARSEDOCTOR_DEBUG=1)."""
+    debug = debug or os.environ.get("SPARSEDOCTOR_DEBUG", "") not in ("", "0")
     try:
         return fn()
     except KeyboardInterrupt:

@@ -1,7 +1,8 @@
 """Every flag of train.py: ``TrainConfig`` (one field per flag, ``--num-experts`` for ``num_experts``), what each
-does (``HELP``, shown by ``--help`` in groups), each flag's own range (``CHECKS``) and, in ``validate``, every
-rule on how flags combine. A bad value or a combination that would do nothing stops here with one line,
-before anything is loaded.
+does (``HELP``, shown by ``--help`` in groups), each flag's own range (``CHECKS``) and, in ``validate``, the
+rules on how train.py's flags combine (the adapters' own shape rules are ``LoRAMoEConfig``'s; what a run dir
+allows is run_dir.py's). A bad value or a combination that would do nothing stops here with one line, before
+anything is loaded. Settings a user of the recipe does not set are constants where they are used.
 """
 from __future__ import annotations
 
@@ -10,79 +11,66 @@ import os
 from dataclasses import dataclass, fields
 
 import cli
-from contrastive import CL_VIEWS, ROUTING_VIEWS
 from lora_moe import ROUTERS, TARGETS, LoRAMoEConfig, check_targets
 from model import Qwen3Config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEBIAS = 0.125  # --cl-debias's default tau+ for the routing readings: 1/8 (docs/ablation.md, round 10)
+BUNDLED_DATA = os.path.join(HERE, "data", "med_sample.jsonl")
+DEBIAS = 0.125  # --cl-debias's default tau+ (docs/results.md: it fits better)
 
 
 @dataclass
 class TrainConfig(LoRAMoEConfig):
-    """The adapter fields (num_experts, rank, alpha, top_k, dropout, targets) and their defaults come from
+    """The adapter fields (num_experts, rank, alpha, top_k, dropout, targets, router) and their defaults come from
     ``LoRAMoEConfig``; the rest are the run's."""
-    data: str = os.path.join(HERE, "data", "med_sample.jsonl")
-    max_len: int = 512
-    skip_bad: bool = False
     model: str | None = None
-    dtype: str | None = None
     grad_checkpointing: bool = False
     compile: bool = False
+    fsdp: bool = False
     lambda_bal: float = 0.01
-    z_loss: float = 0.0
+    lambda_z: float = 0.0
     lambda_cl: float = 1.0
-    cl_views: str = "sequence"
     temperature: float = 0.2
-    cl_debias: float | None = None  # None: DEBIAS with a routing reading, else 0 (resolved in __post_init__)
-    tokens_per_site: int = 256
-    queue: bool = False
-    queue_size: int = 1024
-    queue_momentum: float = 0.0
-    router_warmup: int = 0
-    proj_dim: int = 64
-    ce_chunk: int = 2048
+    cl_debias: float | None = None  # None: DEBIAS with the contrastive term on, else 0 (resolved in __post_init__)
+    queue: int = 0
+    data: str = BUNDLED_DATA
+    max_len: int = 512
     batch_size: int = 4
     grad_accum: int = 1
     steps: int = 100
     lr: float = 1e-3
     warmup: int = 10
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    clip: float = 1.0
     seed: int = 0
-    fsdp: bool = False
     out: str = "runs/sparsedoctor"
     save_every: int = 50
     keep: int = 2
     resume: str | None = None
     overwrite: bool = False
-    log_every: int = 1
-    progress: bool = True
-    debug: bool = False
 
     def __post_init__(self):
         super().__post_init__()
-        if self.cl_debias is None:  # why not a fixed default: the head readings mask same-expert negatives instead
-            self.cl_debias = DEBIAS if self.contrasts_routings else 0.0
+        if self.cl_debias is None:  # why not a fixed default: with the term off, tau+ would be a setting doing nothing
+            self.cl_debias = DEBIAS if self.uses_contrastive else 0.0
         validate(self)
 
     def loss_weights(self) -> dict:
         """The weight of each routing term as trained: all 0 for plain LoRA (E = 1: no router to train)."""
         routed = self.num_experts > 1
-        return {"balance": self.lambda_bal * routed, "z": self.z_loss * routed, "contrastive": self.lambda_cl * routed}
+        return {"balance": self.lambda_bal * routed, "z": self.lambda_z * routed, "contrastive": self.lambda_cl * routed}
 
     @property
     def uses_contrastive(self) -> bool:
         return self.loss_weights()["contrastive"] > 0
 
-    @property
-    def contrasts_routings(self) -> bool:
-        """The contrastive term is on and reads routings (sequence, assign): what --cl-debias corrects."""
-        return self.uses_contrastive and self.cl_views in ROUTING_VIEWS
-
 
 HELP = {  # group -> {field: what it does and what it goes with}; --help prints these, with default and range
+    "data and model": {
+        "data": "training jsonl: messages, prompt/response, instruction/input/output, ShareGPT conversations "
+                "or a HuatuoGPT data list per line; a malformed line stops the run, naming file:line",
+        "max_len": "tokens per example; longer ones are truncated (examples with no answer token left dropped)",
+        "model": "Hugging Face Qwen3 checkpoint dir (config.json, *.safetensors, tokenizer.json); "
+                 "none: the tiny random demo model. The frozen base is bfloat16 on CUDA, float32 on CPU",
+    },
     "adapters": {
         "num_experts": "LoRA experts per adapted projection (E); 1 = plain LoRA: no router, routing terms off",
         "rank": "rank r of each expert",
@@ -93,49 +81,27 @@ HELP = {  # group -> {field: what it does and what it goes with}; --help prints 
         "router": "what a router reads: context (x_t and the mean of the projection's inputs over the sequence "
                   "so far; docs/design.md) or token (x_t alone, the paper's token routing)",
     },
-    "model": {
-        "model": "Hugging Face Qwen3 checkpoint dir (config.json, *.safetensors, tokenizer.json); "
-                 "none: the tiny random demo model",
-        "dtype": "the frozen base's dtype (default: bfloat16 on CUDA, float32 on CPU); adapters stay float32",
-        "grad_checkpointing": "recompute each decoder block in backward: less memory, ~30%% more compute",
-        "compile": "torch.compile each decoder block (adapters included); the first steps compile (minutes)",
-    },
     "losses (one weight per term; 0 = off)": {
         "lambda_bal": "weight of the load-balancing term E sum_e f_e P_e",
-        "z_loss": "weight of the router z-loss mean(logsumexp(logits)^2)",
-        "lambda_cl": "weight of the expert contrastive term (docs/ablation.md chose 1.0)",
-        "cl_views": "contrastive reading: sequence (routings; the default), assign (sequence + balanced "
-                    "Sinkhorn codes), or mixture / expert (projection heads over the experts' activations)",
-        "temperature": "InfoNCE temperature tau (docs/ablation.md round 9 chose 0.2: experts specialize more)",
+        "lambda_z": "weight of the router z-loss mean(logsumexp(logits)^2)",
+        "lambda_cl": "weight of the expert contrastive term (routed vs fused views, InfoNCE)",
+        "temperature": "InfoNCE temperature tau (0.2: experts specialize more than at 0.07; docs/results.md)",
         "cl_debias": "debiased InfoNCE (Chuang et al. 2020): tau+, the expected share of negatives of the anchor's "
-                     "own kind, taken out of the negatives' sum (round 10 chose 1/8: a better fit); routing "
-                     "readings only; 0 = plain InfoNCE",
-        "tokens_per_site": "anchor tokens sampled per adapted projection for the contrastive term",
-        "queue": "the expert memory queue: past keys as negatives (with assign: only in the Sinkhorn codes); "
-                 "needs the contrastive term",
-        "queue_size": "queue entries per adapted projection (K), with --queue",
-        "queue_momentum": "EMA momentum of the key heads (MoCo), head readings only; 0 = keys from the heads",
-        "router_warmup": "first steps in which only routers (and heads) train, the experts frozen at their init; "
-                         "0 = off",
-        "proj_dim": "projection heads' output size, head readings only",
-        "ce_chunk": "answer positions per LM-head chunk (memory of the logits, not the result)",
-    },
-    "data": {
-        "data": "training jsonl: messages, prompt/response, instruction/input/output, ShareGPT conversations "
-                "or a HuatuoGPT data list per line",
-        "max_len": "tokens per example; longer ones are truncated (examples with no answer token left dropped)",
-        "skip_bad": "skip malformed lines (counted) instead of stopping at the first",
+                     "own kind, taken out of the negatives' sum (1/8 fits better; docs/results.md); 0 = plain InfoNCE",
+        "queue": "the expert memory queue: K past sequences' fused views per adapted projection as more "
+                 "negatives; 0 = off (off by default: docs/results.md, the queue)",
     },
     "optimisation": {
-        "batch_size": "sequences per micro-batch per process; the sequence reading contrasts each with the others",
+        "batch_size": "sequences per micro-batch per process; the contrastive term contrasts each with the others",
         "grad_accum": "micro-batches per optimizer step (the step's batch: batch-size x grad-accum x processes)",
         "steps": "optimizer steps in all (on resume: the total, not the steps still to run)",
         "lr": "peak learning rate of AdamW (~2e-4 on a real Qwen3; 1e-3 suits the tiny demo)",
-        "warmup": "linear warmup steps, then cosine down to --min-lr-ratio x --lr at --steps",
-        "min_lr_ratio": "the cosine schedule's floor, as a share of --lr",
-        "weight_decay": "AdamW weight decay",
-        "clip": "gradient-norm clip; 0 = off",
+        "warmup": "linear warmup steps, then cosine down to 0.1 x --lr at --steps",
         "seed": "seed of the adapters' init, the batch order, dropout and token sampling",
+    },
+    "memory and speed": {
+        "grad_checkpointing": "recompute each decoder block in backward: less memory, ~30%% more compute",
+        "compile": "torch.compile each decoder block (adapters included); the first steps compile (minutes)",
         "fsdp": "under torchrun: shard the base with FSDP2 instead of replicating it (DDP)",
     },
     "run directory": {
@@ -145,9 +111,6 @@ HELP = {  # group -> {field: what it does and what it goes with}; --help prints 
         "resume": "continue exactly from a run dir's newest valid checkpoint, or a checkpoint dir; a new dir "
                   "starts fresh",
         "overwrite": "start over in an --out that holds an earlier run (removes only what train.py wrote)",
-        "log_every": "steps between per-layer routing statistics in metrics.jsonl",
-        "progress": "no progress bar",
-        "debug": "tracebacks instead of one-line errors",
     },
 }
 INF = float("inf")
@@ -156,43 +119,31 @@ CHECKS = {  # each numeric flag's parser, which states its valid range
     "alpha": cli.in_range(0, INF, lo_open=True), "dropout": cli.in_range(0, 1, hi_open=True),
     "max_len": cli.at_least(2), "batch_size": cli.at_least(1), "grad_accum": cli.at_least(1),
     "steps": cli.at_least(1), "lr": cli.in_range(0, INF, lo_open=True), "warmup": cli.at_least(0),
-    "min_lr_ratio": cli.in_range(0, 1), "weight_decay": cli.at_least(0, float), "clip": cli.at_least(0, float),
-    "seed": cli.at_least(0), "lambda_bal": cli.at_least(0, float), "z_loss": cli.at_least(0, float),
+    "seed": cli.at_least(0), "lambda_bal": cli.at_least(0, float), "lambda_z": cli.at_least(0, float),
     "lambda_cl": cli.at_least(0, float), "temperature": cli.in_range(0, INF, lo_open=True),
-    "cl_debias": cli.in_range(0, 1, hi_open=True),
-    "queue_momentum": cli.in_range(0, 1, hi_open=True), "queue_size": cli.at_least(1), "router_warmup": cli.at_least(0),
-    "proj_dim": cli.at_least(1), "tokens_per_site": cli.at_least(1), "ce_chunk": cli.at_least(1),
-    "save_every": cli.at_least(1), "keep": cli.at_least(1), "log_every": cli.at_least(1)}
-# adapter and loss shapes a checkpoint was trained with: a resume must use the same ones (run_dir.plan_resume
-# also refuses a resume that turns the contrastive term or the momentum heads on or off)
-FIXED_ON_RESUME = ("num_experts", "rank", "alpha", "top_k", "targets", "router", "proj_dim", "queue_size",
-                   "queue", "cl_views")
+    "cl_debias": cli.in_range(0, 1, hi_open=True), "queue": cli.at_least(0),
+    "save_every": cli.at_least(1), "keep": cli.at_least(1)}
+# the adapters' and the queue's shapes a checkpoint was trained with: a resume must use the same ones
+# (run_dir.plan_resume also refuses a resume that turns the contrastive term on or off)
+FIXED_ON_RESUME = ("num_experts", "rank", "alpha", "top_k", "targets", "router", "queue")
 
 
 def validate(cfg: TrainConfig):
-    """Every rule on how flags combine, in one place (each flag's own range is its parser's, in CHECKS): a
+    """The rules on how train.py's flags combine (each flag's own range is its parser's, in CHECKS): a
     combination that would do nothing, or something other than it says, is refused with one line."""
-    if cfg.cl_views not in CL_VIEWS:
-        raise ValueError(f"--cl-views {cfg.cl_views!r}: valid: {', '.join(CL_VIEWS)}")
     contrastive = cfg.uses_contrastive
     if cfg.queue and not contrastive:
         raise ValueError("--queue holds negatives of the contrastive term, which is off (--lambda-cl 0 or "
                          "--num-experts 1)")
-    if cfg.queue_momentum > 0 and not (contrastive and cfg.cl_views not in ROUTING_VIEWS):
-        raise ValueError("--queue-momentum moves projection heads, which only the head readings have "
-                         "(--cl-views mixture|expert, with --lambda-cl > 0 and --num-experts > 1)")
-    if cfg.contrasts_routings and cfg.batch_size < 2 and not cfg.queue:
-        raise ValueError(f"--cl-views {cfg.cl_views} contrasts the sequences of one micro-batch: --batch-size 1 "
-                         "leaves no negatives (use --batch-size >= 2, --queue, or --lambda-cl 0)")
-    if cfg.cl_debias > 0 and not cfg.contrasts_routings:
-        raise ValueError("--cl-debias corrects the routing readings' InfoNCE (--cl-views sequence|assign, with "
-                         "--lambda-cl > 0 and --num-experts > 1)")
+    if contrastive and cfg.batch_size < 2 and not cfg.queue:
+        raise ValueError("the contrastive term contrasts the sequences of one micro-batch: --batch-size 1 leaves "
+                         "no negatives (use --batch-size >= 2, --queue K, or --lambda-cl 0)")
+    if cfg.cl_debias > 0 and not contrastive:
+        raise ValueError("--cl-debias corrects the contrastive term's InfoNCE, which is off (--lambda-cl 0 or "
+                         "--num-experts 1)")
     if cfg.cl_debias > 0 and cfg.temperature < 0.02:  # why: debiased_nce takes exp of scores up to 1/tau
         raise ValueError(f"--cl-debias {cfg.cl_debias} needs --temperature >= 0.02 (got {cfg.temperature}: exp(1/tau) "
                          "overflows); give --cl-debias 0 for plain InfoNCE")
-    if cfg.router_warmup > 0 and not contrastive:  # why: with B = 0 the LM term gives routers no gradient
-        raise ValueError("--router-warmup trains the routers alone, which only the contrastive term moves while "
-                         "the experts are 0 (needs --lambda-cl > 0 and --num-experts > 1)")
     if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise ValueError("--fsdp shards over processes: run under torchrun with --nproc_per_node >= 2")
 
@@ -207,22 +158,21 @@ def parse_targets(s: str) -> tuple:
 def add_flag(group, f):
     """One field as a flag: its help sentence, default and valid range."""
     text, flag = HELP_OF[f.name], "--" + f.name.replace("_", "-")
-    if f.name == "progress":
-        group.add_argument("--no-progress", action="store_false", dest="progress", help=text)
-    elif f.type == "bool":
+    if f.type == "bool":
         group.add_argument(flag, action="store_true", dest=f.name, help=text)
-    elif f.name == "cl_views":
-        group.add_argument(flag, choices=CL_VIEWS, default=f.default, help=f"{text} (default: {f.default})")
-    elif f.name == "cl_debias":  # why None: the default depends on the reading (TrainConfig resolves it)
-        group.add_argument(flag, type=CHECKS[f.name], default=None, help=f"{text} (default: {DEBIAS} with "
-                           f"--cl-views sequence|assign, else 0; {CHECKS[f.name].valid})")
+    elif f.name == "cl_debias":  # why None: the default depends on whether the term is on (TrainConfig resolves it)
+        group.add_argument(flag, type=CHECKS[f.name], default=None, help=f"{text} (default: {DEBIAS} with the "
+                           f"contrastive term on, else 0; {CHECKS[f.name].valid})")
+    elif f.name == "data":  # why not the default's path: --help must not print this machine's directories
+        group.add_argument(flag, default=f.default, help=f"{text} (default: the bundled data/med_sample.jsonl)")
     elif f.name == "router":  # why None: the default depends on --num-experts (LoRAMoEConfig resolves it)
         group.add_argument(flag, choices=ROUTERS, default=None, help=f"{text} (default: context; token with "
                                                                      "--num-experts 1, which has no router)")
+    elif f.name == "queue":
+        group.add_argument(flag, type=CHECKS[f.name], default=f.default, metavar="K",
+                           help=f"{text} (default: {f.default})")
     elif f.name == "targets":
         group.add_argument(flag, type=parse_targets, default=TARGETS, help=f"{text} (default: all)")
-    elif f.name == "dtype":
-        group.add_argument(flag, choices=["float32", "bfloat16"], default=None, help=text)
     elif f.default is None:
         group.add_argument(flag, default=None, dest=f.name, help=text)
     else:

@@ -106,9 +106,10 @@ def parse_line(raw: bytes) -> list[dict]:
         raise DataError("JSON nested too deeply") from None
 
 
-def read_jsonl(path: str, skip_bad: bool = False) -> tuple[list[list[dict]], int]:
-    """All examples of a jsonl file; a bad line stops with file:line (or is skipped and counted)."""
-    out, bad = [], 0
+def read_jsonl(path: str) -> list[list[dict]]:
+    """All examples of a jsonl file; a bad line stops with file:line (why not skip it: a silently smaller
+    dataset is a result nobody asked for; fix or drop the line)."""
+    out = []
     with open(path, "rb") as f:  # bytes: a non-UTF-8 line is reported with its line number
         for n, line in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
             if len(line) > MAX_LINE:
@@ -120,12 +121,10 @@ def read_jsonl(path: str, skip_bad: bool = False) -> tuple[list[list[dict]], int
             try:
                 out.append(parse_line(line))
             except DataError as e:
-                if not skip_bad:
-                    raise DataError(f"{path}:{n}: {e} (use --skip-bad to skip such lines)") from None
-                bad += 1
+                raise DataError(f"{path}:{n}: {e}") from None
     if not out:
-        raise DataError(f"{path}: no usable examples (empty file{' or all lines bad' if bad else ''})")
-    return out, bad
+        raise DataError(f"{path}: no usable examples (empty file)")
+    return out
 
 
 def tokenize(messages: list[dict], tok) -> tuple[list[int], list[int]]:

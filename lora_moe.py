@@ -21,7 +21,7 @@ load-balancing loss (``balance_loss``), per site, averaged over sites:
 *Context routers* (the default; ``--router token`` is the paper's token router, logits W x_t): logits
 W x_t + W_c m_t, m_t the mean of the site's inputs over the tokens t sees (itself and the real tokens before
 it; W_c = 0 at init, so the router starts as a token router). why: at a token whose own input does not say what
-the sequence is about (an answer letter at layer 0), m_t still does (docs/ablation.md, rounds 7-8).
+the sequence is about (an answer letter at layer 0), m_t still does (docs/results.md, token vs context routers).
 W_c is linear, so a site averages c_i = W_c x_i, E numbers a token. A forward of whole sequences from their
 first token, padded on the right (training), needs nothing: m is a running mean. Any other forward (left
 padding, KV-cache decoding, scoring's candidate trees) runs inside ``read_in_context`` with a
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -93,13 +93,11 @@ class RouterRecord:
 
     logits (..., E) router logits, fp32          probs (..., E) full softmax p
     topk_idx (..., k) chosen experts (top-1 first) gates (..., E) renormalized top-k gates g (0 = not chosen)
-    expert_acts (..., E, r) every expert's A_e x, only when recorded (the head readings of the contrastive loss)
     """
     logits: torch.Tensor
     probs: torch.Tensor
     topk_idx: torch.Tensor
     gates: torch.Tensor
-    expert_acts: torch.Tensor | None = None
 
 
 def route(logits, top_k: int) -> RouterRecord:
@@ -136,7 +134,7 @@ class LoRAMoELinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, self.E * self.r, device=dev))
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.reset_parameters()
-        self.recording = None  # (records dict, this site's index, keep expert acts): see record_routing
+        self.recording = None  # (records dict, this site's index): see record_routing
         self.context = None  # (SequenceContext, site index, weight, tree, written dict): router_context.py
 
     def reset_parameters(self):
@@ -159,8 +157,8 @@ class LoRAMoELinear(nn.Module):
             lead = h.shape[:-1]
             u = h.view(*lead, self.E, self.r)  # (..., E*r) -> (..., E, r)
             if self.recording is not None:
-                records, i, keep_acts = self.recording
-                records[i] = replace(rec, expert_acts=u) if keep_acts else rec
+                records, i = self.recording
+                records[i] = rec
             h = (u * rec.gates.to(u.dtype).unsqueeze(-1)).reshape(*lead, self.E * self.r)  # unchosen -> 0
         return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
 
@@ -185,15 +183,22 @@ class LoRAMoELinear(nn.Module):
 
 
 def reference_forward(layer: LoRAMoELinear, x):
-    """A slow, obviously-correct per-expert loop over routed tokens, for tests and the benchmark's baseline.
+    """A slow per-expert loop over routed tokens, for tests and the benchmark's baseline, on x (B, T, in):
+    whole sequences from their first token, as training runs (no ``read_in_context``).
 
-    Its routing is written out here (softmax -> top-k -> renormalize), independent of ``route``."""
+    Its routing is written out here, independent of ``route`` and ``context_mean``: logits W x_t, plus for a
+    context router W_c applied to the mean of x_1..x_t (the mean of the inputs, then projected: W_c is linear),
+    then softmax -> top-k -> renormalize."""
     y = layer.base(x)
     xf = layer.dropout(x).to(layer.lora_A.dtype).reshape(-1, x.shape[-1])  # (N, in)
     if layer.router is None:
         p = torch.ones(xf.shape[0], 1, device=xf.device)
     else:
-        p = (x.float().reshape(-1, x.shape[-1]) @ layer.router.weight.T).softmax(-1)  # (N, E)
+        logits = x.float() @ layer.router.weight.T  # (B, T, E)
+        if layer.router_ctx is not None:
+            seen = torch.arange(1, x.shape[-2] + 1, device=x.device, dtype=torch.float32)[:, None]  # (T, 1)
+            logits = logits + (x.float().cumsum(-2) / seen) @ layer.router_ctx.T
+        p = logits.reshape(-1, layer.E).softmax(-1)  # (N, E)
     top_p, top_i = p.topk(layer.top_k, dim=-1)
     out = torch.zeros(xf.shape[0], layer.base.out_features, dtype=xf.dtype, device=xf.device)
     for e in range(layer.E):
@@ -246,11 +251,10 @@ def add_lora_moe(model: nn.Module, cfg: LoRAMoEConfig | None = None, verbose: bo
 
 
 @contextlib.contextmanager
-def record_routing(model: nn.Module, expert_acts: bool = False):
+def record_routing(model: nn.Module):
     """``with record_routing(model) as records: model(ids)``: once the block exits, ``records`` holds one
     ``RouterRecord`` per site, in model order, of the last forward inside the block (None for a site that did
-    not run; plain-LoRA sites record nothing). ``expert_acts``: also keep every expert's A_e x (memory:
-    (B, T, E, r) per site).
+    not run; plain-LoRA sites record nothing).
 
     why a context and not a module attribute: what the losses read is then visible where they are called, and
     nothing is left behind (a gradient-checkpointing recompute in backward runs after the block: no record).
@@ -259,7 +263,7 @@ def record_routing(model: nn.Module, expert_acts: bool = False):
     found = [m for _, m in sites(model)]
     written, records = {}, [None] * len(found)
     for i, m in enumerate(found):
-        m.recording = (written, i, expert_acts)
+        m.recording = (written, i)
     try:
         yield records
     finally:
@@ -273,9 +277,8 @@ def stack_records(records: list[RouterRecord]) -> RouterRecord:
     """One record per site -> one record with a leading site dim: (B, T, ...) x S -> (S, B, T, ...)."""
     if not records or any(r is None for r in records):
         raise RuntimeError("a site has no router record: run the model's forward inside record_routing first")
-    acts = None if records[0].expert_acts is None else torch.stack([r.expert_acts for r in records])
     return RouterRecord(torch.stack([r.logits for r in records]), torch.stack([r.probs for r in records]),
-                        torch.stack([r.topk_idx for r in records]), torch.stack([r.gates for r in records]), acts)
+                        torch.stack([r.topk_idx for r in records]), torch.stack([r.gates for r in records]))
 
 
 def token_weight(mask, like: torch.Tensor) -> torch.Tensor:

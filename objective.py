@@ -14,10 +14,12 @@ N_sup counts the supervised (assistant) tokens of the whole optimizer step: all 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
-from contrastive import ROUTING_VIEWS, contrastive_loss
+from contrastive import FusedViews, contrastive_loss
 from data import answer_mask
 from lora_moe import balance_loss, record_routing, stack_records, token_weight, z_loss
 from parallel import is_distributed, world_size
@@ -63,57 +65,91 @@ def lm_loss_sum(model, hidden, labels, chunk: int):
     return FrozenHeadCE.apply(h[sel], model.lm_head.weight, y[sel], chunk)  # h[sel]: (N, hidden), y[sel]: (N,)
 
 
-class HybridLoss(nn.Module):
-    """The adapted model, the contrastive heads and the weights of the loss terms; ``forward`` returns one
-    micro-batch's share of the step's loss L, its parts and (detached) what the routers did.
+TERMS = ("lm", "balance", "z", "contrastive")  # the order of ``MicroStep.parts``
 
-    why a module: DDP / FSDP wrap *this*, so every parameter use (LM head, routers, experts, heads) happens
-    inside the wrapped call: FSDP has the parameters unsharded there, and DDP sees them all in one backward.
-    The memory queue and the sampling generator are state that DDP / FSDP must not touch: they are arguments.
+
+@dataclass
+class MicroStep:
+    """What one micro-batch's forward gives the training step.
+
+    loss     this micro-batch's share of the step's L, to backpropagate (x world: DDP / FSDP average gradients)
+    parts    (4,) float64, detached, in TERMS order: each term's share of the step's global value, so that summed
+             over micro-steps and ranks it *is* the step's value (``step_losses``); 0 for a term that is off
+    routing  (topk_idx, probs) stacked over sites, detached, for the routing statistics; None for plain LoRA
+    fused    the micro-batch's fused views, for the expert memory queue; None when the contrastive term is off
+    """
+    loss: torch.Tensor
+    parts: torch.Tensor
+    routing: tuple | None
+    fused: FusedViews | None
+
+
+def step_losses(parts: list[float], weights: dict) -> dict:
+    """The step's values from ``MicroStep.parts`` summed over micro-steps and ranks: the total L and each term
+    (None for a term that is off)."""
+    values = dict(zip(TERMS, parts))
+    out = {"loss": values["lm"] + sum(weights[k] * values[k] for k in TERMS[1:]), "lm": values["lm"]}
+    return {**out, **{k: values[k] if weights[k] > 0 else None for k in TERMS[1:]}}
+
+
+class HybridLoss(nn.Module):
+    """The adapted model and the weights of the loss terms; ``forward`` returns one micro-batch's ``MicroStep``.
+
+    why a module: DDP / FSDP wrap *this*, so every parameter use (LM head, routers, experts) happens inside the
+    wrapped call: FSDP has the parameters unsharded there, and DDP sees them all in one backward. The queue's
+    negatives and the sampling generator are state that DDP / FSDP must not touch: they are arguments.
+    A control arm subclasses it (bench/ablation_task.py) and is passed as ``train(cfg, objective=...)``.
     """
 
-    def __init__(self, model, heads, cfg):
+    ce_chunk = 2048  # answer positions per LM-head chunk: the memory of the logits, not the result
+    tokens_per_site = 256  # anchor tokens sampled per site for L_cl (its cost is O(tokens * batch) per site)
+
+    def __init__(self, model, cfg):
         super().__init__()
-        self.model, self.heads, self.cfg = model, heads, cfg
-        self.weights = cfg.loss_weights()  # {"balance": lambda_bal, "z": z-loss, "contrastive": lambda_cl}
+        self.model, self.cfg = model, cfg
+        self.weights = cfg.loss_weights()  # {"balance": lambda_bal, "z": lambda_z, "contrastive": lambda_cl}
 
-    def forward(self, ids, labels, mask, sup_tokens: float, micro_steps: int, queue=None, generator=None):
+    def forward(self, ids, labels, mask, sup_tokens: float, micro_steps: int, negatives=None,
+                generator=None) -> MicroStep:
         """``sup_tokens``: supervised tokens of the whole step (N_sup); ``micro_steps``: micro-batches per step;
-        ``queue``: the expert memory queue (None: off), read by the contrastive term; ``generator``: its token
-        sampling.
-
-        Returns (loss to backpropagate, {"lm", "balance", "z", "contrastive"}: this rank's detached parts, each
-        already divided so that summing over micro-steps and averaging over ranks gives the step's value, None
-        for a term that is off; routing: (topk_idx, probs) stacked over sites, detached, or None for plain LoRA;
-        the queue entries this micro-step adds (keys, labels) or None: train.py writes them after the step)."""
+        ``negatives``: the expert memory queue's (None: off); ``generator``: the contrastive token sampling's."""
         c, lam = self.cfg, self.weights
-        routed = any(lam.values())  # plain LoRA (E = 1) has no router: nothing is recorded
-        with record_routing(self.model, expert_acts=lam["contrastive"] > 0 and c.cl_views not in ROUTING_VIEWS) as recs:
-            hidden = self.model.model(ids)  # (B, T, hidden); right padding needs no attention mask
         world = world_size()
+        with record_routing(self.model) as recs:
+            hidden = self.model.model(ids)  # (B, T, hidden); right padding needs no attention mask
         # LM: a sum over this micro-batch / N_sup of the whole step = this micro-batch's share of the global
         # token mean. DDP and FSDP *average* gradients over ranks, hence * world. why not a per-batch mean:
         # then 2 ranks x B would differ from 1 rank x 2B, and short answers would weigh more than long ones.
-        lm = lm_loss_sum(self.model, hidden, labels, c.ce_chunk) / sup_tokens * world
-        loss, parts = lm, {"lm": lm.detach() / world, "balance": None, "z": None, "contrastive": None}
-        if not routed:
-            return loss, parts, None, None
+        lm = lm_loss_sum(self.model, hidden, labels, self.ce_chunk) / sup_tokens * world
+        terms = {"lm": lm.detach() / world}
+        if not any(lam.values()):  # plain LoRA (E = 1) has no router: nothing was recorded
+            return MicroStep(lm, self.parts(terms, world), None, None)
         rec = stack_records(recs)  # (S, B, T, ...): every site at once
         weight = token_weight(mask, rec.probs)  # (B, T): 1 real token, 0 padding
-        # the routing terms: per-rank means, then averaged over ranks and micro-steps. why it is exact only with
-        # equal token counts per rank: a mean of means weighs every rank alike (tests use equal lengths)
+        # the routing terms: per-rank means over this micro-batch, / micro_steps so that a step sums them.
         # why balance syncs and contrastive does not: f_e counts the tokens of all ranks (global-batch balancing),
         # while the contrastive negatives are the micro-batch's own sequences (docs/design.md, "batch splits")
-        entries = None
+        fused = None
         if lam["balance"] > 0:
-            parts["balance"] = balance_loss(rec, weight, sync=is_distributed()) / micro_steps
+            terms["balance"] = balance_loss(rec, weight, sync=is_distributed()) / micro_steps
         if lam["z"] > 0:
-            parts["z"] = z_loss(rec, weight) / micro_steps
+            terms["z"] = z_loss(rec, weight) / micro_steps
         if lam["contrastive"] > 0:
-            cl, entries = contrastive_loss(rec, weight, c.cl_views, self.heads, queue, c.tokens_per_site,
-                                           temperature=c.temperature, debias=c.cl_debias, generator=generator)
-            parts["contrastive"] = cl / micro_steps
-        for name in ("balance", "z", "contrastive"):
-            if parts[name] is not None:
-                loss, parts[name] = loss + lam[name] * parts[name], parts[name].detach()
-        return loss, parts, (rec.topk_idx.detach(), rec.probs.detach()), entries
+            cl = contrastive_loss(rec, weight, negatives, tokens_per_site=self.tokens_per_site, temperature=c.temperature,
+                                  debias=c.cl_debias, generator=generator)
+            terms["contrastive"], fused = cl.loss / micro_steps, cl.fused
+        loss = lm
+        for name in TERMS[1:]:
+            if name in terms:
+                loss, terms[name] = loss + lam[name] * terms[name], terms[name].detach()
+        return MicroStep(loss, self.parts(terms, world), (rec.topk_idx.detach(), rec.probs.detach()), fused)
+
+    @staticmethod
+    def parts(terms: dict, world: int) -> torch.Tensor:
+        """The detached terms as ``MicroStep.parts``. why / world for the routing terms: each is this rank's mean,
+        and the step's value is the mean over ranks (exact with equal token counts per rank; the LM term is a
+        share of the global token sum already)."""
+        v = torch.stack([terms[k].double() if k in terms else terms["lm"].new_zeros((), dtype=torch.float64)
+                         for k in TERMS])
+        v[1:] /= world
+        return v

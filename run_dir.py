@@ -19,6 +19,7 @@ anything is loaded or written):
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -26,6 +27,7 @@ import re
 import shutil
 from dataclasses import asdict, replace
 
+import parallel
 from adapter_io import CKPT_NAME, resolve_adapter_dir
 from checkpoint import CKPT_FILES, checkpoint_step, is_valid_checkpoint
 
@@ -54,6 +56,19 @@ class RunLock:
     def release(self):
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
+
+
+@contextlib.contextmanager
+def one_run_per_dir(out_dir: str):
+    """``with one_run_per_dir(out):`` rank 0 holds ``RunLock(out)`` for the block; if it cannot, every rank stops
+    with its error."""
+    held = []
+    parallel.broadcast_outcome(lambda: held.append(RunLock(out_dir)))  # runs on rank 0 only
+    try:
+        yield
+    finally:
+        for lock in held:
+            lock.release()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -232,10 +247,7 @@ def plan_resume(cfg, fixed_on_resume: tuple, log) -> str | None:
         check_out_dir(cfg, None, log)
         return None
     with open(os.path.join(ckpt, "train_config.json"), encoding="utf-8") as f:
-        saved = json.load(f)
-    if isinstance(saved, dict):
-        saved.setdefault("router", "token")  # why: checkpoints from before --router existed had token routers
-        saved.setdefault("cl_debias", 0.0)  # and before --cl-debias plain InfoNCE (a resume logs the change)
+        saved = upgrade_saved_config(json.load(f), ckpt, checkpoint_step(ckpt))
     now = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
     try:  # the checkpoint's settings as a config of this run's type, so its properties say what it had on
         was = replace(cfg, **{k: v for k, v in saved.items() if k in now})
@@ -244,8 +256,6 @@ def plan_resume(cfg, fixed_on_resume: tuple, log) -> str | None:
     fixed = {k: (saved.get(k), now[k]) for k in fixed_on_resume if saved.get(k) != now[k]}
     if was.uses_contrastive != cfg.uses_contrastive:
         fixed["contrastive loss on"] = (was.uses_contrastive, cfg.uses_contrastive)
-    if (saved.get("queue_momentum", 0) > 0) != (now["queue_momentum"] > 0):
-        fixed["momentum key heads"] = (saved.get("queue_momentum", 0) > 0, now["queue_momentum"] > 0)
     if fixed:
         raise RunDirError(f"--resume {ckpt}: these differ from the checkpoint (saved, now): {fixed}")
     step = checkpoint_step(ckpt)
@@ -257,3 +267,29 @@ def plan_resume(cfg, fixed_on_resume: tuple, log) -> str | None:
         if k in saved and saved[k] != now[k]:
             log(f"resume: --{k.replace('_', '-')} {saved[k]} -> {now[k]} (applied)")
     return ckpt
+
+
+REMOVED_AT = "62a67a4"  # the last commit with the removed readings and knobs (docs/results.md reproduces them there)
+
+
+def upgrade_saved_config(saved, ckpt: str, step: int) -> dict:
+    """A checkpoint's train_config.json in today's names: settings added since get the value the run had, and a
+    checkpoint of a removed reading is refused. why: checkpoints written before a change still resume."""
+    if not isinstance(saved, dict):
+        raise RunDirError(f"--resume {ckpt}: its train_config.json is not a JSON object")
+    saved = dict(saved)
+    saved.setdefault("router", "token")  # before --router existed: token routers
+    saved.setdefault("cl_debias", 0.0)  # before --cl-debias: plain InfoNCE (a resume logs the change)
+    if "z_loss" in saved:  # renamed --lambda-z
+        saved.setdefault("lambda_z", saved.pop("z_loss"))
+    if isinstance(saved.get("queue"), bool):  # --queue --queue-size K became --queue K
+        saved["queue"] = saved.get("queue_size", 1024) if saved["queue"] else 0
+    contrastive = saved.get("lambda_cl", 0) and saved.get("num_experts", 1) > 1
+    views = saved.get("cl_views", "sequence")
+    if contrastive and views != "sequence":
+        raise RunDirError(f"--resume {ckpt}: it was trained with the {views!r} contrastive reading, which was removed "
+                          f"(it lost: docs/results.md); commit {REMOVED_AT} still resumes it")
+    if step < saved.get("router_warmup", 0):
+        raise RunDirError(f"--resume {ckpt}: it is inside its --router-warmup {saved['router_warmup']}, which was "
+                          f"removed (docs/results.md); commit {REMOVED_AT} still resumes it")
+    return saved

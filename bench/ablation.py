@@ -1,42 +1,33 @@
-"""A miniature ablation that can tell: does the expert contrastive loss (either reading, with or without the
-momentum queue) make LoRA-MoE routers specialize, and what is specialization worth here?
+"""A miniature ablation that can tell: does the expert contrastive loss make LoRA-MoE routers specialize, and
+what is specialization worth here?
 
     python bench/ablation.py                   # every arm x 3 seeds through train.py's loop
     python bench/ablation.py --quick           # 3 arms x 1 seed, a few steps: the CI smoke version
     python bench/ablation.py --jobs 4          # 4 runs at once (each its own process, cores shared out)
     python bench/ablation.py --plots           # also draw PNGs (pip install -e ".[plots]")
-    python bench/ablation.py --arms cl-exp --seeds 0 --set lambda_cl=1.0 --out runs/abl-cl1   # probe one knob
+    python bench/ablation.py --arms cl-seq-ctx-db --seeds 0 --set lambda_cl=3.0 --out runs/abl-cl3   # probe one knob
 
 The task (synthetic, so the right routing is known): D = 8 domains, each a different random permutation
 sigma_d of the 26 letters, named by its own prefix word. A prompt ``"<word_d> <n>: x"`` asks for the chain
 ``sigma_d(x) sigma_d(sigma_d(x)) ...`` of exactly n (6-10) letters. A perfect model reaches exact match 1 and
-loss 0 (the length is in the prompt; our first task left it out, which capped exact match at 0.2), and the
-8 x 26 conflicting transitions crowd a shared low-rank adapter (docs/ablation.md says what changed and why).
+loss 0 (the length is in the prompt), and the 8 x 26 conflicting transitions crowd a shared low-rank adapter.
 
-Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2; see ARMS):
-  lora        plain LoRA, rank 32 = E * r (parameter-matched in the experts), no router
-  moe         LoRA-MoE, LM loss only            moe+bal    + load balancing
-  cl-mix      + balance + contrastive, mixture reading, queue (the first implementation's "full")
-  cl-mix-m    the same with momentum key heads (0.99)       cl-mix-nq  the same without the queue
-  cl-exp      + balance + contrastive, expert reading, queue (lambda_cl 0.1, as cl-mix)
-  cl-exp-m    the same with momentum key heads (0.99)       cl-exp-nq  the same without the queue
-  cl-seq      + balance + contrastive, sequence reading, queue, lambda_cl 1.0
-  cl-seq-q16  the same with a queue of 16 (one step's sequences at batch 4 x accumulation 4)
-  cl-seq-nq   the same without the queue: train.py's defaults with token routers (its defaults until round 8)
-  cl-seq-w50  cl-seq-nq with --router-warmup 50 (routers alone for 50 steps, then everything)
-  cl-asg      the assign reading (in-batch InfoNCE + balanced Sinkhorn codes), no queue
-  cl-asg-q    the same with a queue of 64 past sequences, used only in the codes (SwAV)
-  oracle      control: every token of domain d forced onto expert d (top-1), no router learning
-  oracle-l0   the same except at layer 0's q/k/v, whose input at an answer token holds no domain (probe 0.10):
-              there each site keeps its own router (top-1: the LM term gives it only rounding-noise gradient,
-              so it stays near its init): what a token router could be told
-  supervised  control: + balance + a router cross-entropy to the domain (lambda 0.1)
-  cl-seq-ctx  train.py's defaults in round 8: cl-seq-nq with every router also reading the causal mean of
-              its site's inputs (--router context)                moe+bal-ctx  the same router, moe+bal
-  cl-asg-q-ctx  the same router, cl-asg-q
-  cl-seq-ctx-t2  train.py's defaults in round 9: cl-seq-ctx at InfoNCE temperature 0.2 (every other arm: 0.07)
-  cl-seq-ctx-db  train.py's defaults since round 10: cl-seq-ctx-t2 with the debiased InfoNCE, tau+ = 1/8
-                 (--cl-debias; every other arm: plain InfoNCE)
+Arms (same data, steps, lr, seed; E = 8 experts of rank 4, top-2, alpha / r = 2; token routers, tau 0.07 and
+plain InfoNCE unless the arm says otherwise; see ARMS). Arms of readings and knobs that lost were removed from
+the product; docs/results.md gives their rows and the commit that reproduces them.
+  lora           plain LoRA, rank 32 = E * r (parameter-matched in the experts), no router
+  moe            LoRA-MoE, LM loss only            moe+bal    + load balancing
+  cl-seq         + balance + contrastive, with the queue (K = --queue-size)
+  cl-seq-q16     the same with a queue of 16 (one step's sequences at batch 4 x accumulation 4)
+  cl-seq-nq      the same without the queue
+  oracle         control: every token of domain d forced onto expert d (top-1), no router learning
+  oracle-l0      the same except at layer 0's q/k/v, whose input at an answer token holds no domain: there each
+                 site keeps its own router (what a token router could be told)
+  supervised     control: + balance + a router cross-entropy to the domain (lambda 0.1)
+  cl-seq-ctx     cl-seq-nq with context routers (each also reads the causal mean of its site's inputs)
+  moe+bal-ctx    moe+bal with context routers
+  cl-seq-ctx-t2  cl-seq-ctx at InfoNCE temperature 0.2
+  cl-seq-ctx-db  train.py's defaults: cl-seq-ctx-t2 with the debiased InfoNCE, tau+ = 1/8
 
 Measured on a held-out sample of fresh prompts by ``ablation_metrics`` (its docstring lists them): loss,
 exact match, per-layer NMI(domain; top-1 expert) and routing entropies, the contrastive term's router gradient
@@ -71,28 +62,18 @@ ARMS = {
     "lora": dict(num_experts=1, top_k=1, rank=E * R, alpha=2.0 * E * R, lambda_bal=0.0, lambda_cl=0.0),
     "moe": dict(lambda_bal=0.0, lambda_cl=0.0),
     "moe+bal": dict(lambda_cl=0.0),
-    "cl-mix": dict(cl_views="mixture", queue=True, lambda_cl=0.1),
-    "cl-mix-m": dict(cl_views="mixture", queue=True, lambda_cl=0.1, queue_momentum=0.99),
-    "cl-mix-nq": dict(cl_views="mixture", lambda_cl=0.1),
-    "cl-exp": dict(cl_views="expert", queue=True, lambda_cl=0.1),
-    "cl-exp-m": dict(cl_views="expert", queue=True, lambda_cl=0.1, queue_momentum=0.99),
-    "cl-exp-nq": dict(cl_views="expert", lambda_cl=0.1),
-    "cl-seq": dict(cl_views="sequence", queue=True, lambda_cl=1.0),
-    "cl-seq-q16": dict(cl_views="sequence", queue=True, lambda_cl=1.0, queue_size=16),
-    "cl-seq-nq": dict(cl_views="sequence", lambda_cl=1.0),  # train.py's defaults, with token routers
-    "cl-seq-w50": dict(cl_views="sequence", lambda_cl=1.0, router_warmup=50),
-    "cl-asg": dict(cl_views="assign", lambda_cl=1.0),
-    "cl-asg-q": dict(cl_views="assign", queue=True, lambda_cl=1.0, queue_size=64),
+    "cl-seq": dict(queue=None),  # None: --queue-size
+    "cl-seq-q16": dict(queue=16),
+    "cl-seq-nq": dict(),
     "oracle": dict(top_k=1, lambda_bal=0.0, lambda_cl=0.0),
     "oracle-l0": dict(top_k=1, lambda_bal=0.0, lambda_cl=0.0),
     "supervised": dict(lambda_cl=0.0),
-    "cl-seq-ctx": dict(router="context"),  # routers that see the sequence so far (round 8's defaults)
+    "cl-seq-ctx": dict(router="context"),  # routers that see the sequence so far
     "moe+bal-ctx": dict(lambda_cl=0.0, router="context"),
-    "cl-asg-q-ctx": dict(cl_views="assign", queue=True, lambda_cl=1.0, queue_size=64, router="context"),
-    "cl-seq-ctx-t2": dict(router="context", temperature=0.2),  # train.py's defaults in round 9
-    "cl-seq-ctx-db": dict(router="context", temperature=0.2, cl_debias=0.125),  # train.py's defaults since round 10
+    "cl-seq-ctx-t2": dict(router="context", temperature=0.2),
+    "cl-seq-ctx-db": dict(router="context", temperature=0.2, cl_debias=0.125),  # train.py's defaults
 }
-QUICK_ARMS = ("lora", "cl-exp", "cl-seq-nq")
+QUICK_ARMS = ("lora", "cl-seq", "cl-seq-ctx-db")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,12 +86,13 @@ def run_config(arm: str, seed: int, a, data: str, work: str):
     from train import TrainConfig
 
     run = dict(model=a.model, data=data, out=work, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-               warmup=max(1, a.steps // 10), max_len=64, dropout=0.0, queue_size=a.queue_size, proj_dim=32,
-               tokens_per_site=128, seed=seed, save_every=a.eval_every, keep=10_000, progress=False, overwrite=True)
+               warmup=max(1, a.steps // 10), max_len=64, dropout=0.0, seed=seed, save_every=a.eval_every,
+               keep=10_000, overwrite=True)
     # alpha / rank = 2 in every arm; token routers, tau 0.07 and plain InfoNCE unless the arm says otherwise (as
-    # every arm ran before rounds 8-10), so a changed train.py default does not change what an earlier row measured
+    # the earlier rows ran), so a changed train.py default does not change what a row measured
     moe = dict(num_experts=E, rank=R, alpha=2.0 * R, top_k=TOP_K, router="token", temperature=0.07, cl_debias=0.0)
-    return TrainConfig(**{**run, **moe, **ARMS[arm], **overrides(a.set)})
+    arm_kw = {k: (a.queue_size if k == "queue" and v is None else v) for k, v in ARMS[arm].items()}
+    return TrainConfig(**{**run, **moe, **arm_kw, **overrides(a.set)})
 
 
 def run_one(arm: str, seed: int, a) -> dict:
@@ -130,13 +112,13 @@ def run_one(arm: str, seed: int, a) -> dict:
     cfg = run_config(arm, seed, a, data, work)
     tok = load_tokenizer(a.model)
     hist = train(cfg, objective=control_objective(arm, tok, a.lambda_sup))
-    # the run's model, heads and queue once (as train.py builds them); each checkpoint refills them
-    model, heads, queue, _ = build_model(cfg, a.model, torch.device("cpu"), 0, verbose=False)
+    # the run's model and queue once (as train.py builds them); each checkpoint refills them
+    model, queue, _ = build_model(cfg, a.model, torch.device("cpu"), 0, verbose=False)
     install_control(arm, model, tok)  # the arm's own routers, as training had them
     over_steps = []
     for step in range(a.eval_every, a.steps + 1, a.eval_every):
-        load_checkpoint(os.path.join(work, f"ckpt-{step:06d}"), model, heads, queue, torch.device("cpu"))
-        share = router_gradient_share(model, tok, held_out, cfg, heads, queue) if cfg.uses_contrastive else None
+        load_checkpoint(os.path.join(work, f"ckpt-{step:06d}"), model, queue, torch.device("cpu"))
+        share = router_gradient_share(model, tok, held_out, cfg, queue) if cfg.uses_contrastive else None
         r = measure(model, tok, held_out)
         over_steps.append({"step": step, "loss": r["loss"], "exact_mean": r["exact_mean"], "router_grad_share": share,
                            "nmi_mean": float(np.mean(r["nmi"])) if "nmi" in r else None})

@@ -17,6 +17,8 @@ import contextlib
 import numpy as np
 import torch
 
+TOKENS_PER_SITE = 128  # the ablation's anchors per site (ablation_task.AblationLoss samples as many)
+
 
 @torch.no_grad()
 def measure(model, tok, examples, batch_size: int = 32) -> dict:
@@ -34,8 +36,14 @@ def measure(model, tok, examples, batch_size: int = 32) -> dict:
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         ids, labels, mask = collate([tokenize(msgs, tok) for _, msgs in chunk], tok.pad_id)
-        with record_routing(model, expert_acts=has_moe) as recs:
-            hidden = model.model(ids)  # (B, T, hidden)
+        inputs = {}  # each site's input x, for its experts' A_e x (why hooks: the product records routings only)
+        hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: inputs.__setitem__(n, inp[0])) for n, m in found]
+        try:
+            with record_routing(model) as recs:
+                hidden = model.model(ids)  # (B, T, hidden)
+        finally:
+            for h in hooks:
+                h.remove()
         tgt = labels[:, 1:]  # position t predicts token t+1
         sel = answer_mask(labels)  # (B, T-1) answer positions
         logits = model.lm_head(hidden[:, :-1][sel]).float()  # (N, V)
@@ -57,7 +65,7 @@ def measure(model, tok, examples, batch_size: int = 32) -> dict:
             np.add.at(joint[name], (dom_tok.numpy(), top1.numpy()), 1)
             p = rec.probs[:, :-1][sel]  # (N, E)
             ent[name].append(float(-(p * p.clamp(min=1e-12).log()).sum(-1).mean()))
-            u = rec.expert_acts[:, :-1][sel]  # (N, E, r): every expert's A_e x
+            u = (inputs[name][:, :-1][sel].float() @ m.lora_A.T).view(-1, m.E, m.r)  # (N, E*r) -> (N, E, r): A_e x
             outs = torch.einsum("ner,oer->neo", u, m.lora_B.view(-1, m.E, m.r))  # (N, E, out): B_e A_e x
             outs = torch.nn.functional.normalize(outs, dim=-1)
             gram = outs @ outs.transpose(1, 2)  # (N, E, E)
@@ -140,10 +148,10 @@ def specificity(damage) -> float:
     return float(np.mean(d.max(0) / np.maximum(d.mean(0), 1e-9)))
 
 
-def router_gradient_share(model, tok, examples, cfg, heads, queue) -> float:
+def router_gradient_share(model, tok, examples, cfg, queue) -> float:
     """||d(lambda_cl L_cl)/dW_router|| / ||d L_LM/dW_router|| on held-out examples, with the run's settings and
-    the checkpoint's heads and queue: how much of the routers' training signal the contrastive term is."""
-    from contrastive import ROUTING_VIEWS, contrastive_loss
+    the checkpoint's queue: how much of the routers' training signal the contrastive term is."""
+    from contrastive import contrastive_loss
     from data import answer_mask, collate, tokenize
     from lora_moe import record_routing, sites, stack_records
     from objective import lm_loss_sum
@@ -153,15 +161,16 @@ def router_gradient_share(model, tok, examples, cfg, heads, queue) -> float:
     model.eval()
     norms = []
     for term in ("lm", "cl"):
-        with record_routing(model, expert_acts=cfg.cl_views not in ROUTING_VIEWS) as recs:
+        with record_routing(model) as recs:
             hidden = model.model(ids)
         if term == "lm":
             loss = lm_loss_sum(model, hidden, labels, 4096) / answer_mask(labels).sum()
         else:
-            loss = cfg.lambda_cl * contrastive_loss(stack_records(recs), mask.float(), cfg.cl_views, heads, queue,
-                                                    cfg.tokens_per_site, temperature=cfg.temperature,
+            loss = cfg.lambda_cl * contrastive_loss(stack_records(recs), mask.float(),
+                                                    queue.negatives() if queue is not None else None,
+                                                    tokens_per_site=TOKENS_PER_SITE, temperature=cfg.temperature,
                                                     debias=cfg.cl_debias,
-                                                    generator=torch.Generator().manual_seed(0))[0]
+                                                    generator=torch.Generator().manual_seed(0)).loss
         grads = torch.autograd.grad(loss, routers, allow_unused=True)
         norms.append(float(torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None))))
     return norms[1] / max(norms[0], 1e-12)

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora_moe import sites
+from ablation_metrics import TOKENS_PER_SITE
 from objective import HybridLoss
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -141,29 +142,36 @@ def install_control(arm: str, model, tok):
     return model
 
 
-class SupervisedRouting(HybridLoss):
+class AblationLoss(HybridLoss):
+    """The hybrid loss as every arm trains it: 128 anchors per site (the ablation's rows were measured so)."""
+    tokens_per_site = TOKENS_PER_SITE
+
+
+class SupervisedRouting(AblationLoss):
     """The supervised control: the hybrid loss + lambda_sup * the routers' cross-entropy to the domain over
     real tokens, averaged over sites (read from each router's output by a forward hook, gradient included)."""
 
-    def __init__(self, model, heads, cfg, word_ids, lambda_sup: float):
-        super().__init__(model, heads, cfg)
+    def __init__(self, model, cfg, word_ids, lambda_sup: float):
+        super().__init__(model, cfg)
         self.word_ids, self.lambda_sup = word_ids, lambda_sup
 
-    def forward(self, ids, labels, mask, sup_tokens, micro_steps, queue=None, generator=None):
+    def forward(self, ids, labels, mask, sup_tokens, micro_steps, negatives=None, generator=None):
         logits = []  # (B, T, E) per site, this forward's
         hooks = [m.router.register_forward_hook(lambda mod, inp, out: logits.append(out)) for _, m in sites(self.model)]
         try:
-            loss, parts, routing, entries = super().forward(ids, labels, mask, sup_tokens, micro_steps, queue, generator)
+            micro = super().forward(ids, labels, mask, sup_tokens, micro_steps, negatives, generator)
         finally:
             for h in hooks:
                 h.remove()
         d = domain_of(ids, self.word_ids)[:, None].expand_as(mask)[mask]  # (N,) the domain of each real token
         ce = torch.stack([F.cross_entropy(z[mask], d) for z in logits]).mean()
-        return loss + self.lambda_sup * ce / micro_steps, parts, routing, entries
+        micro.loss = micro.loss + self.lambda_sup * ce / micro_steps
+        return micro
 
 
 def control_objective(arm: str, tok, lambda_sup: float):
-    """train.train's ``objective`` for an arm: HybridLoss (of a model with the arm's own routers), or a control's."""
+    """train.train's ``objective`` for an arm: AblationLoss (of a model with the arm's own routers), or a
+    control's."""
     if arm == "supervised":
         return functools.partial(SupervisedRouting, word_ids=domain_word_ids(tok), lambda_sup=lambda_sup)
-    return lambda model, heads, cfg: HybridLoss(install_control(arm, model, tok), heads, cfg)
+    return lambda model, cfg: AblationLoss(install_control(arm, model, tok), cfg)

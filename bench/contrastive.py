@@ -19,20 +19,18 @@ import torch.nn.functional as F
 
 from common import make_checkpoint, peak_rss_mb, run_isolated, table
 
-ARMS = {  # name -> (contrastive on, reading, key-head momentum, queue, debias tau+)
-    "base": (False, "sequence", 0.0, False, 0.0),
-    "sequence": (True, "sequence", 0.0, False, 0.0),  # routings only, no heads, no queue, plain InfoNCE
-    "sequence+debias": (True, "sequence", 0.0, False, 0.125),  # train.py's default since round 10
-    "sequence+queue": (True, "sequence", 0.0, True, 0.0),
-    "assign+queue": (True, "assign", 0.0, True, 0.0),  # the queue only in the Sinkhorn codes
-    "mixture+queue": (True, "mixture", 0.0, True, 0.0),
-    "expert+momentum+queue": (True, "expert", 0.99, True, 0.0),
+ARMS = {  # name -> (contrastive on, queue, debias tau+)
+    "base": (False, False, 0.0),
+    "sequence": (True, False, 0.0),  # in-batch negatives only, plain InfoNCE
+    "sequence+debias": (True, False, 0.125),  # train.py's default
+    "sequence+queue": (True, True, 0.0),
+    "sequence+debias+queue": (True, True, 0.125),
 }
 
 
-def step_fn(path, ids, cl_on, views, momentum, queue_on, debias, K=1024, tps=256):
-    """One training step (LM + 0.01 balance [+ lambda_cl L_cl]) of a fresh adapted model, SGD."""
-    from contrastive import ROUTING_VIEWS, contrastive_loss, make_heads
+def step_fn(path, ids, cl_on, queue_on, debias, K=1024, tps=256):
+    """One training step (LM + 0.01 balance [+ L_cl]) of a fresh adapted model, SGD."""
+    from contrastive import contrastive_loss
     from expert_queue import ExpertQueue
     from lora_moe import LoRAMoEConfig, add_lora_moe, balance_loss, record_routing, sites, stack_records
     from model import load_model
@@ -40,32 +38,29 @@ def step_fn(path, ids, cl_on, views, momentum, queue_on, debias, K=1024, tps=256
     torch.manual_seed(0)
     model = add_lora_moe(load_model(path), LoRAMoEConfig(num_experts=8, rank=8, alpha=16, top_k=2, dropout=0.0),
                          verbose=False).train()
-    seq = views in ROUTING_VIEWS  # routings: no heads, queue entries of E = 8 numbers
-    heads = None if seq or not cl_on else make_heads(model, 64, momentum)
-    queue = ExpertQueue(len(sites(model)), K, 8 if seq else 64) if cl_on and queue_on else None
-    params = [p for p in model.parameters() if p.requires_grad] + (list(heads.query.parameters()) if heads else [])
+    queue = ExpertQueue(len(sites(model)), K, 8) if cl_on and queue_on else None
+    params = [p for p in model.parameters() if p.requires_grad]
     weight = torch.ones(ids.shape)
     gen = torch.Generator().manual_seed(0)
 
     def step():
-        with record_routing(model, expert_acts=cl_on and not seq) as recs:
+        with record_routing(model) as recs:
             logits = model(ids)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         rec = stack_records(recs)
         loss = loss + 0.01 * balance_loss(rec, weight)
+        cl = None
         if cl_on:
-            cl, new = contrastive_loss(rec, weight, views, heads, queue, tps, temperature=0.07, debias=debias,
-                                       generator=gen)
-            loss = loss + cl
+            cl = contrastive_loss(rec, weight, queue.negatives() if queue is not None else None, tokens_per_site=tps,
+                                  temperature=0.2, debias=debias, generator=gen)
+            loss = loss + cl.loss
         loss.backward()
         with torch.no_grad():
             for p in params:
                 p -= 1e-4 * p.grad
                 p.grad = None
-        if cl_on and new is not None:
-            queue.enqueue(*new)
-        if heads is not None:
-            heads.update_keys()
+        if queue is not None:
+            queue.push([cl.fused])
 
     return step, queue
 

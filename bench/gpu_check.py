@@ -6,7 +6,7 @@
 1. bf16 on CUDA vs fp32: our Qwen3 (a random Qwen3-0.6B shape cut to 4 layers) in bf16 on the GPU against
    the same weights in fp32 on the GPU, and against transformers' own bf16 forward when it is installed.
 2. 20 training steps of the demo (train.py, bf16 base, fp32 adapters, all three losses): finite, falling;
-   again with the expert reading and momentum key heads (--cl-views expert --queue-momentum 0.99).
+   again with the expert memory queue (--queue 1024).
 3. With 2+ GPUs: torchrun --nproc_per_node=2 train.py on NCCL, the same 20 steps, losses compared with (2).
 4. eval.py on the bundled CMExam sample: shared-prefix trie scoring vs the plain path on the GPU, same answers.
 5. Timing: prefill tokens/s of our model and of transformers (same weights, bf16, one run) and decode tokens/s.
@@ -69,8 +69,8 @@ def train_steps(out, nproc=1, extra=()):
     data = os.path.join(ROOT, "data", "med_sample.jsonl")
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]
-    cmd = launcher + ["train.py", "--data", data, "--out", out, "--steps", "20", "--dtype", "bfloat16",
-                      "--batch-size", str(8 // nproc), "--max-len", "256", "--lr", "5e-3", "--no-progress", "--overwrite", *extra]
+    cmd = launcher + ["train.py", "--data", data, "--out", out, "--steps", "20",
+                      "--batch-size", str(8 // nproc), "--max-len", "256", "--lr", "5e-3", "--overwrite", *extra]
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if r.returncode:
@@ -136,22 +136,19 @@ def ours_arm(path, out, steps, batch, max_len, extra: dict):
     from objective import HybridLoss
     from tokenizer import load_tokenizer
     from data import Batches
-    from train import TrainConfig, build_model, load_data, make_optimizer, train, train_step
+    from train import TrainConfig, build_model, build_state, load_data, train, train_step
 
     cfg = TrainConfig(model=path, out=out, steps=steps, batch_size=batch, max_len=max_len, dropout=0.0,
-                      dtype="bfloat16", progress=False, save_every=10 ** 9, overwrite=True, **extra)
+                      save_every=10 ** 9, overwrite=True, **extra)  # the base is bfloat16 on CUDA
     hist = train(cfg)
     _, _, device = parallel.setup()
     tok = load_tokenizer(path)
     batches = Batches(load_data(cfg, tok, lambda *a: None), cfg, tok.pad_id, 0, 1)
-    model, heads, queue, gen = build_model(cfg, path, device, 0, verbose=False)
-    body = HybridLoss(model, heads, cfg)
-    wrapped, fsdp = parallel.wrap(body, model.model.layers, False, device)
-    params, opt, sched = make_optimizer(body, cfg, device)
+    model, queue, gen = build_model(cfg, path, device, 0, verbose=False)
+    state = build_state(HybridLoss(model, cfg), queue, gen, cfg, device)
     syncs = []
     for step in range(3):
-        syncs.append(count_syncs(lambda: train_step(wrapped, body, batches(step), queue, gen, params, opt, sched,
-                                                    cfg, fsdp, device, step))[1])
+        syncs.append(count_syncs(lambda: train_step(state, batches(step)))[1])
     return [(h["step_time"], h["tokens_per_s"] * h["step_time"], syncs[-1]) for h in hist]
 
 
@@ -169,7 +166,7 @@ def train_comparison(device, out_dir, dry: bool):
     write_qwen_tokenizer(path)
     steps, batch, max_len = (3, 2, 128) if dry else (12, 16, 512)
     tok = load_tokenizer(path)
-    items, _ = encode_all(read_jsonl(os.path.join(ROOT, "data", "med_sample.jsonl"))[0], tok, max_len)
+    items, _ = encode_all(read_jsonl(os.path.join(ROOT, "data", "med_sample.jsonl")), tok, max_len)
     cfg = TrainConfig(model=path, steps=steps, batch_size=batch, max_len=max_len)
     order = Batches(items, cfg, tok.pad_id, 0, 1)
     batches = [b for s in range(steps) for b in order(s)]  # train.py's batches
@@ -224,9 +221,9 @@ def main():
     ok = one is not None and all(torch.isfinite(torch.tensor([h["lm"], h["balance"], h["contrastive"]])).all() for h in one)
     check("train 20 steps bf16", ok and one[-1]["lm"] < one[0]["lm"], seconds=round(secs, 1), error=err,
           lm=[round(one[0]["lm"], 4), round(one[-1]["lm"], 4)] if one else None)
-    exp, err, secs = train_steps(os.path.join(a.out, "run_expert"), extra=["--cl-views", "expert", "--queue-momentum", "0.99"])
+    exp, err, secs = train_steps(os.path.join(a.out, "run_queue"), extra=["--queue", "1024"])
     ok = exp is not None and all(torch.isfinite(torch.tensor([h["lm"], h["contrastive"]])).all() for h in exp)
-    check("train 20 steps bf16, expert reading + momentum keys", ok and exp[-1]["lm"] < exp[0]["lm"],
+    check("train 20 steps bf16, expert memory queue", ok and exp[-1]["lm"] < exp[0]["lm"],
           seconds=round(secs, 1), error=err, lm=[round(exp[0]["lm"], 4), round(exp[-1]["lm"], 4)] if exp else None)
     if device == "cuda" and torch.cuda.device_count() >= 2 and one:
         two, err, secs = train_steps(os.path.join(a.out, "run2"), nproc=2)

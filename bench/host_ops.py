@@ -62,13 +62,12 @@ def train_py_step(path, batches, **kw):
     import train as T
     from objective import HybridLoss
 
-    cfg = T.TrainConfig(model=path, out=tempfile.mkdtemp(), progress=False, dropout=0.0, **kw)
+    cfg = T.TrainConfig(model=path, out=tempfile.mkdtemp(), dropout=0.0, **kw)
     T.seed_everything(0)
     dev = torch.device("cpu")
-    model, heads, queue, gen = T.build_model(cfg, path, dev, 0, verbose=False)
-    body = HybridLoss(model, heads, cfg)
-    params, opt, sched = T.make_optimizer(body, cfg, dev)
-    return lambda b: T.train_step(body, body, b, queue, gen, params, opt, sched, cfg, False, dev, 0)
+    model, queue, gen = T.build_model(cfg, path, dev, 0, verbose=False)
+    state = T.build_state(HybridLoss(model, cfg), queue, gen, cfg, dev)
+    return lambda b: T.train_step(state, b)
 
 
 def peft_step(path, batches):
@@ -105,7 +104,7 @@ def main():
 
     path = make_base(f"{a.dir}_{a.layers}l", a.layers)
     tok = load_tokenizer(path)
-    items, _ = encode_all(read_jsonl(os.path.join(ROOT, "data", "med_sample.jsonl"))[0], tok, a.seq)
+    items, _ = encode_all(read_jsonl(os.path.join(ROOT, "data", "med_sample.jsonl")), tok, a.seq)
     order = batch_order([len(i[0]) for i in items], a.batch, 0, 0)
     steps = [[collate([items[i] for i in order[s]], tok.pad_id)] for s in range(2)]
     arms = {"transformers + peft LoRA r16": lambda: peft_step(path, steps),

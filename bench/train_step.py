@@ -35,7 +35,7 @@ def run_arm(arm, path, a):
     if arm in ("lora", "full", "token"):
         kw = {"lora": dict(num_experts=1, top_k=1, rank=16, alpha=32), "full": {}, "token": dict(router="token")}[arm]
         cfg = TrainConfig(model=path, out=tempfile.mkdtemp(), steps=a.steps, batch_size=a.batch, max_len=a.max_len,
-                          dropout=0.0, progress=False, save_every=10**9, **kw)
+                          dropout=0.0, save_every=10**9, **kw)
         hist = train(cfg)
         rates = [h["tokens_per_s"] for h in hist[1:]]
         return {"tokens_per_s": sum(rates) / len(rates), "peak_mb": peak_rss_mb()}
@@ -45,7 +45,7 @@ def run_arm(arm, path, a):
     from transformers import Qwen3ForCausalLM
 
     tok = load_tokenizer(path)
-    items, _ = encode_all(read_jsonl(os.path.join(ROOT, "data", "med_sample.jsonl"))[0], tok, a.max_len)
+    items, _ = encode_all(read_jsonl(os.path.join(ROOT, "data", "med_sample.jsonl")), tok, a.max_len)
     order = batch_order([len(i[0]) for i in items], a.batch, 0, 0)
     torch.manual_seed(0)
     model = get_peft_model(Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32), LoraConfig(

@@ -385,3 +385,43 @@ def test_adapter_implies_chat_and_shot_defaults(tiny_dir, tmp_path):
     assert s["chat"] is True and s["shots"] == 0 and s["adapter"] == str(tmp_path / "run")
     s = ev.evaluate(ev.parse_args(["cmmlu-med", "--model", tiny_dir, "--out", str(tmp_path / "e2"), "--limit", "3"]))
     assert s["chat"] is False and s["shots"] == 5
+
+
+class SplitSensitiveTok:
+    """A toy tokenizer whose ids depend on where a string is cut: "ab" is one token, "a" and "b" two others."""
+
+    def encode(self, text):
+        out, i = [], 0
+        while i < len(text):
+            if text.startswith("ab", i):
+                out, i = out + [1000], i + 2
+            else:
+                out, i = out + [ord(text[i])], i + 1
+        return out
+
+
+def test_prompt_groups_fall_back_to_the_whole_prompt_with_its_prefix():
+    """A prefix ending in "a" and a question starting with "b" tokenize differently apart than together: the
+    prompt goes whole into the no-prefix group, with exactly the ids of prefix + question (the instruction and
+    exemplars kept), and the other prompt keeps its shared prefix."""
+    from scoring import prompt_groups
+
+    tok = SplitSensitiveTok()
+    groups = prompt_groups(tok, [("instr a", "b question"), ("instr a", " c question")])
+    assert groups[""] == ([], [(0, tok.encode("instr ab question"))])
+    assert 1000 in groups[""][1][0][1]  # the merged token: the whole prompt, not the question alone
+    assert groups["instr a"] == (tok.encode("instr a"), [(1, tok.encode(" c question"))])
+
+
+def test_an_exemplar_is_never_the_test_question(tmp_path):
+    """CMExam val and test share questions verbatim: a pool item with another id but the same question text is
+    never a shot, nor is the item itself; the other pool items still are."""
+    from benchmarks import Item, pick_shots
+
+    def item(i, q):
+        return Item(f"x-{i}", "s", q, {"A": "1", "B": "2"}, False, "A", False, {})
+
+    test = item(0, "同一个问题？")
+    pool = [item(0, "同一个问题？"), item(7, "同一个问题？"), item(8, "另一个问题？"), item(9, "第三个问题？")]
+    shots = pick_shots("cmexam", test, pool, 3)
+    assert [s.id for s in shots] == ["x-8", "x-9"]

@@ -65,11 +65,12 @@ def test_dense_masked_equals_per_expert_loop(E, k):
     layer = LoRAMoELinear(base, LoRAMoEConfig(num_experts=E, rank=5, alpha=10, top_k=k, dropout=0.0))
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.1)
+        layer.router_ctx.normal_(0, 0.3)  # the default context router, its W_c away from its init of 0
     x = torch.randn(3, 7, 24)
     out = layer(x)
     ref = reference_forward(layer, x)
     assert (out - ref).abs().max().item() <= 1e-5
-    params = [layer.lora_A, layer.lora_B, layer.router.weight]
+    params = [layer.lora_A, layer.lora_B, layer.router.weight, layer.router_ctx]
     g1 = torch.autograd.grad(out.pow(2).sum(), params)
     g2 = torch.autograd.grad(ref.pow(2).sum(), params)
     for a, b in zip(g1, g2):

@@ -28,11 +28,11 @@ def test_export_writes_question_options_answer_and_explanation(tmp_path):
 
     d = cmexam_dir(tmp_path)
     assert export("cmexam", str(d), "val", str(tmp_path / "ex.jsonl")) == 3
-    examples, bad = read_jsonl(str(tmp_path / "ex.jsonl"))
+    examples = read_jsonl(str(tmp_path / "ex.jsonl"))
     user, answer = examples[1][0]["content"], examples[1][1]["content"]
-    assert user == QUESTIONS[1] + "\nA. 甲\nB. 乙" and answer == "答案：A\n解析：解析1" and bad == 0
+    assert user == QUESTIONS[1] + "\nA. 甲\nB. 乙" and answer == "答案：A\n解析：解析1"
     n = export("cmmlu-med", os.path.join(SAMPLE, "cmmlu"), "dev", str(tmp_path / "cm.jsonl"))
-    assert n > 0 and all(m[1]["content"].startswith("答案：") for m in read_jsonl(str(tmp_path / "cm.jsonl"))[0])
+    assert n > 0 and all(m[1]["content"].startswith("答案：") for m in read_jsonl(str(tmp_path / "cm.jsonl")))
 
 
 def line(user, answer="答案：A"):

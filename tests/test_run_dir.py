@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, small_cfg
 
@@ -310,32 +311,74 @@ def test_resume_with_other_adapter_shapes_is_refused(tiny_dir, done_run, tmp_pat
     assert tree(run) == before
 
 
-def test_resume_keeps_the_router_and_reads_older_checkpoints_as_token_routers(tiny_dir, done_run, tmp_path):
-    """--router decides which tensors a checkpoint holds: a switch is refused; a train_config.json from before
-    --router existed (no such key, manifest rewritten) resumes as the token router it had."""
+def edit_saved_config(run, fn):
+    """Rewrite the newest checkpoint's train_config.json through ``fn`` (and its manifest: an old or edited
+    config whose checksums are right)."""
     from adapter_io import write_manifest
-    from run_dir import RunDirError, find_resume
-    from train import train
+    from run_dir import find_resume
 
-    run = copy_run(done_run, tmp_path)
-    with pytest.raises(RunDirError, match=re.escape("'router': ('token', 'context')")):
-        train(small_cfg(tiny_dir, run, resume=str(run), router="context"))
     ckpt = find_resume(str(run))
     cfg_file = os.path.join(ckpt, "train_config.json")
-    saved = json.load(open(cfg_file))
-    saved.pop("router")
+    saved = fn(json.load(open(cfg_file)))
     with open(cfg_file, "w") as f:
         json.dump(saved, f)
     write_manifest(ckpt)
+
+
+def test_resume_keeps_the_router_and_reads_older_checkpoints_as_token_routers(tiny_dir, done_run, tmp_path):
+    """--router decides which tensors a checkpoint holds: a switch is refused; a train_config.json from before
+    --router existed (no such key) is read as the token router it had."""
+    from run_dir import RunDirError
+    from train import train
+
+    run = copy_run(done_run, tmp_path)
+    with pytest.raises(RunDirError, match=re.escape("'router': ('context', 'token')")):
+        train(small_cfg(tiny_dir, run, resume=str(run), router="token"))
+    edit_saved_config(run, lambda saved: {k: v for k, v in saved.items() if k != "router"})
+    with pytest.raises(RunDirError, match=re.escape("'router': ('token', 'context')")):
+        train(small_cfg(tiny_dir, run, resume=str(run)))
+
+
+def test_a_checkpoint_written_before_the_flags_changed_resumes(tiny_dir, done_run, tmp_path, capsys):
+    """Settings under their old names (--queue --queue-size K, --z-loss, no --cl-debias) and removed ones
+    (--cl-views sequence, --proj-dim, ...) resume as the run they were: the renamed ones read in today's names,
+    the removed ones ignored, a missing --cl-debias as plain InfoNCE (the change logged)."""
+    from train import train
+
+    run = copy_run(done_run, tmp_path)
+
+    def old(saved):
+        saved = {k: v for k, v in saved.items() if k not in ("queue", "lambda_z", "cl_debias")}
+        return {**saved, "queue": False, "queue_size": 1024, "z_loss": 0.0, "cl_views": "sequence", "proj_dim": 64,
+                "queue_momentum": 0.0, "router_warmup": 0, "skip_bad": False, "log_every": 1}
+
+    edit_saved_config(run, old)
+    capsys.readouterr()
     assert [h["step"] for h in train(small_cfg(tiny_dir, run, resume=str(run), steps=7))] == [7]
+    assert "resume: --cl-debias 0.0 -> 0.125 (applied)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("removed, needle", [
+    ({"cl_views": "mixture"}, "the 'mixture' contrastive reading, which was removed"),
+    ({"cl_views": "assign"}, "the 'assign' contrastive reading, which was removed"),
+    ({"router_warmup": 10}, "inside its --router-warmup 10, which was removed"),
+])
+def test_a_checkpoint_of_a_removed_reading_is_refused_in_one_line(tiny_dir, done_run, tmp_path, removed, needle):
+    from run_dir import RunDirError
+    from train import train
+
+    run = copy_run(done_run, tmp_path)
+    edit_saved_config(run, lambda saved: {**saved, **removed})
+    with pytest.raises(RunDirError, match=re.escape(needle) + ".*commit 62a67a4 still resumes it"):
+        train(small_cfg(tiny_dir, run, resume=str(run)))
 
 
 @pytest.mark.parametrize("change, needle", [
-    (dict(lambda_cl=0.0, queue=False), "'contrastive loss on': (True, False)"),
-    (dict(queue_momentum=0.9), "'momentum key heads': (False, True)"),
+    (dict(lambda_cl=0.0, cl_debias=None), "'contrastive loss on': (True, False)"),
+    (dict(queue=16), "'queue': (0, 16)"),
 ])
 def test_resume_that_switches_a_loss_part_is_refused(tiny_dir, done_run, tmp_path, change, needle):
-    """The contrastive term on/off and momentum key heads decide which tensors a checkpoint holds."""
+    """The contrastive term on/off and the queue decide which tensors a checkpoint holds."""
     from run_dir import RunDirError
     from train import train
 
@@ -414,5 +457,62 @@ def test_non_finite_loss_stops_before_the_update_and_writes_nothing(tiny_dir, tm
     from train import train
 
     with pytest.raises(FloatingPointError, match="non-finite loss"):
-        train(small_cfg(tiny_dir, tmp_path / "nan", temperature=1e-40, save_every=1))
+        train(small_cfg(tiny_dir, tmp_path / "nan", temperature=1e-40, cl_debias=0.0, save_every=1))
     assert not any(d.startswith("ckpt-") for d in os.listdir(tmp_path / "nan"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_checkpoint_with_any_non_finite_value_is_never_written(tmp_path, bad):
+    from checkpoint import save_checkpoint
+
+    with pytest.raises(FloatingPointError, match="non-finite values"):
+        save_checkpoint(str(tmp_path), 1, None, {"w": torch.tensor([1.0, bad])}, {}, None, None, None)
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_infinite_gradient_norm_with_a_finite_loss_is_not_applied(tiny_dir, tmp_path, monkeypatch):
+    """The guard reads the gradient norm too: a step whose norm is inf (the loss finite) stops before the
+    update, and the adapters stay as they were."""
+    import train as T
+
+    def infinite_norm(params, max_norm, *a, **k):
+        return torch.tensor(float("inf"))
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", infinite_norm)
+    steps = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    with pytest.raises(FloatingPointError, match=r"gradient norm \(inf\)"):
+        T.train(small_cfg(tiny_dir, tmp_path / "g", save_every=1))
+    assert steps == [] and not any(d.startswith("ckpt-") for d in os.listdir(tmp_path / "g"))
+
+
+def test_a_run_dir_holding_only_metrics_is_an_earlier_run(tiny_dir, tmp_path):
+    """metrics.jsonl alone (its checkpoints deleted) is still a run's history: a fresh start stops without
+    --overwrite and leaves it byte-identical."""
+    from run_dir import RunDirError
+    from train import train
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "lm": 1.0}) + "\n")
+    before = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(RunDirError, match="holds an earlier run"):
+        train(small_cfg(tiny_dir, run))
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_new_lr_on_resume_holds_for_every_later_step(tiny_dir, tmp_path):
+    """Resuming step 3 of 6 with --lr 5e-4: steps 4, 5, 6 use 5e-4 x the schedule (not the checkpoint's 1e-3 x it),
+    and so does the scheduler's state written at the end."""
+    from checkpoint import read_training_state
+    from train import lr_at, train
+
+    train(small_cfg(tiny_dir, tmp_path / "r", steps=3, save_every=3))
+    cfg = small_cfg(tiny_dir, tmp_path / "r", resume=str(tmp_path / "r"), lr=5e-4, save_every=3)
+    hist = train(cfg)
+    assert [h["step"] for h in hist] == [4, 5, 6]
+    for h in hist:
+        assert h["lr"] == pytest.approx(5e-4 * lr_at(h["step"] - 1, cfg), rel=1e-9), h["step"]
+    sched = read_training_state(str(tmp_path / "r" / "ckpt-000006"))["scheduler"]
+    assert sched["base_lrs"] == [pytest.approx(5e-4)]

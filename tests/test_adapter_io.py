@@ -1,0 +1,67 @@
+"""adapter_io.py: what an adapter dir holds, and that nothing loaded is trusted before it is checked (manifest,
+shape, the base it was trained on)."""
+import json
+
+import pytest
+
+
+def saved_adapter(tmp_path):
+    from adapter_io import save_adapter
+    from lora_moe import LoRAMoEConfig, add_lora_moe
+    from model import Qwen3, Qwen3Config
+    from tiny_qwen import init_weights, save_model
+
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8)
+    save_model(init_weights(Qwen3(cfg)), str(tmp_path / "base"))
+    from model import load_model
+
+    save_adapter(add_lora_moe(load_model(str(tmp_path / "base")), LoRAMoEConfig(num_experts=4, rank=2),
+                              verbose=False), str(tmp_path / "ad"))
+    return load_model, tmp_path / "ad"
+
+
+@pytest.mark.parametrize("field, value", [("num_experts", 10 ** 9), ("rank", -2), ("rank", 0), ("top_k", "2")])
+def test_a_bad_adapter_config_is_refused_before_anything_is_allocated(tmp_path, field, value):
+    """A checkpoint's adapter_config.json (manifest recomputed, so the checksums pass) with a huge or invalid
+    shape: a one-line ValueError naming the field, not a 512 GB allocation or a ZeroDivisionError."""
+    from adapter_io import load_adapter, write_manifest
+
+    load_model, ad = saved_adapter(tmp_path)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg[field] = value
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    write_manifest(str(ad))
+    with pytest.raises(ValueError, match=field):
+        load_adapter(load_model(str(tmp_path / "base")), str(ad))
+
+
+def test_an_adapter_without_its_manifest_is_refused(tmp_path):
+    """Deleting manifest.json must not switch the checksum off: the edited weights are refused, naming the file."""
+    from adapter_io import load_adapter
+
+    load_model, ad = saved_adapter(tmp_path)
+    (ad / "manifest.json").unlink()
+    data = bytearray((ad / "adapter.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (ad / "adapter.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="manifest.json not found"):
+        load_adapter(load_model(str(tmp_path / "base")), str(ad))
+
+
+def test_an_adapter_is_refused_on_another_base_of_the_same_shape(tmp_path):
+    """Two random bases of one config share the config hash; the fingerprint of the base's weights tells them
+    apart. The same base loaded in bf16 still matches."""
+    import torch
+
+    from adapter_io import load_adapter
+    from model import Qwen3, Qwen3Config, load_model
+    from tiny_qwen import init_weights, save_model
+
+    load_model_, ad = saved_adapter(tmp_path)
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8)
+    save_model(init_weights(Qwen3(cfg), seed=1), str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="another base model of the same shape"):
+        load_adapter(load_model(str(tmp_path / "other")), str(ad))
+    load_adapter(load_model(str(tmp_path / "base"), dtype=torch.bfloat16), str(ad))

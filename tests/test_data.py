@@ -1,0 +1,132 @@
+"""data.py: chat-format lines of every supported shape, assistant-only labels, truncation and padding, a bad
+line named by file:line, and how a step's batches are cut."""
+import json
+import random
+import re
+
+import pytest
+
+from data import IGNORE, DataError, collate, encode_all, read_jsonl, tokenize
+from tokenizer import IM_END, Tokenizer
+
+
+def test_assistant_only_labels_golden(qwen_tok_dir):
+    tok = Tokenizer(qwen_tok_dir)
+    msgs = [{"role": "system", "content": "你是医生。"}, {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": "答案：C"}]
+    ids, labels = tokenize(msgs, tok)
+    from tokenizer import apply_chat_template
+    assert ids == tok.encode(apply_chat_template(msgs))  # turn-by-turn tokenization == whole-text tokenization
+    supervised = tok.decode([t for t, y in zip(ids, labels) if y != IGNORE])
+    assert supervised == "A1<|im_end|>答案：C<|im_end|>"  # answers + their <|im_end|>, nothing else
+    assert all(y in (IGNORE, t) for t, y in zip(ids, labels))
+    assert labels.count(IM_END) == 2
+
+
+def test_truncation_and_padding_never_carry_loss(qwen_tok_dir):
+    tok = Tokenizer(qwen_tok_dir)
+    long_prompt = [{"role": "user", "content": "头痛" * 200}, {"role": "assistant", "content": "休息"}]
+    short = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "好的，请多喝水。"}]
+    items, counts = encode_all([long_prompt, short], tok, max_len=64)
+    assert counts == {"truncated": 1, "dropped_no_target": 1}  # the answer was cut away: dropped, counted
+    items, _ = encode_all([short, [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]], tok, 64)
+    ids, labels, mask = collate(items, tok.pad_id)
+    assert (labels[~mask] == IGNORE).all()
+    assert ((labels != IGNORE) <= mask).all()
+
+
+def test_empty_file_and_other_shapes(tmp_path):
+    p = tmp_path / "empty.jsonl"
+    p.write_text("\n", encoding="utf-8")
+    with pytest.raises(DataError, match="empty.jsonl: no usable examples"):
+        read_jsonl(str(p))
+    p.write_text('{"instruction": "i", "input": "x", "output": "o"}\n', encoding="utf-8")
+    (msgs,) = read_jsonl(str(p))
+    assert msgs == [{"role": "user", "content": "i\n\nx"}, {"role": "assistant", "content": "o"}]
+
+
+def test_batches_are_length_bucketed():
+    from data import batch_order
+
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 500) for _ in range(2000)]
+    spread = lambda bs: sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in bs) / len(bs)  # noqa: E731
+    order = batch_order(lengths, 8, seed=0, epoch=0)
+    shuffled = list(range(2000))
+    rng.shuffle(shuffled)
+    assert spread(order) < 0.1 * spread([shuffled[i:i + 8] for i in range(0, 2000, 8)])
+    assert sorted(i for b in order for i in b) == list(range(2000))  # every example once (2000 = 250 x 8)
+
+
+def test_a_steps_pieces_do_not_depend_on_the_split():
+    """batch_order: the pieces of --batch-size sequences of every step are the same for 1 process x accumulation
+    4, 2 ranks x 2 and 4 ranks x 1 (micro-step j of rank r = piece j * world + r), and the ranks of one micro-step
+    hold what 1 rank x world * batch-size holds in that micro-step."""
+    from data import batch_order
+
+    lengths = [random.Random(1).randint(5, 90) for _ in range(100)]
+
+    def pieces(world, accum, B=3):
+        per_rank = [batch_order(lengths, B, 7, 0, r, world, accum) for r in range(world)]
+        return [[per_rank[r][s * accum + j] for j in range(accum) for r in range(world)]
+                for s in range(len(per_rank[0]) // accum)]
+
+    one = pieces(1, 4)
+    assert len(one) == 8 and one == pieces(2, 2) == pieces(4, 1)
+    wide = pieces(1, 2, B=6)  # 2 ranks x 3 sequences per micro-step == 1 rank x 6
+    assert [[a + b for a, b in zip(s[::2], s[1::2])] for s in pieces(2, 2)] == wide
+
+
+@pytest.mark.parametrize("line, want", [
+    ({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
+                        {"from": "gpt", "value": "a"}]}, ["system", "user", "assistant"]),
+    ({"data": ["q1", "a1", "q2", "a2"]}, ["user", "assistant", "user", "assistant"]),
+])
+def test_sharegpt_and_huatuo_lines_become_chat_messages(tmp_path, line, want):
+    from data import read_jsonl
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(line, ensure_ascii=False).encode() + b"\n")  # with a BOM
+    (msgs,) = read_jsonl(str(path))
+    assert [m["role"] for m in msgs] == want
+    assert msgs[-1]["content"] in ("a", "a2")
+
+
+BAD_LINES = [  # one bad line of each kind, as the second line of a file: what its error names
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"', "invalid JSON"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
+    (b'{"prompt": 3, "response": "x"}', "prompt/response"),
+    (b'{"question": "x"}', "unknown shape"),
+    (b'[1, 2]', "expected a JSON object"),
+    (b'{"prompt": "q", "response": "\xff\xfe"}', "not UTF-8"),
+    (b'{"instruction": 3, "output": "o"}', "instruction/output must be strings (instruction is int)"),
+    (b'{"prompt": "\\ud800", "response": "a"}', "lone UTF-16 surrogate"),
+    (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    (json.dumps({"conversations": [{"from": "robot", "value": "x"}]}).encode(), "from system/human/user/gpt/assistant"),
+    (json.dumps({"conversations": []}).encode(), "'conversations' must be a non-empty list"),
+    (json.dumps({"data": ["only a question"]}).encode(), "alternating question, answer"),
+    (json.dumps({"data": ["q", 3]}).encode(), "alternating question, answer"),
+]
+
+
+@pytest.mark.parametrize("line, needle", BAD_LINES)
+def test_a_bad_line_stops_the_read_naming_file_and_line(tmp_path, line, needle):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"prompt": "q", "response": "a"}\n' + line + b"\n")
+    with pytest.raises(DataError, match=rf"d.jsonl:2: .*{re.escape(needle)}"):
+        read_jsonl(str(p))
+
+
+def test_a_bad_line_through_train_py_is_one_line_and_exit_2(tmp_path, tiny_dir):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    p = tmp_path / "d.jsonl"
+    p.write_text("{oops\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, "train.py", "--data", str(p), "--model", tiny_dir, "--out", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {p}:1: invalid JSON: " + r.stderr.split("invalid JSON: ")[1].strip()
+    assert "Traceback" not in r.stderr and not (tmp_path / "o" / "config.json").exists()
