@@ -17,9 +17,21 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from lora_moe import LoRAMoEConfig, add_lora_moe, adapter_config, sites
+from lora_moe import TARGETS, LoRAMoEConfig, add_lora_moe, sites
 
 CKPT_NAME = re.compile(r"ckpt-(\d+)")  # a train.py checkpoint dir's name; the one pattern for it
+
+
+def adapter_config(model) -> LoRAMoEConfig:
+    """The LoRAMoEConfig of a model's adapters, read off its first site (every site has the same shape)."""
+    found = sites(model)
+    if not found:
+        raise ValueError("the model has no LoRA-MoE adapters")
+    m = found[0][1]
+    targets = tuple(t for t in TARGETS if any(n.endswith("." + t) for n, _ in found))
+    dropout = m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0
+    return LoRAMoEConfig(m.E, m.r, m.alpha, m.top_k, dropout, targets,
+                         "token" if m.router_ctx is None else "context")
 
 
 def base_config_hash(model) -> str:

@@ -1,4 +1,6 @@
-"""The three medical benchmarks: loaders for their official files, few-shot pools and prompts.
+"""The three medical benchmarks: one ``Benchmark`` record each (its files, splits, subjects, prompt and scoring
+kind, at the end of this file), the loaders of their official files, few-shot pools and prompts. Adding a
+benchmark means one record and its loader here.
 
 Nothing that decides a prediction may read the gold answer. Each ``Item`` separates what the question
 files say (question, options, ``pick_many``, metadata) from the answer (``answer``, and ``multi``, the gold
@@ -16,22 +18,15 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 from tokenizer import apply_chat_template, render_turns
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ("cmexam", "cmb", "cmmlu-med")
 # CMMLU-Med as defined by Apollo's XMedBench; names as in CMMLU's own subject table
 CMMLU_MED = {"anatomy": "解剖学", "clinical_knowledge": "临床知识", "college_medicine": "大学医学",
              "genetics": "遗传学", "nutrition": "营养学", "traditional_chinese_medicine": "中医中药",
              "virology": "病毒学"}
-SPLITS = {"cmexam": ("test", "val", "train"), "cmb": ("test", "val"), "cmmlu-med": ("test", "dev")}
-DEFAULT_SHOTS = {"cmexam": 0, "cmb": 0, "cmmlu-med": 5}
-SOURCES = {"cmexam": "github williamliujl/CMExam (data/train.csv, val.csv, test_with_annotations.csv)",
-           "cmb": "github FreedomIntelligence/CMB (data/CMB.zip -> CMB-Exam/..., data/CMB-test-choice-answer.json)",
-           "cmmlu-med": "github haonan-li/CMMLU (data/dev/<subject>.csv, data/test/<subject>.csv)"}
-SAMPLE_DIRS = {"cmexam": "cmexam", "cmb": "cmb", "cmmlu-med": "cmmlu"}  # under data/bench_sample/
-SAMPLE_SPLITS = {"cmexam": "val", "cmb": "val", "cmmlu-med": "dev"}
 
 
 @dataclass
@@ -63,7 +58,7 @@ def find_file(data_dir: str, name: str, bench: str) -> str:
                 raise EvalDataError(f"{path} is not a regular file")
             return path
     raise EvalDataError(f"{bench}: {name} not found under {data_dir}. Expected the official files from "
-                        f"{SOURCES[bench]}; --data-dir may point at the folder holding them or at the repo's "
+                        f"{BENCHMARKS[bench].source}; --data-dir may point at the folder holding them or at the repo's "
                         "data/.")
 
 
@@ -88,9 +83,11 @@ def read_json(path: str):
         raise EvalDataError(f"{path}: not a valid UTF-8 JSON file ({e})") from None
 
 
-def load_cmexam(data_dir: str, split: str) -> tuple[list[Item], int]:
-    name = {"test": "test_with_annotations.csv", "val": "val.csv", "train": "train.csv"}[split]
-    path = find_file(data_dir, name, "cmexam")
+CMEXAM_FILES = {"test": "test_with_annotations.csv", "val": "val.csv", "train": "train.csv"}
+
+
+def load_cmexam(data_dir: str, split: str, subjects=None) -> tuple[list[Item], int]:
+    path = find_file(data_dir, CMEXAM_FILES[split], "cmexam")
     items, skipped = [], 0
     for n, r in enumerate(read_csv(path)):
         row = n + 2  # header is line 1
@@ -133,7 +130,7 @@ def cmb_rows(data_dir: str, split: str) -> tuple[str, list]:
     return qpath, rows
 
 
-def load_cmb(data_dir: str, split: str) -> tuple[list[Item], int]:
+def load_cmb(data_dir: str, split: str, subjects=None) -> tuple[list[Item], int]:
     qpath, rows = cmb_rows(data_dir, split)
     if not isinstance(rows, list):
         raise EvalDataError(f"{qpath}: expected a JSON array of question records")
@@ -159,9 +156,9 @@ def load_cmb(data_dir: str, split: str) -> tuple[list[Item], int]:
     return items, 0
 
 
-def load_cmmlu(data_dir: str, split: str, subjects) -> tuple[list[Item], int]:
+def load_cmmlu(data_dir: str, split: str, subjects=None) -> tuple[list[Item], int]:
     items = []
-    for subject in subjects:
+    for subject in subjects or list(CMMLU_MED):
         path = find_file(data_dir, f"{split}/{subject}.csv", "cmmlu-med")
         for n, r in enumerate(read_csv(path)):
             if not {"Question", "A", "B", "C", "D", "Answer"} <= r.keys():
@@ -174,34 +171,37 @@ def load_cmmlu(data_dir: str, split: str, subjects) -> tuple[list[Item], int]:
     return items, 0
 
 
+def explanations_cmexam(data_dir: str, split: str) -> dict:
+    rows = read_csv(find_file(data_dir, CMEXAM_FILES[split], "cmexam"))
+    return {f"cmexam-{split}-{n}": (r.get("Explanation") or "").strip() for n, r in enumerate(rows)}
+
+
+def explanations_cmb(data_dir: str, split: str) -> dict:
+    _, rows = cmb_rows(data_dir, split)
+    return {f"cmb-{split}-{r.get('id', n)}": str(r.get("explanation") or "").strip()
+            for n, r in enumerate(rows) if isinstance(r, dict)}
+
+
 def load(bench, data_dir, split, subjects=None) -> tuple[list[Item], int]:
-    """(items, rows skipped for having no answer) of one benchmark split."""
-    if split not in SPLITS[bench]:
-        raise EvalDataError(f"{bench} has no {split!r} split: valid are {', '.join(SPLITS[bench])}")
-    if bench == "cmexam":
-        return load_cmexam(data_dir, split)
-    if bench == "cmb":
-        return load_cmb(data_dir, split)
-    return load_cmmlu(data_dir, split, subjects or list(CMMLU_MED))
+    """(items, rows skipped for having no answer) of one benchmark split (``subjects``: CMMLU-Med's, default
+    all)."""
+    b = BENCHMARKS[bench]
+    if split not in b.splits:
+        raise EvalDataError(f"{bench} has no {split!r} split: valid are {', '.join(b.splits)}")
+    return b.loader(data_dir, split, subjects)
 
 
 def shot_pool(bench, data_dir, split, subjects=None) -> list[Item]:
     """Few-shot exemplars come from the dev/val split (CMMLU dev, CMB val, CMExam val or, for val, train)."""
-    pool_split = {"cmmlu-med": "dev", "cmb": "val", "cmexam": "val" if split != "val" else "train"}[bench]
-    return load(bench, data_dir, pool_split, subjects)[0]
+    return load(bench, data_dir, BENCHMARKS[bench].shot_split[split], subjects)[0]
 
 
 def pick_shots(bench, item: Item, pool: list[Item], k: int) -> list[Item]:
-    """The first k pool items of the same subject (CMMLU), exam_type + exam_class (CMB), or any (CMExam);
-    never the item itself nor a pool item with the same question text."""
+    """The first k pool items of the item's group (``Benchmark.same_group``: the same subject for CMMLU, exam
+    type and class for CMB, any for CMExam); never the item itself nor a pool item with the same question text."""
     if k <= 0:
         return []
-    if bench == "cmmlu-med":
-        same = [p for p in pool if p.subject == item.subject]
-    elif bench == "cmb":
-        same = [p for p in pool if p.meta["exam_type"] == item.meta["exam_type"] and p.subject == item.subject]
-    else:
-        same = pool
+    same = [p for p in pool if BENCHMARKS[bench].same_group(item, p)]
     return [p for p in same if p.id != item.id and p.question != item.question][:k]
 
 
@@ -213,21 +213,26 @@ def options_text(item: Item) -> str:
     return "\n".join(f"{k}. {v}" for k, v in item.options.items())
 
 
-def question_text(bench: str, item: Item) -> str:
-    """The question part of a prompt, without the answer cue."""
-    if bench == "cmmlu-med":  # CMMLU's official per-question format
-        return f"题目：{item.question}\n{options_text(item)}"
-    if bench == "cmb":  # CMB's official answer-only (no-CoT) template; question_type is a question-file field
-        m = item.meta
-        return (f"以下是中国{m['exam_type']}中{m['exam_class']}考试的一道{m['question_type']}，"
-                f"不需要做任何分析和解释，直接输出答案选项。\n{item.question}\n{options_text(item)}")
-    # CMExam publishes no prompt and no question type: ours mirrors CMB's and is the same for every question
+def question_cmmlu(item: Item) -> str:  # CMMLU's official per-question format
+    return f"题目：{item.question}\n{options_text(item)}"
+
+
+def question_cmb(item: Item) -> str:  # CMB's official answer-only (no-CoT) template; question_type: a question field
+    m = item.meta
+    return (f"以下是中国{m['exam_type']}中{m['exam_class']}考试的一道{m['question_type']}，"
+            f"不需要做任何分析和解释，直接输出答案选项。\n{item.question}\n{options_text(item)}")
+
+
+def question_cmexam(item: Item) -> str:
+    """CMExam publishes no prompt and no question type: ours mirrors CMB's and is the same for every question."""
     return ("以下是中国医学考试的一道选择题，正确答案可能有一个或多个，"
             f"不需要做任何分析和解释，直接输出答案选项。\n"
             f"{item.question}\n{options_text(item)}")
 
 
-ANSWER_CUE = {"cmmlu-med": "答案是：", "cmb": "答案：", "cmexam": "答案："}
+def question_text(bench: str, item: Item) -> str:
+    """The question part of a prompt, without the answer cue."""
+    return BENCHMARKS[bench].question(item)
 
 
 def cmmlu_header(item: Item) -> str:
@@ -240,7 +245,7 @@ def build_prompt(bench: str, item: Item, shots: list[Item], chat: bool) -> tuple
     Raw: header (CMMLU) + shots '...{cue}{X}\\n\\n' | question + cue. Chat (Qwen3 template, thinking off):
     shots as
     user/assistant turns | the question's user turn + the generation prompt."""
-    head = cmmlu_header(item) if bench == "cmmlu-med" else ""
+    head = BENCHMARKS[bench].header(item)
     if chat:
         turns = []
         for s in shots:
@@ -250,8 +255,51 @@ def build_prompt(bench: str, item: Item, shots: list[Item], chat: bool) -> tuple
         turns[0] = {**turns[0], "content": head + turns[0]["content"]}
         prefix = "".join(render_turns(turns)[:-1])
         return prefix, apply_chat_template(turns, add_generation_prompt=True, enable_thinking=False)[len(prefix):]
-    cue = ANSWER_CUE[bench]
+    cue = BENCHMARKS[bench].answer_cue
     body = "".join(f"{question_text(bench, s)}\n{cue}{s.answer}\n\n" for s in shots)
     if not shots:  # no shared part: the header (if any) goes with the question
         return "", f"{head}{question_text(bench, item)}\n{cue}"
     return f"{head}{body}", f"{question_text(bench, item)}\n{cue}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The records
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark, everything about it in one place. Its scoring kind is each ``Item.pick_many``, which its
+    loader sets from the question files only: always (CMExam: subset MAP), by question type (CMB), never (CMMLU)."""
+    name: str
+    source: str              # where its official files come from (named when one is missing)
+    splits: tuple            # the splits it has, the usual evaluation split first
+    shot_split: dict         # evaluation split -> the split its few-shot exemplars come from
+    default_shots: int
+    sample: tuple            # (folder under samples/benchmarks/, split) of the bundled sample
+    answer_cue: str          # what the prompt ends with, before the answer letters
+    loader: Callable         # (data_dir, split, subjects) -> (items, rows skipped)
+    question: Callable       # item -> the question part of its prompt
+    same_group: Callable     # (item, pool item) -> the pool item may be its exemplar
+    header: Callable = lambda item: ""  # text before the exemplars (CMMLU's subject line)
+    explanations: Callable = lambda data_dir, split: {}  # answer-side text, for prepare.py export only
+    subjects: tuple = ()     # selectable subjects (CMMLU-Med); empty: none
+    sample_note: str = ""    # printed when the bundled sample is scored
+
+
+BENCHMARKS = {b.name: b for b in (
+    Benchmark(name="cmexam", source="github williamliujl/CMExam (data/train.csv, val.csv, test_with_annotations.csv)",
+              splits=("test", "val", "train"), shot_split={"test": "val", "val": "train", "train": "val"},
+              default_shots=0, sample=("cmexam", "val"), answer_cue="答案：", loader=load_cmexam,
+              question=question_cmexam, same_group=lambda item, p: True, explanations=explanations_cmexam),
+    Benchmark(name="cmb",
+              source="github FreedomIntelligence/CMB (data/CMB.zip -> CMB-Exam/..., data/CMB-test-choice-answer.json)",
+              splits=("test", "val"), shot_split={"test": "val", "val": "val"}, default_shots=0,
+              sample=("cmb", "val"), answer_cue="答案：", loader=load_cmb, question=question_cmb,
+              same_group=lambda item, p: (p.meta["exam_type"], p.subject) == (item.meta["exam_type"], item.subject),
+              explanations=explanations_cmb,
+              sample_note="the CMB sample is written by us in CMB's format, not CMB items"),
+    Benchmark(name="cmmlu-med", source="github haonan-li/CMMLU (data/dev/<subject>.csv, data/test/<subject>.csv)",
+              splits=("test", "dev"), shot_split={"test": "dev", "dev": "dev"}, default_shots=5,
+              sample=("cmmlu", "dev"), answer_cue="答案是：", loader=load_cmmlu, question=question_cmmlu,
+              same_group=lambda item, p: p.subject == item.subject, header=cmmlu_header, subjects=tuple(CMMLU_MED)),
+)}

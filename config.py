@@ -15,7 +15,7 @@ from lora_moe import ROUTERS, TARGETS, LoRAMoEConfig, check_targets
 from model import Qwen3Config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BUNDLED_DATA = os.path.join(HERE, "data", "med_sample.jsonl")
+BUNDLED_DATA = os.path.join(HERE, "samples", "med_sample.jsonl")
 DEBIAS = 0.125  # --cl-debias's default tau+ (docs/results.md: it fits better)
 
 
@@ -56,7 +56,8 @@ class TrainConfig(LoRAMoEConfig):
     def loss_weights(self) -> dict:
         """The weight of each routing term as trained: all 0 for plain LoRA (E = 1: no router to train)."""
         routed = self.num_experts > 1
-        return {"balance": self.lambda_bal * routed, "z": self.lambda_z * routed, "contrastive": self.lambda_cl * routed}
+        return {"balance": self.lambda_bal * routed, "z": self.lambda_z * routed,
+                "contrastive": self.lambda_cl * routed}
 
     @property
     def uses_contrastive(self) -> bool:
@@ -164,7 +165,7 @@ def add_flag(group, f):
         group.add_argument(flag, type=CHECKS[f.name], default=None, help=f"{text} (default: {DEBIAS} with the "
                            f"contrastive term on, else 0; {CHECKS[f.name].valid})")
     elif f.name == "data":  # why not the default's path: --help must not print this machine's directories
-        group.add_argument(flag, default=f.default, help=f"{text} (default: the bundled data/med_sample.jsonl)")
+        group.add_argument(flag, default=f.default, help=f"{text} (default: the bundled samples/med_sample.jsonl)")
     elif f.name == "router":  # why None: the default depends on --num-experts (LoRAMoEConfig resolves it)
         group.add_argument(flag, choices=ROUTERS, default=None, help=f"{text} (default: context; token with "
                                                                      "--num-experts 1, which has no router)")

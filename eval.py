@@ -25,8 +25,7 @@ import numpy as np
 
 import cli
 import parallel
-from benchmarks import (BENCHMARKS, CMMLU_MED, DEFAULT_SHOTS, HERE, SAMPLE_DIRS, SAMPLE_SPLITS, SPLITS,
-                        EvalDataError, build_prompt, load, pick_shots, shot_pool)
+from benchmarks import BENCHMARKS, HERE, EvalDataError, build_prompt, load, pick_shots, shot_pool
 from adapter_io import load_adapter
 from model import load_model, resolve_dtype
 from scoring import score_generate, score_logits
@@ -138,25 +137,28 @@ def resolve_data(args, rank: int):
     """(data dir, split): the user's, or the bundled sample (loudly not a benchmark score)."""
     if args.data_dir is not None:
         return args.data_dir, args.split
-    split = SAMPLE_SPLITS[args.benchmark] if args.split == "test" else args.split
+    b = BENCHMARKS[args.benchmark]
+    folder, sample_split = b.sample
+    split = sample_split if args.split == "test" else args.split
     if rank == 0:
         print("=" * 78 + f"\nNO --data-dir: scoring the small bundled {split} sample. THESE ARE NOT BENCHMARK "
-              "NUMBERS.\n" + ("(the CMB sample is written by us in CMB's format, not CMB items)\n"
-                              if args.benchmark == "cmb" else "") + "=" * 78, file=sys.stderr)
-    return os.path.join(HERE, "data", "bench_sample", SAMPLE_DIRS[args.benchmark]), split
+              "NUMBERS.\n" + (f"({b.sample_note})\n" if b.sample_note else "") + "=" * 78, file=sys.stderr)
+    return os.path.join(HERE, "samples", "benchmarks", folder), split
 
 
 def load_questions(args, data_dir: str, split: str):
     """(items, few-shot prompts as (prefix, rest), shots, rows skipped) for every question of the split."""
-    bench, subjects = args.benchmark, args.subjects.split(",") if args.subjects else list(CMMLU_MED)
-    unknown = [s for s in subjects if s not in CMMLU_MED]
-    if bench == "cmmlu-med" and unknown:
-        raise EvalDataError(f"unknown CMMLU-Med subject(s) {unknown}: valid are {list(CMMLU_MED)}")
+    bench = args.benchmark
+    known = BENCHMARKS[bench].subjects
+    subjects = args.subjects.split(",") if args.subjects else list(known)
+    unknown = [s for s in subjects if s not in known]
+    if known and unknown:
+        raise EvalDataError(f"unknown {bench} subject(s) {unknown}: valid are {list(known)}")
     items, skipped = load(bench, data_dir, split, subjects)
     items = items[:args.limit] if args.limit else items
     if not items:
         raise EvalDataError(f"{bench} {split} under {data_dir}: no questions to score")
-    shots = DEFAULT_SHOTS[bench] if args.shots is None else args.shots
+    shots = BENCHMARKS[bench].default_shots if args.shots is None else args.shots
     pool = shot_pool(bench, data_dir, split, subjects) if shots > 0 else []
     return items, shots, pool, skipped
 
@@ -245,7 +247,7 @@ def parse_args(argv=None):
     ap.add_argument("--mode", default="logits", choices=["logits", "generate"])
     ap.add_argument("--chat", action="store_true", help="wrap prompts in the Qwen3 chat template (thinking off)")
     ap.add_argument("--subjects", default=None,
-                    help=f"CMMLU-Med subjects, comma-separated (default: {','.join(CMMLU_MED)})")
+                    help=f"CMMLU-Med subjects, comma-separated (default: {','.join(BENCHMARKS['cmmlu-med'].subjects)})")
     ap.add_argument("--limit", type=cli.at_least(1), default=None, help="only the first N questions (N >= 1)")
     ap.add_argument("--batch-size", type=cli.at_least(1), default=8)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
@@ -255,8 +257,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.benchmark not in BENCHMARKS:
         ap.error(f"unknown benchmark {args.benchmark!r}: valid names are {', '.join(BENCHMARKS)}")
-    if args.data_dir is not None and args.split not in SPLITS[args.benchmark]:
-        ap.error(f"--split {args.split}: {args.benchmark} has {', '.join(SPLITS[args.benchmark])}")
+    if args.data_dir is not None and args.split not in BENCHMARKS[args.benchmark].splits:
+        ap.error(f"--split {args.split}: {args.benchmark} has {', '.join(BENCHMARKS[args.benchmark].splits)}")
     args.out = args.out or os.path.join("runs", "eval", args.benchmark)
     return args
 

@@ -7,7 +7,7 @@ experts, keep the top-k and renormalize them to sum to 1 (so top_k = E is dense 
 softmax). E = 1 is plain LoRA: no router at all (its one gate is always 1). Experts are stored pre-stacked,
 A as (E*r, in) and B as (out, E*r), and computed *densely masked*: one matmul into every expert's rank space,
 each r-block scaled by its gate (0 where not chosen), one matmul out. No Python loop over experts, no host
-sync, every parameter in the graph (DDP needs no ``find_unused_parameters``).
+sync, every parameter in the graph (DDP needs no ``find_unused_parameters=True``).
 
 A *site* is one adapted projection (``model.layers.3.mlp.up_proj``). What the routers did is collected, only
 when asked, by ``record_routing``: ``with record_routing(model) as records: model(ids)`` leaves one
@@ -182,34 +182,6 @@ class LoRAMoELinear(nn.Module):
         return f"experts={self.E}, rank={self.r}, top_k={self.top_k}, alpha={self.alpha}"
 
 
-def reference_forward(layer: LoRAMoELinear, x):
-    """A slow per-expert loop over routed tokens, for tests and the benchmark's baseline, on x (B, T, in):
-    whole sequences from their first token, as training runs (no ``read_in_context``).
-
-    Its routing is written out here, independent of ``route`` and ``context_mean``: logits W x_t, plus for a
-    context router W_c applied to the mean of x_1..x_t (the mean of the inputs, then projected: W_c is linear),
-    then softmax -> top-k -> renormalize."""
-    y = layer.base(x)
-    xf = layer.dropout(x).to(layer.lora_A.dtype).reshape(-1, x.shape[-1])  # (N, in)
-    if layer.router is None:
-        p = torch.ones(xf.shape[0], 1, device=xf.device)
-    else:
-        logits = x.float() @ layer.router.weight.T  # (B, T, E)
-        if layer.router_ctx is not None:
-            seen = torch.arange(1, x.shape[-2] + 1, device=x.device, dtype=torch.float32)[:, None]  # (T, 1)
-            logits = logits + (x.float().cumsum(-2) / seen) @ layer.router_ctx.T
-        p = logits.reshape(-1, layer.E).softmax(-1)  # (N, E)
-    top_p, top_i = p.topk(layer.top_k, dim=-1)
-    out = torch.zeros(xf.shape[0], layer.base.out_features, dtype=xf.dtype, device=xf.device)
-    for e in range(layer.E):
-        rows = (top_i == e).any(-1).nonzero().squeeze(-1)
-        g = (top_p[rows] * (top_i[rows] == e)).sum(-1, keepdim=True) / top_p[rows].sum(-1, keepdim=True)
-        A = layer.lora_A[e * layer.r:(e + 1) * layer.r]
-        B = layer.lora_B[:, e * layer.r:(e + 1) * layer.r]
-        out = out.index_add(0, rows, (xf[rows] @ A.T @ B.T) * g)
-    return y + (out * layer.scaling).reshape(*x.shape[:-1], -1).to(y.dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Putting adapters into a model; collecting what the routers did
 
@@ -217,18 +189,6 @@ def reference_forward(layer: LoRAMoELinear, x):
 def sites(model: nn.Module) -> list[tuple[str, LoRAMoELinear]]:
     """Every *site*, i.e. adapted projection, in model order: [(name, module)]."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRAMoELinear)]
-
-
-def adapter_config(model: nn.Module) -> LoRAMoEConfig:
-    """The LoRAMoEConfig of a model's adapters, read off its first site (every site has the same shape)."""
-    found = sites(model)
-    if not found:
-        raise ValueError("the model has no LoRA-MoE adapters")
-    m = found[0][1]
-    targets = tuple(t for t in TARGETS if any(n.endswith("." + t) for n, _ in found))
-    dropout = m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0
-    return LoRAMoEConfig(m.E, m.r, m.alpha, m.top_k, dropout, targets,
-                         "token" if m.router_ctx is None else "context")
 
 
 def add_lora_moe(model: nn.Module, cfg: LoRAMoEConfig | None = None, verbose: bool = True) -> nn.Module:
@@ -323,28 +283,3 @@ def z_loss(rec: RouterRecord, weight) -> torch.Tensor:
     lse2 = rec.logits.logsumexp(-1).reshape(S, -1) ** 2  # (S, B*T)
     w = weight.reshape(1, -1)
     return ((lse2 * w).sum(1) / w.sum().clamp(min=1)).mean()
-
-
-@torch.no_grad()
-def routing_stats(names: list[str], topk_idx, probs, mask=None) -> dict:
-    """Per layer, over real tokens of one forward (stacked (S, B, T, ...) ``topk_idx`` and ``probs`` of the sites
-    ``names``): mean expert load shares (top-k slots) of the layer's sites, their entropy, and the mean per-token
-    router entropy (nats). One read from the device for all sites."""
-    rec = RouterRecord(probs, probs, topk_idx, probs)
-    w = token_weight(mask, probs)
-    load = expert_load(rec, w)
-    load = load / load.sum(-1, keepdim=True).clamp(min=1)  # (S, E)
-    load_ent = -(load * load.clamp(min=1e-12).log()).sum(-1)  # (S,)
-    tok_ent = -(probs * probs.clamp(min=1e-12).log()).sum(-1).reshape(len(names), -1)  # (S, B*T)
-    tok_ent = (tok_ent * w.reshape(1, -1)).sum(1) / w.sum().clamp(min=1)
-    load, load_ent, tok_ent = load.tolist(), load_ent.tolist(), tok_ent.tolist()
-    layers = {}
-    for i, name in enumerate(names):
-        layers.setdefault(name.split(".")[2], []).append(i)
-
-    def mean(xs):
-        return round(sum(xs) / len(xs), 4)
-
-    return {layer: {"load": [mean(col) for col in zip(*(load[i] for i in ii))],
-                    "load_entropy": mean([load_ent[i] for i in ii]),
-                    "token_entropy": mean([tok_ent[i] for i in ii])} for layer, ii in layers.items()}

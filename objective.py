@@ -86,10 +86,11 @@ class MicroStep:
 
 def step_losses(parts: list[float], weights: dict) -> dict:
     """The step's values from ``MicroStep.parts`` summed over micro-steps and ranks: the total L and each term
-    (None for a term that is off)."""
+    (None for a term that is off; the z-loss, off by default, only when it is on)."""
     values = dict(zip(TERMS, parts))
     out = {"loss": values["lm"] + sum(weights[k] * values[k] for k in TERMS[1:]), "lm": values["lm"]}
-    return {**out, **{k: values[k] if weights[k] > 0 else None for k in TERMS[1:]}}
+    out.update({k: values[k] if weights[k] > 0 else None for k in ("balance", "contrastive")})
+    return {**out, "z": values["z"]} if weights["z"] > 0 else out
 
 
 class HybridLoss(nn.Module):
@@ -135,8 +136,8 @@ class HybridLoss(nn.Module):
         if lam["z"] > 0:
             terms["z"] = z_loss(rec, weight) / micro_steps
         if lam["contrastive"] > 0:
-            cl = contrastive_loss(rec, weight, negatives, tokens_per_site=self.tokens_per_site, temperature=c.temperature,
-                                  debias=c.cl_debias, generator=generator)
+            cl = contrastive_loss(rec, weight, negatives, tokens_per_site=self.tokens_per_site,
+                                  temperature=c.temperature, debias=c.cl_debias, generator=generator)
             terms["contrastive"], fused = cl.loss / micro_steps, cl.fused
         loss = lm
         for name in TERMS[1:]:

@@ -27,8 +27,7 @@ import os
 import unicodedata
 
 import cli
-from benchmarks import (BENCHMARKS, CMMLU_MED, SPLITS, EvalDataError, cmb_rows, find_file, load, options_text,
-                        read_csv)
+from benchmarks import BENCHMARKS, EvalDataError, load, options_text
 from data import DataError, parse_line
 
 STAMP = ".decontam.json"  # beside the clean file: OUT + STAMP
@@ -47,22 +46,9 @@ def ngrams(text: str, n: int) -> set:
 # export
 
 
-def explanations(bench: str, data_dir: str, split: str) -> dict:
-    """{item id: explanation} where the split's file has one (the loaders leave it out: it is answer-side)."""
-    if bench == "cmexam":
-        name = {"test": "test_with_annotations.csv", "val": "val.csv", "train": "train.csv"}[split]
-        rows = read_csv(find_file(data_dir, name, bench))
-        return {f"cmexam-{split}-{n}": (r.get("Explanation") or "").strip() for n, r in enumerate(rows)}
-    if bench == "cmb":
-        _, rows = cmb_rows(data_dir, split)
-        return {f"cmb-{split}-{r.get('id', n)}": str(r.get("explanation") or "").strip()
-                for n, r in enumerate(rows) if isinstance(r, dict)}
-    return {}
-
-
 def export(bench: str, data_dir: str, split: str, out: str) -> int:
-    items, _ = load(bench, data_dir, split, list(CMMLU_MED) if bench == "cmmlu-med" else None)
-    why = explanations(bench, data_dir, split)
+    items, _ = load(bench, data_dir, split)
+    why = BENCHMARKS[bench].explanations(data_dir, split)  # answer-side text: the loaders never read it
     lines = []
     for it in items:
         answer = f"答案：{it.answer}" + (f"\n解析：{why[it.id]}" if why.get(it.id) else "")
@@ -83,9 +69,9 @@ def benchmark_index(specs: list[tuple[str, str]], n: int):
     """(n-gram -> [(bench, split, id)], short questions [(normalised text, (bench, split, id))], splits read)."""
     index, short, read = {}, [], []
     for bench, data_dir in specs:
-        for split in SPLITS[bench]:
+        for split in BENCHMARKS[bench].splits:
             try:
-                items, _ = load(bench, data_dir, split, list(CMMLU_MED) if bench == "cmmlu-med" else None)
+                items, _ = load(bench, data_dir, split)
             except EvalDataError as e:
                 if "not found" in str(e):  # a split the user does not have: say so, go on
                     print(f"{bench} {split}: not found under {data_dir}, not checked")
@@ -189,8 +175,8 @@ def main(argv=None):
     de.add_argument("--n", type=cli.at_least(4), default=13, help="n-gram length in characters (default: 13)")
     a = ap.parse_args(argv)
     if a.command == "export":
-        if a.split not in SPLITS[a.benchmark]:
-            ap.error(f"--split {a.split}: {a.benchmark} has {', '.join(SPLITS[a.benchmark])}")
+        if a.split not in BENCHMARKS[a.benchmark].splits:
+            ap.error(f"--split {a.split}: {a.benchmark} has {', '.join(BENCHMARKS[a.benchmark].splits)}")
         return cli.run(lambda: export(a.benchmark, a.data_dir, a.split, a.out), False)
     if os.path.abspath(a.out) == os.path.abspath(a.data):
         ap.error("--out must not be the input file: the input stays as it is")

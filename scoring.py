@@ -72,7 +72,7 @@ def candidate_trie(cands: list[list[int]]):
     """Token sequences -> a trie of the tokens that must be *fed* to score them all.
 
     Returns (tokens, parents, depths, paths): node i feeds ``tokens[i]`` and sees its ancestors (``parents``,
-    -1 = the prompt); ``paths[c]`` lists (state, token) pairs: token ``c_j`` is predicted by the output at
+    -1 = the prompt); ``paths[c]`` lists (state, token) pairs: token c_j is predicted by the output at
     ``state`` (-1 = the prompt's last position, else a node). A sequence's last token is never fed."""
     tokens, parents, depths, index, paths = [], [], [], {}, []
     for seq in cands:

@@ -29,7 +29,7 @@ from checkpoint import gather_state, load_checkpoint, restore_rng, rng_state, sa
 from config import FIXED_ON_RESUME, TrainConfig
 from data import Batches, DataError, answer_mask, encode_all, read_jsonl
 from expert_queue import ExpertQueue
-from lora_moe import LoRAMoEConfig, add_lora_moe, routing_stats, sites
+from lora_moe import LoRAMoEConfig, RouterRecord, add_lora_moe, expert_load, sites, token_weight
 from model import load_model, resolve_dtype
 from objective import HybridLoss, step_losses
 from run_dir import (append_metrics, one_run_per_dir, plan_resume, prepare_out_dir, prune, trim_metrics,
@@ -169,7 +169,7 @@ def train_step(state: RunState, batches: list) -> tuple[dict, tuple | None]:
         state.queue.push(fused)
     state.sched.step()
     state.opt.zero_grad(set_to_none=True)
-    losses = {k: v for k, v in step_losses(parts, state.objective.weights).items() if v is not None or k != "z"}
+    losses = step_losses(parts, state.objective.weights)
     return {**losses, "lr": lr, "grad_norm": grad_norm, "tokens": n_tok, "padding_share": (n_all - n_tok) / n_all}, \
         micro.routing
 
@@ -236,6 +236,31 @@ def loop(cfg: TrainConfig, state: RunState, batches, start: int, fingerprint: st
         log(f"done: {len(history)} steps, lm {history[0]['lm']:.3f} -> {history[-1]['lm']:.3f}; "
             f"adapters in {cfg.out}/latest")
     return history
+
+
+@torch.no_grad()
+def routing_stats(names: list[str], topk_idx, probs, mask=None) -> dict:
+    """Per layer, over real tokens of one forward (stacked (S, B, T, ...) ``topk_idx`` and ``probs`` of the sites
+    ``names``): mean expert load shares (top-k slots) of the layer's sites, their entropy, and the mean per-token
+    router entropy (nats). One read from the device for all sites."""
+    rec = RouterRecord(probs, probs, topk_idx, probs)
+    w = token_weight(mask, probs)
+    load = expert_load(rec, w)
+    load = load / load.sum(-1, keepdim=True).clamp(min=1)  # (S, E)
+    load_ent = -(load * load.clamp(min=1e-12).log()).sum(-1)  # (S,)
+    tok_ent = -(probs * probs.clamp(min=1e-12).log()).sum(-1).reshape(len(names), -1)  # (S, B*T)
+    tok_ent = (tok_ent * w.reshape(1, -1)).sum(1) / w.sum().clamp(min=1)
+    load, load_ent, tok_ent = load.tolist(), load_ent.tolist(), tok_ent.tolist()
+    layers = {}
+    for i, name in enumerate(names):
+        layers.setdefault(name.split(".")[2], []).append(i)
+
+    def mean(xs):
+        return round(sum(xs) / len(xs), 4)
+
+    return {layer: {"load": [mean(col) for col in zip(*(load[i] for i in ii))],
+                    "load_entropy": mean([load_ent[i] for i in ii]),
+                    "token_entropy": mean([tok_ent[i] for i in ii])} for layer, ii in layers.items()}
 
 
 def save(cfg: TrainConfig, step: int, state: RunState, fingerprint: str, main: bool):

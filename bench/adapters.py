@@ -32,7 +32,8 @@ def build(arm, path):
         m = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
         return lambda ids: m(ids).logits, m
-    from lora_moe import LoRAMoEConfig, LoRAMoELinear, add_lora_moe, reference_forward
+    from common import reference_forward
+    from lora_moe import LoRAMoEConfig, LoRAMoELinear, add_lora_moe
     from model import load_model
 
     m = load_model(path)

@@ -91,3 +91,31 @@ def table(rows, headers):
     w = [max(len(str(r[i])) for r in rows + [headers]) for i in range(len(headers))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
     return "\n".join([line(headers), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows])
+
+
+def reference_forward(layer, x):
+    """A slow per-expert loop over routed tokens, for tests and the benchmark's baseline, on x (B, T, in):
+    whole sequences from their first token, as training runs (no ``read_in_context``).
+
+    Its routing is written out here, independent of ``route`` and ``context_mean``: logits W x_t, plus for a
+    context router W_c applied to the mean of x_1..x_t (the mean of the inputs, then projected: W_c is linear),
+    then softmax -> top-k -> renormalize."""
+    y = layer.base(x)
+    xf = layer.dropout(x).to(layer.lora_A.dtype).reshape(-1, x.shape[-1])  # (N, in)
+    if layer.router is None:
+        p = torch.ones(xf.shape[0], 1, device=xf.device)
+    else:
+        logits = x.float() @ layer.router.weight.T  # (B, T, E)
+        if layer.router_ctx is not None:
+            seen = torch.arange(1, x.shape[-2] + 1, device=x.device, dtype=torch.float32)[:, None]  # (T, 1)
+            logits = logits + (x.float().cumsum(-2) / seen) @ layer.router_ctx.T
+        p = logits.reshape(-1, layer.E).softmax(-1)  # (N, E)
+    top_p, top_i = p.topk(layer.top_k, dim=-1)
+    out = torch.zeros(xf.shape[0], layer.base.out_features, dtype=xf.dtype, device=xf.device)
+    for e in range(layer.E):
+        rows = (top_i == e).any(-1).nonzero().squeeze(-1)
+        g = (top_p[rows] * (top_i[rows] == e)).sum(-1, keepdim=True) / top_p[rows].sum(-1, keepdim=True)
+        A = layer.lora_A[e * layer.r:(e + 1) * layer.r]
+        B = layer.lora_B[:, e * layer.r:(e + 1) * layer.r]
+        out = out.index_add(0, rows, (xf[rows] @ A.T @ B.T) * g)
+    return y + (out * layer.scaling).reshape(*x.shape[:-1], -1).to(y.dtype)

@@ -66,7 +66,7 @@ def bf16_parity(path, device, hf):
 
 
 def train_steps(out, nproc=1, extra=()):
-    data = os.path.join(ROOT, "data", "med_sample.jsonl")
+    data = os.path.join(ROOT, "samples", "med_sample.jsonl")
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]
     cmd = launcher + ["train.py", "--data", data, "--out", out, "--steps", "20",
@@ -166,7 +166,7 @@ def train_comparison(device, out_dir, dry: bool):
     write_qwen_tokenizer(path)
     steps, batch, max_len = (3, 2, 128) if dry else (12, 16, 512)
     tok = load_tokenizer(path)
-    items, _ = encode_all(read_jsonl(os.path.join(ROOT, "data", "med_sample.jsonl")), tok, max_len)
+    items, _ = encode_all(read_jsonl(os.path.join(ROOT, "samples", "med_sample.jsonl")), tok, max_len)
     cfg = TrainConfig(model=path, steps=steps, batch_size=batch, max_len=max_len)
     order = Batches(items, cfg, tok.pad_id, 0, 1)
     batches = [b for s in range(steps) for b in order(s)]  # train.py's batches
@@ -240,7 +240,7 @@ def main():
 
     write_qwen_tokenizer(path)
     model, tok = load_model(path, dtype=torch.bfloat16, device=device), load_tokenizer(path)
-    items = bm.load_cmexam(os.path.join(ROOT, "data", "bench_sample", "cmexam"), "val")[0]
+    items = bm.load_cmexam(os.path.join(ROOT, "samples", "benchmarks", "cmexam"), "val")[0]
     prompts = [bm.build_prompt("cmexam", it, [], chat=False) for it in items]
     fast = sc.score_logits(model, tok, prompts, items, 16, chat=False)[0]
     slow = sc.score_logits_full(model, tok, prompts, items, 16, chat=False)[0]

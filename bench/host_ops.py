@@ -104,7 +104,7 @@ def main():
 
     path = make_base(f"{a.dir}_{a.layers}l", a.layers)
     tok = load_tokenizer(path)
-    items, _ = encode_all(read_jsonl(os.path.join(ROOT, "data", "med_sample.jsonl")), tok, a.seq)
+    items, _ = encode_all(read_jsonl(os.path.join(ROOT, "samples", "med_sample.jsonl")), tok, a.seq)
     order = batch_order([len(i[0]) for i in items], a.batch, 0, 0)
     steps = [[collate([items[i] for i in order[s]], tok.pad_id)] for s in range(2)]
     arms = {"transformers + peft LoRA r16": lambda: peft_step(path, steps),

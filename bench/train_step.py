@@ -45,7 +45,7 @@ def run_arm(arm, path, a):
     from transformers import Qwen3ForCausalLM
 
     tok = load_tokenizer(path)
-    items, _ = encode_all(read_jsonl(os.path.join(ROOT, "data", "med_sample.jsonl")), tok, a.max_len)
+    items, _ = encode_all(read_jsonl(os.path.join(ROOT, "samples", "med_sample.jsonl")), tok, a.max_len)
     order = batch_order([len(i[0]) for i in items], a.batch, 0, 0)
     torch.manual_seed(0)
     model = get_peft_model(Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32), LoraConfig(

@@ -117,3 +117,14 @@ def tiny_adapted(E=4, k=2, seed=0, router="token"):
     torch.manual_seed(seed)
     add_lora_moe(model, LoRAMoEConfig(num_experts=E, rank=4, top_k=k, dropout=0.0, router=router), verbose=False)
     return model
+
+
+def tree(path) -> dict:
+    """{relative path: bytes} of every file under path, the lock file aside."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            if name != ".lock":
+                full = os.path.join(root, name)
+                out[os.path.relpath(full, path)] = open(full, "rb").read()
+    return out

@@ -1,5 +1,7 @@
 """Every command's user-facing errors, run as commands: one line naming the problem, exit status 2, no
 traceback."""
+import pytest
+
 from conftest import run_at_once
 
 
@@ -19,3 +21,14 @@ def test_cli_one_line_errors(tiny_dir, tmp_path):
         assert len([l for l in err if l.startswith(("error", "train.py", "chat.py"))]) == 1
 
 
+
+
+def test_ctrl_c_is_one_line_and_exit_130():
+    import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(interrupted, debug=False)
+    assert e.value.code == 130

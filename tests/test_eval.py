@@ -15,11 +15,11 @@ import torch
 import benchmarks as bm
 import eval as ev
 import scoring as sc
-from conftest import ROOT, require_shared, run_at_once, small_cfg
+from conftest import ROOT, require_shared, run_at_once, small_cfg, tree
 from tokenizer import Tokenizer
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-SAMPLE = os.path.join(ROOT, "data", "bench_sample")
+SAMPLE = os.path.join(ROOT, "samples", "benchmarks")
 
 
 def test_cmexam_loader_on_shared_sample():
@@ -425,3 +425,86 @@ def test_an_exemplar_is_never_the_test_question(tmp_path):
     pool = [item(0, "同一个问题？"), item(7, "同一个问题？"), item(8, "另一个问题？"), item(9, "第三个问题？")]
     shots = pick_shots("cmexam", test, pool, 3)
     assert [s.id for s in shots] == ["x-8", "x-9"]
+
+
+def test_every_benchmark_record_loads_its_sample_and_poses_its_questions():
+    """Each ``Benchmark`` record is all eval.py needs: its bundled sample loads through the record's loader, its
+    shot pool comes from the record's shot split, and every prompt ends with the record's answer cue; an
+    unknown split is refused naming the record's splits."""
+    for name, b in bm.BENCHMARKS.items():
+        folder, split = b.sample
+        d = os.path.join(ROOT, "samples", "benchmarks", folder)
+        items, _ = bm.load(name, d, split)
+        assert items and all(set(it.answer) <= it.options.keys() for it in items), name
+        pool = bm.shot_pool(name, d, split) if b.default_shots else []  # eval.py reads a pool only for shots
+        shots = bm.pick_shots(name, items[0], pool, b.default_shots)
+        assert (0 < len(shots) <= b.default_shots if b.default_shots else shots == []), name  # (the item is no shot)
+        assert all(b.same_group(items[0], p) and p.id != items[0].id for p in shots), name
+        prefix, rest = bm.build_prompt(name, items[0], shots, False)
+        assert rest.endswith(b.answer_cue) and items[0].question in rest, name
+        with pytest.raises(bm.EvalDataError, match=f"valid are {', '.join(b.splits)}"):
+            bm.load(name, d, "nosuch")
+    assert {it.pick_many for it in bm.load("cmexam", os.path.join(ROOT, "samples", "benchmarks", "cmexam"), "val")[0]} == {True}
+
+
+def eval_cli(*args):
+    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_an_eval_dir_holding_results_is_not_replaced_silently(tiny_dir, tmp_path):
+    out = str(tmp_path / "E")
+    assert eval_cli("cmexam", "--model", tiny_dir, "--out", out, "--limit", "2").returncode == 0
+    before = tree(out)
+    r = eval_cli("cmmlu-med", "--model", tiny_dir, "--out", out, "--limit", "2")
+    assert r.returncode == 2 and "holds earlier results" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert tree(out) == before
+    assert eval_cli("cmmlu-med", "--model", tiny_dir, "--out", out, "--limit", "2", "--overwrite").returncode == 0
+    assert json.load(open(os.path.join(out, "summary.json")))["benchmark"] == "cmmlu-med"
+
+
+def test_a_failed_eval_write_leaves_the_earlier_results(tmp_path, monkeypatch):
+    import eval as ev
+
+    out = str(tmp_path / "E")
+    ev.write_results(out, [{"id": "a", "x": 1}], {"benchmark": "cmexam", "split": "val", "n": 1, "shots": 0,
+                                                  "mode": "logits", "chat": False, "accuracy_micro": 1.0,
+                                                  "accuracy_micro_ci95": None, "accuracy_macro": 1.0,
+                                                  "single_answer": {"accuracy": 1.0},
+                                                  "multi_answer": {"accuracy": None}, "unparsable": 0})
+    before = tree(out)
+    real = os.replace
+
+    def fail_on_summary(src, dst):
+        if dst.endswith("summary.json"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_summary)
+    with pytest.raises(OSError):
+        ev.write_results(out, [{"id": "b"}], {"benchmark": "cmb"})
+    monkeypatch.undo()
+    assert json.load(open(os.path.join(out, "summary.json")))["benchmark"] == "cmexam"
+    assert all(line.strip() for line in open(os.path.join(out, "predictions.jsonl")))  # whole lines only
+    assert before["summary.json"] == tree(out)["summary.json"]
+
+
+def test_compare_refuses_duplicate_question_ids(tmp_path):
+    rows = [{"id": "q1", "subject": "s", "gold": "A", "correct": True},
+            {"id": "q1", "subject": "s", "gold": "A", "correct": False}]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    b.write_text(json.dumps(rows[0]) + "\n")
+    r = eval_cli("compare", str(a), str(b))
+    assert r.returncode == 2 and "duplicate question ids" in r.stderr
+
+
+def test_a_truncated_benchmark_csv_is_refused(tmp_path):
+    from benchmarks import EvalDataError, load
+
+    d = tmp_path / "cmexam"
+    d.mkdir()
+    (d / "val.csv").write_text("Question,Options,Answer,Clinical Department\n"
+                               '问题一,"A 甲\nB 乙",A,内科\n'
+                               '问题二,"A 甲\nB 乙"\n', encoding="utf-8")
+    with pytest.raises(EvalDataError, match="row 3 has fewer fields than the header"):
+        load("cmexam", str(d), "val")

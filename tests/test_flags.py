@@ -105,5 +105,5 @@ def test_every_train_flag_says_what_it_does(capsys):
     out = capsys.readouterr().out
     for group in config.HELP:
         assert f"\n{group}:\n" in out
-    assert "bundled data/med_sample.jsonl" in " ".join(out.split()) and ROOT not in out
+    assert "bundled samples/med_sample.jsonl" in " ".join(out.split()) and ROOT not in out
     assert out.count("\n  --") <= 31  # the options and -h

@@ -5,9 +5,11 @@ import torch
 
 from adapter_io import load_adapter, save_adapter
 from conftest import forward_records, hf_tiny, one_site, tiny_adapted
-from lora_moe import (TARGETS, LoRAMoEConfig, LoRAMoELinear, add_lora_moe, balance_loss, record_routing,
-                      reference_forward, routing_stats, sites, stack_records, z_loss)
+from bench.common import reference_forward
+from lora_moe import (TARGETS, LoRAMoEConfig, LoRAMoELinear, add_lora_moe, balance_loss, record_routing, sites,
+                      stack_records, z_loss)
 from model import load_model
+from train import routing_stats
 
 
 def randomize_b(model, seed=0, std=0.05):
@@ -189,7 +191,7 @@ def test_save_load_adapter_roundtrip_and_mismatch(tmp_path):
 
 def test_routing_stats_never_count_padding():
     from conftest import forward_records
-    from lora_moe import routing_stats, sites
+    from lora_moe import sites
 
     model = tiny_adapted()
     names = [n for n, _ in sites(model)]

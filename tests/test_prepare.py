@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT, small_cfg
 
-SAMPLE = os.path.join(ROOT, "data", "bench_sample")
+SAMPLE = os.path.join(ROOT, "samples", "benchmarks")
 QUESTIONS = ["患者男性，45岁，血压160/95mmHg，心率110次/分，最可能的诊断是",
              "下列哪种药物可用于治疗急性心肌梗死后的室性心律失常",
              "小儿营养不良最早出现的症状是体重不增还是身高落后"]
@@ -70,14 +70,14 @@ def test_no_false_hits_on_clean_data(tmp_path):
     """The bundled training sample (from CMExam val) against the CMMLU and CMB samples: no match at 13 characters."""
     from prepare import decontaminate
 
-    counts = decontaminate(os.path.join(ROOT, "data", "med_sample.jsonl"),
+    counts = decontaminate(os.path.join(ROOT, "samples", "med_sample.jsonl"),
                            [("cmmlu-med", os.path.join(SAMPLE, "cmmlu")), ("cmb", os.path.join(SAMPLE, "cmb"))],
                            str(tmp_path / "c.jsonl"))
     assert counts == {"cmmlu-med dev": 0, "cmb val": 0}
 
 
 def test_cli_refuses_to_overwrite_its_input_and_a_dir_without_benchmark_files(tmp_path):
-    src = os.path.join(ROOT, "data", "med_sample.jsonl")
+    src = os.path.join(ROOT, "samples", "med_sample.jsonl")
     r = subprocess.run([sys.executable, "prepare.py", "decontaminate", src, "--bench", f"cmexam={tmp_path}",
                         "--out", src], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "must not be the input" in r.stderr
@@ -93,7 +93,7 @@ def test_train_warns_once_about_unchecked_data(tiny_dir, tmp_path, capsys):
     train(small_cfg(tiny_dir, tmp_path / "a", steps=1, save_every=1))
     assert capsys.readouterr().out.count("not been checked against the benchmarks") == 1
     clean = tmp_path / "clean.jsonl"
-    decontaminate(os.path.join(ROOT, "data", "med_sample.jsonl"), [("cmexam", os.path.join(SAMPLE, "cmexam"))],
+    decontaminate(os.path.join(ROOT, "samples", "med_sample.jsonl"), [("cmexam", os.path.join(SAMPLE, "cmexam"))],
                   str(clean))
     capsys.readouterr()
     train(small_cfg(tiny_dir, tmp_path / "b", steps=1, save_every=1, data=str(clean)))

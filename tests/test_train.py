@@ -197,7 +197,7 @@ def test_golden_loss_curve(tiny_dir, tmp_path):
     if os.environ.get("SPARSEDOCTOR_REGEN_GOLDEN"):
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"config": "tests/conftest.py::small_cfg(steps=20, lr=5e-3, max_len=128, batch_size=4) "
-                                 "on tiny_dir (hidden 32, 2 layers, seed 0), data/med_sample.jsonl",
+                                 "on tiny_dir (hidden 32, 2 layers, seed 0), samples/med_sample.jsonl",
                        "torch": torch.__version__, "curve": got}, f, indent=1)
         pytest.skip("golden curve regenerated: nothing to compare it with in this run")
     want = json.load(open(path, encoding="utf-8"))["curve"]
@@ -312,7 +312,7 @@ def step_once(tiny_dir, out, batches):
     model, queue, gen = T.build_model(cfg, tiny_dir, torch.device("cpu"), 0, verbose=False)
     state = T.build_state(HybridLoss(model, cfg), queue, gen, cfg, torch.device("cpu"))
     grads = []
-    state.opt.step = lambda: grads.extend(p.grad.clone() for p in state.params)
+    state.opt.register_step_pre_hook(lambda opt, args, kwargs: grads.extend(p.grad.clone() for p in state.params))
     rec, _ = T.train_step(state, batches)
     return rec, grads
 
@@ -323,7 +323,7 @@ def test_grad_accumulation_equals_the_doubled_batch(tiny_dir, tmp_path):
     from tokenizer import Tokenizer
 
     tok = Tokenizer(tiny_dir)
-    items = encode_all(read_jsonl(os.path.join(ROOT, "data", "med_sample.jsonl"))[:40], tok, 96)[0][:4]
+    items = encode_all(read_jsonl(os.path.join(ROOT, "samples", "med_sample.jsonl"))[:40], tok, 96)[0][:4]
     lengths = [sum(y != -100 for y in lab) for _, lab in items]
     assert lengths[0] + lengths[1] != lengths[2] + lengths[3]  # unequal halves: a per-micro-batch mean would differ
     two, g2 = step_once(tiny_dir, tmp_path / "a", [collate(items[:2], tok.pad_id), collate(items[2:], tok.pad_id)])

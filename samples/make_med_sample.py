@@ -1,6 +1,6 @@
-"""Build data/med_sample.jsonl: chat-form medical QA items from the CMExam *val* split (never test).
+"""Build samples/med_sample.jsonl: chat-form medical QA items from the CMExam *val* split (never test).
 
-    python data/make_med_sample.py [--src ../shared/benchmarks/cmexam/val_full.csv] [--n 300]
+    python samples/make_med_sample.py [--src ../shared/benchmarks/cmexam/val_full.csv] [--n 300]
 
 Each item: a system prompt, the question with its options as the user turn, and "答案：X。" plus the
 official explanation as the assistant turn. Items are the first N single-answer rows with an explanation.
