@@ -120,32 +120,6 @@ def all_gather_varlen(x: torch.Tensor) -> torch.Tensor:
     return _padded_gather(x, _sizes(x.shape[0], x.device))
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for our slice (all_reduce: works on gloo too).
-
-    why: with it, DDP's gradient average equals the gradient of one process holding the whole batch."""
-
-    @staticmethod
-    def forward(ctx, x, sizes):
-        ctx.sizes, ctx.rank = sizes, dist.get_rank()
-        return _padded_gather(x, sizes)
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.contiguous()
-        dist.all_reduce(g)
-        start = sum(ctx.sizes[:ctx.rank])
-        return g[start:start + ctx.sizes[ctx.rank]], None
-
-
-def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Every rank's ``x`` in rank order, differentiable, and the row where this rank's part starts."""
-    if not is_distributed():
-        return x, 0
-    sizes = _sizes(x.shape[0], x.device)
-    return _GatherWithGrad.apply(x, sizes), sum(sizes[:dist.get_rank()])
-
-
 def gradient_sync(wrapped, body, fsdp: bool, sync: bool):
     """A context for one micro-step: gradients are reduced over ranks only when ``sync`` (the last one).
 

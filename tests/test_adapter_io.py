@@ -65,3 +65,25 @@ def test_an_adapter_is_refused_on_another_base_of_the_same_shape(tmp_path):
     with pytest.raises(ValueError, match="another base model of the same shape"):
         load_adapter(load_model(str(tmp_path / "other")), str(ad))
     load_adapter(load_model(str(tmp_path / "base"), dtype=torch.bfloat16), str(ad))
+
+
+def test_the_peft_export_verifies_the_manifest_first(tmp_path):
+    """adapter_io.py's export reads a checkpoint like every other loader: tampered weights are refused, naming the
+    file, and nothing is written."""
+    from adapter_io import export_peft, save_adapter
+    from lora_moe import LoRAMoEConfig, add_lora_moe
+    from model import Qwen3, Qwen3Config, load_model
+    from tiny_qwen import init_weights, save_model
+
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8)
+    save_model(init_weights(Qwen3(cfg)), str(tmp_path / "base"))
+    save_adapter(add_lora_moe(load_model(str(tmp_path / "base")), LoRAMoEConfig(num_experts=1, top_k=1, rank=2),
+                              verbose=False), str(tmp_path / "ad"))
+    export_peft(str(tmp_path / "ad"), str(tmp_path / "ok"))  # the untouched adapter exports
+    data = bytearray((tmp_path / "ad" / "adapter.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (tmp_path / "ad" / "adapter.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="adapter.safetensors is missing or does not match"):
+        export_peft(str(tmp_path / "ad"), str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()

@@ -508,3 +508,45 @@ def test_a_truncated_benchmark_csv_is_refused(tmp_path):
                                '问题二,"A 甲\nB 乙"\n', encoding="utf-8")
     with pytest.raises(EvalDataError, match="row 3 has fewer fields than the header"):
         load("cmexam", str(d), "val")
+
+
+def test_correctness_and_accuracy_match_the_gold_computed_from_the_official_file(tiny_ckpt, tmp_path, monkeypatch):
+    """eval.py's `correct`, micro / macro / single / multi accuracies, against an independent computation from
+    the CMExam sample's own Answer and Clinical Department columns (read with csv here): a prediction is right only
+    when it is the gold set exactly; a strict subset or superset of a multi-answer gold, a wrong letter and no
+    answer are wrong. The scorer is replaced by planned predictions of each kind."""
+    data = os.path.join(SAMPLE, "cmexam")
+    with open(os.path.join(data, "val.csv"), encoding="utf-8-sig", newline="") as f:
+        numbered = [(n, r) for n, r in enumerate(csv.DictReader(f)) if (r["Answer"] or "").strip()]  # n: the id
+    rows = [r for _, r in numbered]
+    plan = {}  # row number -> (predicted letters or None, right?)
+    for i, (n, r) in enumerate(numbered):
+        gold = sorted(set(r["Answer"].strip()))
+        wrong = next(L for L in "ABCDE" if L not in gold)
+        pred = ["".join(gold), "".join(gold[:-1]) if len(gold) > 1 else wrong, "".join(sorted(gold + [wrong])),
+                None, "".join(gold)][i % 5]
+        plan[n] = (pred, pred is not None and sorted(pred) == gold)
+    assert any(len(set(r["Answer"].strip())) > 1 for i, r in enumerate(rows) if i % 5 == 1)  # a strict subset is tried
+
+    def planned(model, tok, prompts, items, batch_size, chat):
+        return [plan[int(it.id.rsplit("-", 1)[1])][0] for it in items], [{} for _ in items]
+
+    monkeypatch.setattr(ev, "score_logits", planned)
+    args = ev.parse_args(["cmexam", "--model", tiny_ckpt, "--data-dir", data, "--split", "val", "--out",
+                          str(tmp_path / "e")])
+    summary = ev.evaluate(args)
+    recs = {r["id"]: r for r in map(json.loads, open(tmp_path / "e" / "predictions.jsonl", encoding="utf-8"))}
+    assert len(recs) == len(plan)
+    for (n, (pred, ok)), (_, row) in zip(plan.items(), numbered):
+        r = recs[f"cmexam-val-{n}"]
+        assert (r["predicted"], r["correct"]) == (pred, ok), r
+        assert r["gold"] == "".join(sorted(set(row["Answer"].strip())))
+    right = [ok for _, ok in plan.values()]
+    assert summary["accuracy_micro"] == round(sum(right) / len(right), 4)
+    by_dept = {}
+    for r, ok in zip(rows, right):
+        by_dept.setdefault(r.get("Clinical Department") or "all", []).append(ok)
+    assert summary["accuracy_macro"] == round(sum(round(sum(v) / len(v), 4) for v in by_dept.values()) / len(by_dept), 4)
+    multi = [ok for r, ok in zip(rows, right) if len(set(r["Answer"].strip())) > 1]
+    assert summary["multi_answer"] == {"n": len(multi), "accuracy": round(sum(multi) / len(multi), 4)}
+    assert summary["unparsable"] == sum(p is None for p, _ in plan.values())

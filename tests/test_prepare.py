@@ -130,3 +130,15 @@ def test_a_plain_lora_run_exported_for_peft_gives_the_same_logits(tiny_dir, tmp_
     train(small_cfg(tiny_dir, moe, steps=1, save_every=1))
     with pytest.raises(ValueError, match="only a plain-LoRA adapter"):
         export_peft(str(moe), str(tmp_path / "peft2"))
+
+
+@pytest.mark.parametrize("length", [3, 4, 5, 13])
+def test_ngrams_at_boundary_lengths(length):
+    """A text of exactly n characters is one n-gram; n - 1 none; n + 1 two, the last window included."""
+    from prepare import ngrams
+
+    n = 4 if length < 13 else 13
+    text = "".join(chr(0x4E00 + i) for i in range(length))
+    got = ngrams(text, n)
+    assert got == {text[i:i + n] for i in range(length - n + 1)}
+    assert len(got) == max(0, length - n + 1) and (length < n or text[-n:] in got)

@@ -413,17 +413,21 @@ def test_a_run_dir_holding_only_metrics_is_an_earlier_run(tiny_dir, tmp_path):
     assert (run / "metrics.jsonl").read_bytes() == before
 
 
-def test_a_new_lr_on_resume_holds_for_every_later_step(tiny_dir, tmp_path):
-    """Resuming step 3 of 6 with --lr 5e-4: steps 4, 5, 6 use 5e-4 x the schedule (not the checkpoint's 1e-3 x it),
-    and so does the scheduler's state written at the end."""
+@pytest.mark.parametrize("change", [dict(lr=5e-4), dict(warmup=5), dict(steps=9)])
+def test_every_optimiser_setting_given_on_resume_holds_for_every_later_step(tiny_dir, tmp_path, change):
+    """Resuming step 3 of 6 with a new --lr, --warmup or --steps: every later step's lr is the new run's
+    schedule (lr_at of the new settings, times the new --lr), not the checkpoint's, and so is the scheduler's
+    state written at the end."""
     from checkpoint import read_training_state
     from train import lr_at, train
 
     train(small_cfg(tiny_dir, tmp_path / "r", steps=3, save_every=3))
-    cfg = small_cfg(tiny_dir, tmp_path / "r", resume=str(tmp_path / "r"), lr=5e-4, save_every=3)
+    cfg = small_cfg(tiny_dir, tmp_path / "r", resume=str(tmp_path / "r"), save_every=3, **change)
+    old = small_cfg(tiny_dir, tmp_path / "x", save_every=3)
     hist = train(cfg)
-    assert [h["step"] for h in hist] == [4, 5, 6]
+    assert [h["step"] for h in hist] == list(range(4, cfg.steps + 1))
     for h in hist:
-        assert h["lr"] == pytest.approx(5e-4 * lr_at(h["step"] - 1, cfg), rel=1e-9), h["step"]
-    sched = read_training_state(str(tmp_path / "r" / "ckpt-000006"))["scheduler"]
-    assert sched["base_lrs"] == [pytest.approx(5e-4)]
+        assert h["lr"] == pytest.approx(cfg.lr * lr_at(h["step"] - 1, cfg), rel=1e-9), h["step"]
+    assert any(h["lr"] != pytest.approx(old.lr * lr_at(h["step"] - 1, old), rel=1e-6) for h in hist)  # can tell
+    sched = read_training_state(str(tmp_path / "r" / f"ckpt-{cfg.steps:06d}"))["scheduler"]
+    assert sched["base_lrs"] == [pytest.approx(cfg.lr)]

@@ -143,3 +143,16 @@ def test_tiny_top_p_keeps_only_the_argmax(tmp_path):
     assert torch.equal(greedy, nucleus)
     hot = generate(model, ids, max_new_tokens=8, temperature=5.0, top_p=1.0, seed=0, eos_id=None)
     assert not torch.equal(greedy, hot)  # sampling really samples (fixed seed, so deterministic)
+
+
+def test_chat_template_without_a_user_turn():
+    """Qwen3's template finds the last user turn; with none, it is taken to be the last message, so no assistant
+    turn gets a think block (system-only, assistant-first); an assistant turn after a later user turn does."""
+    sys_only = [{"role": "system", "content": "S"}, {"role": "assistant", "content": "A"}]
+    assert apply_chat_template(sys_only) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    assert apply_chat_template([{"role": "assistant", "content": "A"}]) == "<|im_start|>assistant\nA<|im_end|>\n"
+    first = [{"role": "assistant", "content": "A"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "B"}]
+    assert apply_chat_template(first) == ("<|im_start|>assistant\nA<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n"
+                                          "<|im_start|>assistant\n<think>\n\n</think>\n\nB<|im_end|>\n")
+    assert apply_chat_template(sys_only[:1], add_generation_prompt=True) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")

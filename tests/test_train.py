@@ -374,3 +374,16 @@ def test_keep_prunes_to_the_newest(tiny_dir, tmp_path):
 
     train(small_cfg(tiny_dir, tmp_path / "k", steps=6, save_every=2, keep=1))
     assert sorted(d for d in os.listdir(tmp_path / "k") if d.startswith("ckpt-")) == ["ckpt-000006"]
+
+
+def test_batch_size_1_with_the_queue_trains(tiny_dir, tmp_path):
+    """The accept side of the --batch-size 1 refusal: with --queue K the contrastive term has negatives from the
+    second step on (the first step's queue is empty: its term is 0, log 1), and the queue fills one view a step."""
+    from safetensors.torch import load_file
+
+    from train import train
+
+    hist = train(small_cfg(tiny_dir, tmp_path / "b1", steps=3, batch_size=1, queue=8, save_every=3))
+    assert hist[0]["contrastive"] == pytest.approx(0.0, abs=1e-6) and hist[2]["contrastive"] > 0.01
+    labels = load_file(tmp_path / "b1" / "ckpt-000003" / "adapter.safetensors")["queue.labels"]
+    assert ((labels >= 0).sum(1) == 3).all()
