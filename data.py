@@ -175,9 +175,9 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, rank
     shuffle those; cut each into pieces of batch_size, and micro-step j of rank r takes piece j * world + r.
     why: a step's examples and its pieces of batch_size depend only on n and batch_size, not on how the pieces
     are spread over ranks and micro-steps: 1 process x accumulation k and k ranks x 1 see the same pieces (the
-    default contrastive reading contrasts within a piece, so its loss needs this), and the ranks of micro-step j
-    together hold what 1 rank x world * batch_size would (the head readings gather over ranks). A run can
-    resume on another split of the same n. The remainder that does not fill a step batch is dropped."""
+    contrastive term contrasts within a piece, so its loss needs this), and the ranks of micro-step j together
+    hold what 1 rank x world * batch_size would (the balance term counts over ranks). A run can resume on
+    another split of the same n. The remainder that does not fill a step batch is dropped."""
     rng = random.Random(seed * 1000 + epoch)
     idx = list(range(len(lengths)))
     rng.shuffle(idx)

@@ -79,6 +79,24 @@ def test_debiased_loss_at_collapse_and_without_debias():
     assert float(debiased_nce(far, 0.125, tau)) < 1e-3 < float(far.logsumexp(1) - far[:, 0])
     x = torch.randn(5, 1 + 4) / tau
     assert torch.allclose(debiased_nce(x, 1e-9, tau), x.logsumexp(1) - x[:, 0], atol=1e-5)
+    # the clamp by hand: when mean e^s - tau+ e^s+ < 0, g is e^(-1/tau) exactly
+    s_pos, negs = 1 / tau, [0.1 / tau, -0.5 / tau]
+    assert sum(math.exp(v) for v in negs) / 2 - 0.125 * math.exp(s_pos) < 0
+    want = math.log(math.exp(s_pos) + 2 * math.exp(-1 / tau)) - s_pos
+    assert float(debiased_nce(torch.tensor([[s_pos, *negs]], dtype=torch.float64), 0.125, tau)) == pytest.approx(want, rel=1e-9)
+
+
+def test_a_sequence_without_real_tokens_is_no_negative():
+    """A micro-batch row that is all padding has no fused view: the loss equals the loss of the batch without it."""
+    model = tiny_adapted()
+    ids = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[1] = False  # row 1: padding only
+    kw = dict(tokens_per_site=1000, temperature=0.2, debias=0.0)
+    rec, w = forward_records(model, ids, mask)
+    with_empty = contrastive_loss(rec, w, **kw).loss
+    rec2, w2 = forward_records(model, ids[[0, 2]])
+    assert torch.allclose(with_empty, contrastive_loss(rec2, w2, **kw).loss, atol=1e-6)
 
 
 def test_sequence_reading_routes_each_sequence_alike_and_sequences_apart():

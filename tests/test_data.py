@@ -130,3 +130,14 @@ def test_a_bad_line_through_train_py_is_one_line_and_exit_2(tmp_path, tiny_dir):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == f"error: {p}:1: invalid JSON: " + r.stderr.split("invalid JSON: ")[1].strip()
     assert "Traceback" not in r.stderr and not (tmp_path / "o" / "config.json").exists()
+
+
+def test_collate_marks_exactly_the_real_tokens():
+    """Right padding: the mask is True on each row's real tokens and nowhere else, padding ids are pad_id and
+    padding labels IGNORE."""
+    items = [([5, 6, 7], [IGNORE, 6, 7]), ([8], [IGNORE]), ([1, 2, 3, 4, 9], [IGNORE, IGNORE, 3, 4, 9])]
+    ids, labels, mask = collate(items, pad_id=0)
+    assert mask.sum(1).tolist() == [3, 1, 5] and mask[:, 0].all()
+    for b, (x, y) in enumerate(items):
+        assert ids[b, :len(x)].tolist() == x and labels[b, :len(y)].tolist() == y
+        assert (ids[b, len(x):] == 0).all() and (labels[b, len(x):] == IGNORE).all() and not mask[b, len(x):].any()

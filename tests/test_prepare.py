@@ -142,3 +142,11 @@ def test_ngrams_at_boundary_lengths(length):
     got = ngrams(text, n)
     assert got == {text[i:i + n] for i in range(length - n + 1)}
     assert len(got) == max(0, length - n + 1) and (length < n or text[-n:] in got)
+
+
+def test_normalisation_ignores_case_width_and_punctuation():
+    """What n-grams are cut from: NFKC (full-width letters and digits), lower case, letters and digits only."""
+    from prepare import normalize
+
+    assert normalize("ＡＢＣ，Hello World! 123") == normalize("abc hello-world 123") == "abchelloworld123"
+    assert normalize("下列哪项  是（ ）正确的？") == "下列哪项是正确的"

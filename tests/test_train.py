@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_at_once, small_cfg
+from config import TrainConfig
 
 
 def test_loss_falls_and_metrics_are_written(tiny_dir, tmp_path):
@@ -356,6 +357,8 @@ def test_each_loss_switch_removes_its_part(tiny_dir, tmp_path, switch, value, go
         assert off[1][key] is not None and off[1][key] != pytest.approx(full[1][key], rel=1e-6)
     else:
         assert off[0][key] is None and full[0][key] is not None
+        other = "balance" if key == "contrastive" else "contrastive"
+        assert off[0][other] > 0.1  # the other term stays on, with its value
         assert off[0]["loss"] == pytest.approx(off[0]["lm"] + 0.01 * (off[0]["balance"] or 0) + (off[0]["contrastive"] or 0))
 
 
@@ -387,3 +390,14 @@ def test_batch_size_1_with_the_queue_trains(tiny_dir, tmp_path):
     assert hist[0]["contrastive"] == pytest.approx(0.0, abs=1e-6) and hist[2]["contrastive"] > 0.01
     labels = load_file(tmp_path / "b1" / "ckpt-000003" / "adapter.safetensors")["queue.labels"]
     assert ((labels >= 0).sum(1) == 3).all()
+
+
+def test_the_lr_schedule_by_hand():
+    """Linear warmup to --lr over --warmup steps (step 0 already takes 1 / warmup), then cosine down to 0.1 x --lr
+    at --steps, flat after."""
+    from train import lr_at
+
+    cfg = TrainConfig(warmup=4, steps=14)
+    assert [lr_at(s, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, cfg) == pytest.approx(1.0) and lr_at(9, cfg) == pytest.approx(0.55)
+    assert lr_at(14, cfg) == pytest.approx(0.1) and lr_at(20, cfg) == pytest.approx(0.1)
