@@ -50,13 +50,21 @@ class EvalDataError(ValueError):
 
 
 def find_file(data_dir: str, name: str, bench: str) -> str:
-    """``name`` (a path tail like 'dev/anatomy.csv') under ``data_dir`` at any depth, or a clear error."""
+    """``name`` (a path tail like 'dev/anatomy.csv') under ``data_dir`` at any depth, or a clear error. why it
+    refuses two: which one a walk finds first is the filesystem's order, so a stray backup copy would be read
+    half of the time."""
+    found = []
     for root, _, files in os.walk(data_dir):
         path = os.path.join(root, os.path.basename(name))
         if os.path.basename(name) in files and path.replace(os.sep, "/").endswith(name):
             if not os.path.isfile(path):  # why: a device or fifo named like the file would be read without end
                 raise EvalDataError(f"{path} is not a regular file")
-            return path
+            found.append(path)
+    if len(found) > 1:
+        raise EvalDataError(f"{bench}: {len(found)} files named {name} under {data_dir} ({', '.join(sorted(found))}): "
+                            "point --data-dir at the folder of the one to read")
+    if found:
+        return found[0]
     raise EvalDataError(f"{bench}: {name} not found under {data_dir}. Expected the official files from "
                         f"{BENCHMARKS[bench].source}; --data-dir may point at the folder holding them or at the repo's "
                         "data/.")
@@ -121,6 +129,9 @@ def cmb_rows(data_dir: str, split: str) -> tuple[str, list]:
     if not isinstance(answers, list) or \
             not all(isinstance(a, dict) and {"id", "answer"} <= a.keys() for a in answers):
         raise EvalDataError(f"{apath}: expected a JSON array of {{'id', 'answer'}} records")
+    ids = [str(a["id"]) for a in answers]
+    if len(set(ids)) < len(ids):
+        raise EvalDataError(f"{apath}: answer id {next(i for i in ids if ids.count(i) > 1)!r} appears more than once")
     answers = {str(a["id"]): a["answer"] for a in answers}
     for r in rows if isinstance(rows, list) else []:
         if isinstance(r, dict):
@@ -134,7 +145,7 @@ def load_cmb(data_dir: str, split: str, subjects=None) -> tuple[list[Item], int]
     qpath, rows = cmb_rows(data_dir, split)
     if not isinstance(rows, list):
         raise EvalDataError(f"{qpath}: expected a JSON array of question records")
-    items = []
+    items, seen = [], set()
     for n, r in enumerate(rows):
         fields_ = {"exam_type", "exam_class", "question", "question_type", "option", "answer"}
         missing = fields_ - set(r if isinstance(r, dict) else {})
@@ -150,6 +161,9 @@ def load_cmb(data_dir: str, split: str, subjects=None) -> tuple[list[Item], int]
         if not answer or not set(answer) <= options.keys():
             raise EvalDataError(f"{qpath}: record {n}: answer {r['answer']!r} not among options "
                                 f"{sorted(options)}")
+        if str(r.get("id", n)) in seen:  # why: a duplicate id would be scored against another question's gold
+            raise EvalDataError(f"{qpath}: question id {r.get('id', n)!r} appears more than once")
+        seen.add(str(r.get("id", n)))
         items.append(Item(f"cmb-{split}-{r.get('id', n)}", r["exam_class"], r["question"].strip(), options,
                           r["question_type"] == "多项选择题", answer, len(answer) > 1,
                           {k: r[k] for k in ("exam_type", "exam_class", "question_type")}))

@@ -154,6 +154,9 @@ def load_questions(args, data_dir: str, split: str):
     unknown = [s for s in subjects if s not in known]
     if known and unknown:
         raise EvalDataError(f"unknown {bench} subject(s) {unknown}: valid are {list(known)}")
+    twice = sorted({s for s in subjects if subjects.count(s) > 1})
+    if twice:  # why: a subject named twice would count its questions twice
+        raise EvalDataError(f"--subjects names {', '.join(twice)} more than once")
     items, skipped = load(bench, data_dir, split, subjects)
     items = items[:args.limit] if args.limit else items
     if not items:

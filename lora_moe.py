@@ -44,6 +44,7 @@ from parallel import all_reduce_
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROUTERS = ("context", "token")  # what a router reads: x_t and the mean of x over the sequence so far, or x_t
+ADAPTER_FLOOR = 1 << 24  # adapters up to this many parameters are allowed whatever the base (add_lora_moe)
 
 
 def check_targets(names) -> tuple:
@@ -199,6 +200,16 @@ def add_lora_moe(model: nn.Module, cfg: LoRAMoEConfig | None = None, verbose: bo
              if isinstance(m, nn.Linear) and n.split(".")[-1] in cfg.targets]
     if not swaps:
         raise ValueError(f"no nn.Linear named like {cfg.targets} in the model")
+    # why before any allocation: an adapter config inside every range (4096 experts of rank 4096) can still ask
+    # for more memory than the machine has; adapters larger than the frozen base are never what a fine-tune means.
+    # ADAPTER_FLOOR keeps tiny test bases usable (2^24 fp32 numbers: 64 MB, harmless to allocate)
+    routers = (cfg.num_experts > 1) * (1 + (cfg.router == "context"))
+    size = sum(cfg.num_experts * (cfg.rank * (m.in_features + m.out_features) + routers * m.in_features)
+               for _, m in swaps)
+    base = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    if size > max(base, ADAPTER_FLOOR):
+        raise ValueError(f"adapters of {cfg.num_experts} experts of rank {cfg.rank} would hold {size:,} parameters, "
+                         f"more than the base model's {base:,}: give a smaller --num-experts or --rank")
     for name, lin in swaps:
         parent_name, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent_name), child, LoRAMoELinear(lin, cfg))

@@ -11,6 +11,7 @@ noise; ``tests/test_model.py`` checks that against ``transformers`` itself.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 
@@ -21,6 +22,11 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
+
+
+SIZE_BOUNDS = {"vocab_size": 1 << 20, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1024,
+               "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096,
+               "max_position_embeddings": 1 << 24}
 
 
 @dataclass
@@ -37,6 +43,22 @@ class Qwen3Config:
     max_position_embeddings: int = 40960
     tie_word_embeddings: bool = True
     attention_bias: bool = False
+
+    def __post_init__(self):
+        """Every size an integer in its range and every float finite and positive, before anything is allocated.
+        why the upper bounds: a typo'd or hostile config.json (hidden_size 10**12) must end in one line, not in
+        an allocation that takes the machine down; they are several times the largest Qwen3's."""
+        for name, hi in SIZE_BOUNDS.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
+                raise ValueError(f"config.json: {name}={v!r} must be an integer in [1, {hi}]")
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
+                raise ValueError(f"config.json: {name}={v!r} must be a finite number > 0")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"config.json: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Qwen3Config":
@@ -64,9 +86,12 @@ class Qwen3Config:
             raise ValueError("unsupported Qwen3 config setting(s):\n  " + "\n  ".join(problems))
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names and k != "rope_theta"}
-        if "head_dim" not in d or d["head_dim"] is None:
-            kw["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
-        kw["rope_theta"] = float(rope_theta)
+        if "head_dim" not in d or d["head_dim"] is None:  # why the check first: 0 heads would divide by zero
+            h, n = d.get("hidden_size"), d.get("num_attention_heads")
+            ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (h, n))
+            kw["head_dim"] = h // n if ok else None  # else __post_init__ names the bad field
+        number = isinstance(rope_theta, (int, float)) and not isinstance(rope_theta, bool)
+        kw["rope_theta"] = float(rope_theta) if number else rope_theta  # else __post_init__ names it
         return cls(**kw)
 
     @classmethod

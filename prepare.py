@@ -84,9 +84,9 @@ def benchmark_index(specs: list[tuple[str, str]], n: int):
                     short.append((q, key)) if q else None
                 for g in ngrams(q, n):
                     index.setdefault(g, []).append(key)
-    if not read:
-        raise EvalDataError(f"no {'/'.join(b for b, _ in specs)} file found under "
-                            f"{', '.join(d for _, d in specs)}: nothing to check against")
+        if not any(r.startswith(bench + " ") for r in read):  # why each: a typo'd dir must not pass as checked
+            raise EvalDataError(f"--bench {bench}={data_dir}: no file of {bench} found there (expected the official "
+                                f"files from {BENCHMARKS[bench].source}): nothing to check against")
     return index, short, read
 
 

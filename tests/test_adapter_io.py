@@ -87,3 +87,20 @@ def test_the_peft_export_verifies_the_manifest_first(tmp_path):
     with pytest.raises(ValueError, match="adapter.safetensors is missing or does not match"):
         export_peft(str(tmp_path / "ad"), str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()
+
+
+def test_an_adapter_larger_than_its_base_is_refused_before_it_is_allocated(tmp_path):
+    """An adapter_config.json whose every value is in range (4096 experts of rank 4096; manifest recomputed) still
+    asks for more parameters than the base holds: refused at once, naming the sizes, nothing allocated."""
+    import time
+
+    from adapter_io import load_adapter, write_manifest
+
+    load_model, ad = saved_adapter(tmp_path)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "num_experts": 4096, "rank": 4096, "top_k": 2}))
+    write_manifest(str(ad))
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match="adapters of 4096 experts of rank 4096 would hold .* more than the base"):
+        load_adapter(load_model(str(tmp_path / "base")), str(ad))
+    assert time.perf_counter() - t < 5

@@ -550,3 +550,32 @@ def test_correctness_and_accuracy_match_the_gold_computed_from_the_official_file
     multi = [ok for r, ok in zip(rows, right) if len(set(r["Answer"].strip())) > 1]
     assert summary["multi_answer"] == {"n": len(multi), "accuracy": round(sum(multi) / len(multi), 4)}
     assert summary["unparsable"] == sum(p is None for p, _ in plan.values())
+
+
+def test_benchmark_inputs_are_unambiguous(tmp_path):
+    """Duplicate ids in CMB's question or answer files, two candidate files for one split, and a subject named
+    twice are each refused naming the file, the id or the subject (a question scored against another's gold, a
+    file picked by filesystem order, questions counted twice); the clean neighbour of each loads."""
+    import shutil
+
+    fix = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "cmb_test")
+    for kind in ("answers", "questions"):
+        d = tmp_path / kind
+        shutil.copytree(fix, d)
+        name = "CMB-test-choice-answer.json" if kind == "answers" else "CMB-test-choice-question-merge.json"
+        rows = json.load(open(d / name, encoding="utf-8"))
+        assert bm.load("cmb", str(d), "test")[0]  # the clean files load
+        (d / name).write_text(json.dumps(rows + rows[:1], ensure_ascii=False), encoding="utf-8")
+        with pytest.raises(bm.EvalDataError, match=rf"{name}: (answer|question) id .* appears more than once"):
+            bm.load("cmb", str(d), "test")
+    two = tmp_path / "two"
+    shutil.copytree(os.path.join(SAMPLE, "cmexam"), two / "data")
+    assert bm.load("cmexam", str(two), "val")[0]
+    shutil.copytree(os.path.join(SAMPLE, "cmexam"), two / "backup_old")
+    with pytest.raises(bm.EvalDataError, match=r"2 files named val.csv .*backup_old/val.csv.*data/val.csv"):
+        bm.load("cmexam", str(two), "val")
+    args = ev.parse_args(["cmmlu-med", "--subjects", "anatomy,virology,anatomy"])
+    with pytest.raises(bm.EvalDataError, match="--subjects names anatomy more than once"):
+        ev.load_questions(args, os.path.join(SAMPLE, "cmmlu"), "dev")
+    args = ev.parse_args(["cmmlu-med", "--subjects", "anatomy,virology"])
+    assert {it.subject for it in ev.load_questions(args, os.path.join(SAMPLE, "cmmlu"), "dev")[0]} == {"anatomy", "virology"}

@@ -107,3 +107,21 @@ def test_every_train_flag_says_what_it_does(capsys):
         assert f"\n{group}:\n" in out
     assert "bundled samples/med_sample.jsonl" in " ".join(out.split()) and ROOT not in out
     assert out.count("\n  --") <= 31  # the options and -h
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", -8), ("hidden_size", 0), ("num_attention_heads", 0),
+                                          ("hidden_size", 64.5), ("vocab_size", 10 ** 12), ("head_dim", "16"),
+                                          ("rms_norm_eps", float("nan")), ("rope_theta", float("inf")),
+                                          ("num_key_value_heads", 3)])
+def test_a_model_config_with_a_bad_size_is_one_line_naming_the_field(capsys, tmp_path, field, value):
+    """Negative, zero, non-integer, huge or non-finite sizes in --model's config.json: one line naming the field,
+    checked before anything is allocated (not a traceback, nor "try a lower --lr" after a NaN)."""
+    from model import Qwen3Config
+    from train import parse_args
+
+    cfg = {**Qwen3Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16).to_hf_dict(),
+           field: value}
+    (tmp_path / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    (tmp_path / "tokenizer.json").write_text("{}", encoding="utf-8")
+    err = one_line_exit(capsys, lambda: parse_args(["--model", str(tmp_path)]))
+    assert f"config.json: {field}=" in err or (field == "num_key_value_heads" and "not a multiple of" in err), err

@@ -83,7 +83,13 @@ def test_cli_refuses_to_overwrite_its_input_and_a_dir_without_benchmark_files(tm
     assert r.returncode == 2 and "must not be the input" in r.stderr
     r = subprocess.run([sys.executable, "prepare.py", "decontaminate", src, "--bench", f"cmexam={tmp_path}",
                         "--out", str(tmp_path / "o.jsonl")], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "no cmexam file found" in r.stderr and not (tmp_path / "o.jsonl").exists()
+    assert r.returncode == 2 and "no file of cmexam found there" in r.stderr and not (tmp_path / "o.jsonl").exists()
+    # one good --bench and one typo'd: still refused (the typo'd one would pass as checked), nothing written
+    r = subprocess.run([sys.executable, "prepare.py", "decontaminate", src, "--bench",
+                        f"cmexam={os.path.join(SAMPLE, 'cmexam')}", "--bench", f"cmb={tmp_path / 'CMBB'}",
+                        "--out", str(tmp_path / "o.jsonl")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and f"--bench cmb={tmp_path / 'CMBB'}: no file of cmb found there" in r.stderr
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.decontam.json").exists()
 
 
 def test_train_warns_once_about_unchecked_data(tiny_dir, tmp_path, capsys):
