@@ -79,17 +79,25 @@ def write_manifest(path: str):
         json.dump({name: file_sha256(os.path.join(path, name)) for name in files}, f, indent=1)
 
 
-def verify_manifest(path: str):
-    """Check every file named in ``manifest.json`` against its sha256. why a missing manifest is an error: if
-    deleting it switched the check off, an edited adapter would load silently."""
+ADAPTER_FILES = ("adapter.safetensors", "adapter_config.json")  # what load_adapter and the export read
+
+
+def verify_manifest(path: str, required: tuple = ADAPTER_FILES):
+    """Check every file named in ``manifest.json`` against its sha256, and that it names every file of
+    ``required`` (the files the caller will read). why a missing manifest, or one that leaves a file out, is an
+    error: if deleting it (or a line of it) switched the check off, an edited adapter would load silently."""
     manifest = os.path.join(path, "manifest.json")
     if not os.path.isfile(manifest):
         raise ValueError(f"{manifest} not found: not a complete adapter or checkpoint dir (its files cannot be "
                          "checked)")
-    with open(manifest, encoding="utf-8") as f:
-        sums = json.load(f)
-    if not isinstance(sums, dict) or "adapter.safetensors" not in sums:
-        raise ValueError(f"{manifest} does not list adapter.safetensors: not a SparseDoctor manifest")
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            sums = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{manifest}: not a JSON manifest ({e})") from None
+    missing = [name for name in required if not isinstance(sums, dict) or name not in sums]
+    if missing:
+        raise ValueError(f"{manifest} does not list {', '.join(missing)}: its files cannot all be checked")
     for name, digest in sums.items():
         file = os.path.join(path, os.path.basename(str(name)))
         if not os.path.isfile(file) or file_sha256(file) != digest:

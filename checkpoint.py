@@ -161,17 +161,22 @@ def checkpoint_step(path: str) -> int:
     return next(v for k, v in tree["__dict__"] if k == "step")
 
 
+def verify_checkpoint(path: str):
+    """The checkpoint's manifest covers every file a resume reads, and each matches (``verify_manifest``)."""
+    verify_manifest(path, required=tuple(sorted(CKPT_FILES - {"manifest.json"})))
+
+
 def is_valid_checkpoint(path: str) -> bool:
     try:
-        verify_manifest(path)
+        verify_checkpoint(path)
     except (OSError, ValueError):
         return False
-    needed = ("state.json", "state.safetensors", "adapter.safetensors")
-    return all(os.path.isfile(os.path.join(path, f)) for f in needed)
+    return True
 
 
 def load_checkpoint(path: str, model, queue, device) -> dict:
     """Fill adapters and queue from checkpoint ``path`` (checksums verified); return its training state."""
+    verify_checkpoint(path)
     extra = load_adapter(model, path)
     if queue is not None:
         queue.load_state_dict({k[6:]: v.to(device) for k, v in extra.items() if k.startswith("queue.")})

@@ -29,7 +29,7 @@ from dataclasses import asdict, replace
 
 import parallel
 from adapter_io import CKPT_NAME, resolve_adapter_dir
-from checkpoint import CKPT_FILES, checkpoint_step, is_valid_checkpoint
+from checkpoint import CKPT_FILES, checkpoint_step, is_valid_checkpoint, verify_checkpoint
 
 RUN_FILES = ("config.json", "metrics.jsonl", "latest")
 TMP_NAME = re.compile(r"ckpt-\d+\.tmp")
@@ -170,6 +170,10 @@ def find_resume(path: str, log=print) -> str | None:
     missing, dangling or corrupted) the newest valid checkpoint, with a warning when it passes over a newer
     one; None for an empty or new dir (start fresh)."""
     if os.path.isfile(os.path.join(path, "state.json")):
+        try:  # why before anything of it is read: train_config.json and state.json are parsed next
+            verify_checkpoint(path)
+        except ValueError as e:
+            raise RunDirError(f"--resume {path}: {e}") from None
         return path
     if os.path.isfile(path) and os.path.basename(path) == "latest":
         path = os.path.dirname(path) or "."

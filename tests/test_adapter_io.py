@@ -104,3 +104,17 @@ def test_an_adapter_larger_than_its_base_is_refused_before_it_is_allocated(tmp_p
     with pytest.raises(ValueError, match="adapters of 4096 experts of rank 4096 would hold .* more than the base"):
         load_adapter(load_model(str(tmp_path / "base")), str(ad))
     assert time.perf_counter() - t < 5
+
+
+def test_a_manifest_must_cover_every_file_the_loader_reads(tmp_path):
+    """An edited adapter_config.json (alpha x 100) with its line taken out of manifest.json: refused, naming
+    the file the manifest leaves out (was: the edited config loaded and chat answered with it)."""
+    from adapter_io import load_adapter
+
+    load_model, ad = saved_adapter(tmp_path)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "alpha": cfg["alpha"] * 100}))
+    sums = json.loads((ad / "manifest.json").read_text())
+    (ad / "manifest.json").write_text(json.dumps({k: v for k, v in sums.items() if k != "adapter_config.json"}))
+    with pytest.raises(ValueError, match="manifest.json does not list adapter_config.json"):
+        load_adapter(load_model(str(tmp_path / "base")), str(ad))

@@ -431,3 +431,25 @@ def test_every_optimiser_setting_given_on_resume_holds_for_every_later_step(tiny
     assert any(h["lr"] != pytest.approx(old.lr * lr_at(h["step"] - 1, old), rel=1e-6) for h in hist)  # can tell
     sched = read_training_state(str(tmp_path / "r" / f"ckpt-{cfg.steps:06d}"))["scheduler"]
     assert sched["base_lrs"] == [pytest.approx(cfg.lr)]
+
+
+@pytest.mark.parametrize("name, garbage, drop", [("train_config.json", b"[1, 2", False), ("state.json", b"{}", False),
+                                                 ("state.json", b'{"__dict__": 3}', True)])
+def test_resume_of_a_checkpoint_dir_verifies_it_before_reading_it(tiny_dir, done_run, tmp_path, name, garbage, drop):
+    """--resume CKPT_DIR with a damaged train_config.json or state.json (or one whose line is taken out of the
+    manifest): one line naming the file, before anything of it is parsed (was: AttributeError, TypeError or
+    StopIteration tracebacks); the run dir is left as it was."""
+    from run_dir import RunDirError
+    from train import train
+
+    run = copy_run(done_run, tmp_path)
+    ckpt = run / "ckpt-000006"
+    (ckpt / name).write_bytes(garbage)
+    if drop:
+        sums = json.loads((ckpt / "manifest.json").read_text())
+        (ckpt / "manifest.json").write_text(json.dumps({k: v for k, v in sums.items() if k != name}))
+    before = tree(run)
+    want = f"manifest.json does not list {name}" if drop else f"{name} is missing or does not match"
+    with pytest.raises(RunDirError, match=re.escape(want)):
+        train(small_cfg(tiny_dir, tmp_path / "elsewhere", resume=str(ckpt), steps=8))
+    assert tree(run) == before
