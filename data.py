@@ -64,6 +64,9 @@ def to_messages(obj) -> list[dict]:
             raise DataError("text holds a lone UTF-16 surrogate (invalid Unicode)") from None
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError("no assistant turn: nothing to learn from")
+    if any(m["role"] == "assistant" and not m["content"].strip() for m in msgs):
+        # why refused, not kept: its only target would be <|im_end|>, teaching the model to answer with nothing
+        raise DataError("an assistant turn is empty: its only target would be the end of the turn")
     return msgs
 
 

@@ -99,12 +99,24 @@ def build_model(cfg: TrainConfig, model_dir: str, device, rank: int, verbose: bo
     torch.manual_seed(cfg.seed)  # adapters start identical on every rank
     add_lora_moe(model, LoRAMoEConfig(**{f.name: getattr(cfg, f.name) for f in fields(LoRAMoEConfig)}), verbose)
     if cfg.compile:
+        check_compiler(device)
         compile_layers(model)
     if verbose and cfg.num_experts == 1:
         print("num_experts 1: plain LoRA, no router: the balance, z and contrastive terms are off")
     queue = ExpertQueue(len(sites(model)), cfg.queue, cfg.num_experts).to(device) if cfg.queue else None
     gen = torch.Generator(device).manual_seed(cfg.seed * 100 + rank)  # the contrastive loss's token sampling
     return model.train(), queue, gen
+
+
+def check_compiler(device):
+    """Compile a one-line function now. why: the layers compile at the first step, after --overwrite has removed
+    the earlier run; a machine that cannot compile (no C++ compiler, no triton) must stop before that."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
+    except Exception as e:  # noqa: BLE001 - dynamo and inductor raise errors of many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--compile: torch.compile does not work on this machine ({first[:200]}); run without "
+                         "--compile") from None
 
 
 def compile_layers(model, backend: str = "inductor"):

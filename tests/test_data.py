@@ -107,6 +107,9 @@ BAD_LINES = [  # one bad line of each kind, as the second line of a file: what i
     (json.dumps({"conversations": []}).encode(), "'conversations' must be a non-empty list"),
     (json.dumps({"data": ["only a question"]}).encode(), "alternating question, answer"),
     (json.dumps({"data": ["q", 3]}).encode(), "alternating question, answer"),
+    (json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]}).encode(),
+     "an assistant turn is empty"),  # a judgement call (docs/design.md): refused, with file:line
+    (json.dumps({"prompt": "q", "response": "  \n"}).encode(), "an assistant turn is empty"),
 ]
 
 

@@ -453,3 +453,24 @@ def test_resume_of_a_checkpoint_dir_verifies_it_before_reading_it(tiny_dir, done
     with pytest.raises(RunDirError, match=re.escape(want)):
         train(small_cfg(tiny_dir, tmp_path / "elsewhere", resume=str(ckpt), steps=8))
     assert tree(run) == before
+
+
+def test_a_compile_that_cannot_work_stops_before_overwrite_removes_anything(tiny_dir, done_run, tmp_path, monkeypatch):
+    """--compile --overwrite on a machine whose torch.compile fails: one line before anything is removed (the
+    layers compile only at the first step, after --overwrite's removal)."""
+    import torch
+
+    from train import train
+
+    run = copy_run(done_run, tmp_path)
+    before = tree(run)
+
+    def broken(fn=None, *a, **k):  # wrapping works; the first call compiles, and fails, as without a compiler
+        def call(*args, **kwargs):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\n(120 more lines)")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(ValueError, match=r"--compile: torch.compile does not work on this machine \(InductorError"):
+        train(small_cfg(tiny_dir, run, compile=True, overwrite=True))
+    assert tree(run) == before
