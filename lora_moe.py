@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import num_params
 from parallel import all_reduce_
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -206,7 +207,7 @@ def add_lora_moe(model: nn.Module, cfg: LoRAMoEConfig | None = None, verbose: bo
     routers = (cfg.num_experts > 1) * (1 + (cfg.router == "context"))
     size = sum(cfg.num_experts * (cfg.rank * (m.in_features + m.out_features) + routers * m.in_features)
                for _, m in swaps)
-    base = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    base = num_params(model)
     if size > max(base, ADAPTER_FLOOR):
         raise ValueError(f"adapters of {cfg.num_experts} experts of rank {cfg.rank} would hold {size:,} parameters, "
                          f"more than the base model's {base:,}: give a smaller --num-experts or --rank")
@@ -214,7 +215,7 @@ def add_lora_moe(model: nn.Module, cfg: LoRAMoEConfig | None = None, verbose: bo
         parent_name, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent_name), child, LoRAMoELinear(lin, cfg))
     if verbose:
-        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        total = num_params(model)
         train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"LoRA-MoE on {len(swaps)} projections (E={cfg.num_experts}, r={cfg.rank}, top-{cfg.top_k}): "
               f"{total / 1e6:.2f}M parameters, {train / 1e6:.3f}M trainable ({100 * train / total:.3f}%)")

@@ -250,8 +250,9 @@ def plan_resume(cfg, fixed_on_resume: tuple, log) -> str | None:
     if ckpt is None:
         check_out_dir(cfg, None, log)
         return None
+    step = checkpoint_step(ckpt)
     with open(os.path.join(ckpt, "train_config.json"), encoding="utf-8") as f:
-        saved = upgrade_saved_config(json.load(f), ckpt, checkpoint_step(ckpt))
+        saved = upgrade_saved_config(json.load(f), ckpt, step)
     now = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
     try:  # the checkpoint's settings as a config of this run's type, so its properties say what it had on
         was = replace(cfg, **{k: v for k, v in saved.items() if k in now})
@@ -262,7 +263,6 @@ def plan_resume(cfg, fixed_on_resume: tuple, log) -> str | None:
         fixed["contrastive loss on"] = (was.uses_contrastive, cfg.uses_contrastive)
     if fixed:
         raise RunDirError(f"--resume {ckpt}: these differ from the checkpoint (saved, now): {fixed}")
-    step = checkpoint_step(ckpt)
     if step >= cfg.steps:
         raise RunDirError(f"--resume {ckpt}: the checkpoint is at step {step} and --steps {cfg.steps} is the total, "
                           "so there is nothing to run (give a larger --steps)")
