@@ -104,10 +104,12 @@ class RouterRecord:
 
 def route(logits, top_k: int) -> RouterRecord:
     """Router logits (..., E) -> every token's routing: logits, full-softmax probs, top-k, gates (fp32)."""
-    logits = logits.float()
+    logits = logits if logits.dtype == torch.float32 else logits.float()
     probs = logits.softmax(-1)
     top_p, top_i = probs.topk(top_k, dim=-1)
-    # why renormalize: with top-k < E the kept gates then sum to 1, so scale does not depend on k or E
+    # why renormalize: with top-k < E the kept gates then sum to 1, so scale does not depend on k or E.
+    # why from probs (not the fewer ops of a softmax over the top-k logits): the gates must depend on probs, or a
+    # compiled layer recomputed under gradient checkpointing, where nothing records probs, saves fewer tensors
     gates = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
     return RouterRecord(logits, probs, top_i, gates)
 
@@ -149,20 +151,27 @@ class LoRAMoELinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
-        xf = x.to(self.lora_A.dtype)  # why one cast: router and experts share it, so autograd keeps one fp32 copy
+        # why one cast: router and experts share it, so autograd keeps one fp32 copy; why the test: each op counts,
+        # a no-op cast too, 252 times a forward at Qwen3-4B's depth (bench/host_ops.py)
+        xf = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
         h = F.linear(self.dropout(xf), self.lora_A)  # (..., E*r): every expert's A_e x
         if self.router is not None:
-            logits = self.router(xf)  # why a module call: a control can give its own router
-            if self.router_ctx is not None:
-                logits = logits + self.context_mean(F.linear(xf, self.router_ctx))
+            if self.router_ctx is not None and type(self.router) is nn.Linear:  # the default: one matmul, 2E outputs
+                tok, c = F.linear(xf, torch.cat([self.router.weight, self.router_ctx])).split(self.E, dim=-1)
+                logits = tok + self.context_mean(c)  # why split, not two slices: its backward is one cat
+            else:  # why a module call: a control (bench/) can give its own router
+                logits = self.router(xf)
+                if self.router_ctx is not None:
+                    logits = logits + self.context_mean(F.linear(xf, self.router_ctx))
             rec = route(logits, self.top_k)
-            lead = h.shape[:-1]
-            u = h.view(*lead, self.E, self.r)  # (..., E*r) -> (..., E, r)
             if self.recording is not None:
                 records, i = self.recording
                 records[i] = rec
-            h = (u * rec.gates.to(u.dtype).unsqueeze(-1)).reshape(*lead, self.E * self.r)  # unchosen -> 0
-        return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
+            lead = h.shape[:-1]
+            u = h.view(*lead, self.E, self.r)  # (..., E*r) -> (..., E, r)
+            h = (u * rec.gates.unsqueeze(-1)).view(*lead, self.E * self.r)  # unchosen -> 0 (gates: fp32, as u)
+        out = F.linear(h, self.lora_B) * self.scaling
+        return y + (out if out.dtype == y.dtype else out.to(y.dtype))
 
     def context_mean(self, c):
         """c (B, T, E), c_t = W_c x_t -> (B, T, E) the mean of c over the real tokens each token sees."""

@@ -130,7 +130,7 @@ def build_state(objective: HybridLoss, queue, gen, cfg: TrainConfig, device) -> 
     """The objective wrapped for DDP / FSDP, AdamW over its (sharded) trainable parameters, the schedule."""
     wrapped, fsdp = parallel.wrap(objective, objective.model.model.layers, cfg.fsdp, device)
     params = [p for p in objective.parameters() if p.requires_grad]  # after fully_shard: the sharded ones
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=WEIGHT_DECAY, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
     return RunState(objective, wrapped, fsdp, params, opt, sched, queue, gen, device)
 
@@ -169,7 +169,7 @@ def train_step(state: RunState, batches: list) -> tuple[dict, tuple | None]:
             micro = state.wrapped(ids.to(dev), labels.to(dev), mask.to(dev), n_sup, len(batches), negatives, state.gen)
             micro.loss.backward()
         parts, fused = parts + micro.parts, fused + [micro.fused]  # parts summed on the device, read once
-    grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(state.params, CLIP))
+    grad_norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(state.params, CLIP, foreach=True))
     *parts, grad_norm = torch.cat([parallel.all_reduce_(parts), grad_norm.double().reshape(1)]).tolist()  # the read
     if not all(math.isfinite(x) for x in [*parts, grad_norm]):  # the same global values on every rank
         raise FloatingPointError(f"non-finite loss parts (lm, balance, z, contrastive: {parts}) or gradient norm "

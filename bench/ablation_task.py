@@ -149,15 +149,20 @@ class AblationLoss(HybridLoss):
 
 class SupervisedRouting(AblationLoss):
     """The supervised control: the hybrid loss + lambda_sup * the routers' cross-entropy to the domain over
-    real tokens, averaged over sites (read from each router's output by a forward hook, gradient included)."""
+    real tokens, averaged over sites (each site's routing logits, context term included, read by a forward hook
+    from the record the site has just written inside HybridLoss's ``record_routing``; gradient included)."""
 
     def __init__(self, model, cfg, word_ids, lambda_sup: float):
         super().__init__(model, cfg)
         self.word_ids, self.lambda_sup = word_ids, lambda_sup
 
     def forward(self, ids, labels, mask, sup_tokens, micro_steps, negatives=None, generator=None):
-        logits = []  # (B, T, E) per site, this forward's
-        hooks = [m.router.register_forward_hook(lambda mod, inp, out: logits.append(out)) for _, m in sites(self.model)]
+        logits = []  # (B, T, E) per site, this forward's: the site's record, written while HybridLoss records
+        def keep(site, inp, out):
+            records, i = site.recording
+            logits.append(records[i].logits)
+
+        hooks = [m.register_forward_hook(keep) for _, m in sites(self.model)]
         try:
             micro = super().forward(ids, labels, mask, sup_tokens, micro_steps, negatives, generator)
         finally:

@@ -9,8 +9,14 @@ op is launch time, and every op whose result decides a shape or a Python branch 
 mask, ``unique``, ``bincount``, ``masked_select``, ``.item()``) stops the host until the GPU catches up. Both are
 properties of the code, not of the machine, so a CPU profile counts them exactly. Small widths (hidden 64),
 real Qwen vocabulary, ``--layers`` deep (36: Qwen3-4B's 36 x 7 = 252 adapted projections), the bundled data.
-Each arm's second step is profiled (the first warms up). Leaf op: an aten op with no aten op inside it;
-host waits are counted by name, leaf or not.
+Each arm's second step is profiled (the first warms up). Two counts:
+- leaf ops: aten ops with no aten op inside them (every dispatch the host makes, views included);
+- kernel ops: the innermost ops that compute (not METADATA: views, allocation, no-op casts), about the kernels
+  a GPU launches.
+A ``_foreach_*`` / ``_fused_*`` op counts once in both: on a GPU it is one multi-tensor launch (per chunk of
+tensors), on CPU torch loops over the tensors inside it. Every arm steps a fused AdamW and clips with foreach,
+as train.py does and as torch does on a GPU by default (foreach; peft users get it without asking).
+Host waits are counted by name, leaf or not.
 ``_local_scalar_dense`` (``.item()``, ``float(t)``) is listed apart: on CPU it also counts reads of CPU
 tensors (AdamW's step counters), which cost nothing on a GPU.
 """
@@ -27,6 +33,12 @@ from common import ROOT, table
 WAITS = ("aten::nonzero", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::bincount",
          "aten::masked_select", "aten::nonzero_static")
 ITEM = "aten::_local_scalar_dense"
+# ops that launch no kernel of their own: views and other metadata, allocation, composites that only call other
+# ops (``linear`` -> ``mm``, ``to`` -> ``copy_`` or nothing), and the host reads counted apart
+METADATA = set("""view _unsafe_view _reshape_alias reshape as_strided t transpose permute expand expand_as unsqueeze
+    squeeze select slice narrow split split_with_sizes unbind chunk alias detach detach_ lift_fresh resolve_conj
+    resolve_neg result_type empty empty_strided empty_like resize_ to _to_copy contiguous flatten unflatten view_as
+    matmul linear numpy_T item _local_scalar_dense is_same_size size stride""".split())
 SHAPE = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
              head_dim=16, rope_theta=1_000_000.0, max_position_embeddings=4096, tie_word_embeddings=True)
 
@@ -41,20 +53,48 @@ def make_base(path: str, layers: int) -> str:
     return path
 
 
+def computes(ev) -> bool:
+    """Whether an aten op computes something itself (it is not one of METADATA)."""
+    return ev.name.startswith("aten::") and ev.name[6:] not in METADATA
+
+
+def inner_compute(ev) -> bool:
+    """Whether an op inside ev computes (a multi-tensor op is one launch: nothing inside it counts)."""
+    return not is_multi_tensor(ev) and any(computes(c) or inner_compute(c) for c in ev.cpu_children)
+
+
+def is_multi_tensor(ev) -> bool:
+    return ev.name.startswith(("aten::_foreach_", "aten::_fused_"))
+
+
+def in_multi_tensor(ev) -> bool:
+    """Whether ev is (inside) an op inside a ``_foreach_*`` / ``_fused_*`` op. why not counted: on a GPU such an
+    op is one multi-tensor launch per chunk of tensors; on CPU torch loops over the tensors inside it."""
+    while ev is not None:
+        if is_multi_tensor(ev):
+            return True
+        ev = ev.cpu_parent
+    return False
+
+
 def count(fn) -> dict:
-    """Run fn once under the profiler: {"leaf": n, "waits": Counter(name), "items": n}."""
+    """Run fn once under the profiler: {"leaf": n, "kernels": n, "waits": Counter(name), "items": n}."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    leaf, waits, items = 0, collections.Counter(), 0
+    leaf, kernels, waits, items = 0, 0, collections.Counter(), 0
     for ev in prof.events():
+        if in_multi_tensor(ev.cpu_parent):
+            continue
         if ev.name in WAITS:  # leaf or not (nonzero allocates its output inside itself)
             waits[ev.name] += 1
         items += ev.name == ITEM
-        if ev.name.startswith("aten::") and not any(c.name.startswith("aten::") for c in ev.cpu_children):
+        if ev.name.startswith("aten::") and (is_multi_tensor(ev) or not any(c.name.startswith("aten::")
+                                                                            for c in ev.cpu_children)):
             leaf += 1
-    return {"leaf": leaf, "waits": waits, "items": items}
+        kernels += computes(ev) and not inner_compute(ev)  # the innermost op that computes: a kernel
+    return {"leaf": leaf, "kernels": kernels, "waits": waits, "items": items}
 
 
 def train_py_step(path, batches, **kw):
@@ -80,12 +120,12 @@ def peft_step(path, batches):
         r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                 "up_proj", "down_proj"])).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
 
     def step(b):
         ids, labels, mask = b[0]
         model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -118,14 +158,16 @@ def main():
         step = build()
         step(steps[0])
         res[name] = count(lambda: step(steps[1]))
-        print(f"  {name}: {res[name]['leaf']} leaf ops, waits {dict(res[name]['waits'])}", file=sys.stderr)
-    ref = res["transformers + peft LoRA r16"]["leaf"]
+        print(f"  {name}: {res[name]['leaf']} leaf ops, {res[name]['kernels']} kernel ops, waits "
+              f"{dict(res[name]['waits'])}", file=sys.stderr)
+    ref = res["transformers + peft LoRA r16"]
     print(f"one training step, {a.layers} layers x 7 adapted projections, hidden 64, Qwen vocabulary, "
           f"batch {a.batch} x <= {a.seq} tokens, fp32 CPU, torch {torch.__version__}")
-    rows = [[name, r["leaf"], f"{r['leaf'] / ref:.2f}x", sum(r["waits"].values()),
+    rows = [[name, r["leaf"], f"{r['leaf'] / ref['leaf']:.2f}x", r["kernels"], f"{r['kernels'] / ref['kernels']:.2f}x",
+             sum(r["waits"].values()),
              ", ".join(f"{n.split('::')[1]} {c}" for n, c in r["waits"].most_common()) or "-", r["items"]]
             for name, r in res.items()]
-    print(table(rows, ["step", "leaf aten ops", "vs peft", "host waits", "by name", "item() (CPU counters incl.)"]))
+    print(table(rows, ["step", "leaf aten ops", "vs peft", "kernel ops", "vs peft", "host waits", "by name", "item() (CPU counters incl.)"]))
 
 
 if __name__ == "__main__":
