@@ -10,16 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import asdict, fields
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from lora_moe import TARGETS, LoRAMoEConfig, add_lora_moe, sites
+from outputs import CKPT_NAME, OutputLock, check_output, is_regular_file, refuse_inputs, write_atomically
 
-CKPT_NAME = re.compile(r"ckpt-(\d+)")  # a train.py checkpoint dir's name; the one pattern for it
 
 
 def adapter_config(model) -> LoRAMoEConfig:
@@ -184,7 +183,28 @@ def load_adapter(model: nn.Module, path: str) -> dict:
 # The plain-LoRA baseline in peft's format
 
 
-def export_peft(path: str, out: str, base_model: str | None = None):
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")  # all that export_peft writes into its out dir
+
+
+def check_peft_out(out: str, overwrite: bool):
+    """outputs.py's rule for an export's files: an earlier export replaced only with --overwrite, and a file
+    there that is not a peft export's never."""
+    for name in PEFT_FILES:
+        check_output(os.path.join(out, name), overwrite, is_peft_export)
+
+
+def is_peft_export(path: str) -> bool:
+    """A file of a peft adapter dir that export_peft wrote: its config says peft_type LORA; its tensors file is
+    beside such a config."""
+    config = os.path.join(os.path.dirname(path), "adapter_config.json")
+    try:
+        with open(config, encoding="utf-8") as f:
+            return json.load(f).get("peft_type") == "LORA" and is_regular_file(config)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def export_peft(path: str, out: str, base_model: str | None = None, overwrite: bool = False):
     """A plain-LoRA adapter (``--num-experts 1``) as a peft adapter dir (adapter_config.json +
     adapter_model.safetensors) that ``PeftModel.from_pretrained`` loads onto transformers' Qwen3. Our
     lora_A (r, in) and lora_B (out, r) are peft's, and alpha / r its scaling, so the logits are the same.
@@ -205,10 +225,11 @@ def export_peft(path: str, out: str, base_model: str | None = None):
                 "target_modules": list(cfg.targets), "bias": "none", "fan_in_fan_out": False,
                 "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
                 "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
-    os.makedirs(out, exist_ok=True)
-    save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out, "adapter_config.json"), "w", encoding="utf-8") as f:
-        json.dump(peft_cfg, f, indent=2)
+    refuse_inputs([out], [path])  # why before the lock: its file must not land in the adapter read
+    with OutputLock(out):
+        check_peft_out(out, overwrite)
+        write_atomically(os.path.join(out, "adapter_model.safetensors"), save(tensors, metadata={"format": "pt"}))
+        write_atomically(os.path.join(out, "adapter_config.json"), json.dumps(peft_cfg, indent=2))
     print(f"{len(tensors) // 2} LoRA pairs (r={cfg.rank}, alpha={cfg.alpha}) -> {out} (peft format)")
 
 
@@ -219,5 +240,6 @@ if __name__ == "__main__":
     ap.add_argument("adapter", help="a train.py run dir, checkpoint dir or adapter dir")
     ap.add_argument("out", help="the peft adapter dir to write")
     ap.add_argument("--base-model", default=None, help="recorded as base_model_name_or_path")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
     a = ap.parse_args()
-    cli.run(lambda: export_peft(a.adapter, a.out, a.base_model), False)
+    cli.run(lambda: export_peft(a.adapter, a.out, a.base_model, a.overwrite), False)

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapter_io import adapter_state, load_adapter, save_adapter, verify_manifest, write_manifest
+from outputs import OutputError, is_regular_file, make_fresh_dir, write_atomically
 from parallel import full_tensor, optimizer_state
 
 
@@ -138,20 +139,37 @@ def save_checkpoint(out_dir, step, model, tensors, optim, sched, rngs: list[dict
         raise FloatingPointError(f"step {step}: non-finite values in {bad[:4]}; checkpoint not written")
     final = os.path.join(out_dir, f"ckpt-{step:06d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_own_dir(tmp)  # a leftover of a killed save
+    make_fresh_dir(tmp)  # why exclusive: a link planted at ckpt-N.tmp must not lead the files elsewhere
     save_adapter(model, tmp, tensors=tensors, fingerprint=fingerprint)
     write_training_state(tmp, {"step": step, "optimizer": optim, "scheduler": sched.state_dict(),
                                "rng": list(rngs)})
     with open(os.path.join(tmp, "train_config.json"), "w", encoding="utf-8") as f:
         json.dump(asdict(cfg), f, indent=2)
     write_manifest(tmp)
-    if os.path.exists(final):
-        shutil.rmtree(final)
+    remove_own_dir(final)  # a rewind saves a step again
     _replace_durably(tmp, final)
-    with open(os.path.join(out_dir, "latest.tmp"), "w", encoding="utf-8") as f:
-        f.write(os.path.basename(final))
-    _replace_durably(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
+    write_atomically(os.path.join(out_dir, "latest"), os.path.basename(final))
+    _fsync(out_dir)
     return final
+
+
+def is_checkpoint_like(path: str) -> bool:
+    """A real dir (not a link) holding only regular files named like what save_checkpoint writes."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return False
+    names = os.listdir(path)
+    return set(names) <= CKPT_FILES and all(is_regular_file(os.path.join(path, n)) for n in names)
+
+
+def remove_own_dir(path: str):
+    """Remove ``path`` if it is checkpoint-like; refuse anything else there (a link, a file, a user's dir): only
+    what save_checkpoint writes is ever removed."""
+    if not os.path.lexists(path):
+        return
+    if not is_checkpoint_like(path):
+        raise OutputError(f"{path} is in the way and was not written by train.py: move it away by hand")
+    shutil.rmtree(path)
 
 
 def checkpoint_step(path: str) -> int:

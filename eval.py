@@ -28,6 +28,7 @@ import parallel
 from benchmarks import BENCHMARKS, HERE, EvalDataError, build_prompt, load, pick_shots, shot_pool
 from adapter_io import load_adapter
 from model import load_model, resolve_dtype
+from outputs import check_output, one_writer, refuse_inputs, write_atomically
 from scoring import score_generate, score_logits
 from tiny_qwen import model_dir_or_demo
 from tokenizer import load_tokenizer
@@ -168,10 +169,21 @@ def load_questions(args, data_dir: str, split: str):
 
 def evaluate(args) -> dict:
     rank, world, device = parallel.setup()
-    parallel.broadcast_outcome(lambda: check_out(args.out, args.overwrite))
-    bench = args.benchmark
+    parallel.broadcast_outcome(lambda: check_out(args.out, args.overwrite))  # before any work or output
     data_dir, split = resolve_data(args, rank)
-    items, shots, pool, skipped = load_questions(args, data_dir, split)
+    # why the adapter only: eval writes two files of its own names, never a benchmark file's, but a dir of files
+    # hashed by a manifest must not get new ones (checked before the lock file is made)
+    parallel.broadcast_outcome(lambda: refuse_inputs([args.out], [args.adapter] if args.adapter else []))
+    questions = load_questions(args, data_dir, split)  # why before the lock: a bad file leaves no --out behind
+    with one_writer(args.out):  # why a lock: two evals into one --out would each replace the other's results
+        # why again: another eval may have written there since the first check; the lock makes this one final
+        parallel.broadcast_outcome(lambda: check_out(args.out, args.overwrite))
+        return score(args, data_dir, split, questions, rank, world, device)
+
+
+def score(args, data_dir: str, split: str, questions: tuple, rank: int, world: int, device) -> dict:
+    bench = args.benchmark
+    items, shots, pool, skipped = questions
     model_dir = model_dir_or_demo(args.model)
     model = load_model(model_dir, dtype=resolve_dtype(args.dtype, device), device=device)
     tok = load_tokenizer(model_dir)
@@ -204,27 +216,37 @@ RESULT_FILES = ("predictions.jsonl", "summary.json")  # all that eval.py writes 
 
 
 def check_out(out: str, overwrite: bool):
-    """An eval dir holds one run's results: another run's are replaced only with --overwrite (before any work)."""
+    """An eval dir holds one run's results: another run's are replaced only with --overwrite (before any work),
+    and only when they are recognisably eval.py's (outputs.py's rule)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise EvalDataError(f"--out {out} is a file, not a directory")
-    held = [n for n in RESULT_FILES if os.path.exists(os.path.join(out, n))]
+    held = [n for n in RESULT_FILES if os.path.lexists(os.path.join(out, n))]
     if held and not overwrite:
         raise EvalDataError(f"{out} holds earlier results ({', '.join(held)}): choose another --out, or "
                             "--overwrite replaces them")
+    for name in held:
+        check_output(os.path.join(out, name), overwrite, is_result)
+
+
+def is_result(path: str) -> bool:
+    """Whether a file is what write_results writes (a summary with its scores, or a predictions line per question)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith("summary.json"):
+                s = json.load(f)
+                return isinstance(s, dict) and {"benchmark", "n", "accuracy_micro"} <= s.keys()
+            return all({"id", "predicted", "gold"} <= json.loads(line).keys() for line in f if line.strip())
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def write_results(out: str, records: list[dict], summary: dict):
-    """predictions.jsonl and summary.json, each written to a temp file first and renamed, the summary last:
-    a failure leaves the earlier pair (or nothing) in place, never a cut-off file."""
+    """predictions.jsonl and summary.json, each written whole or not at all (outputs.write_atomically), the
+    summary last: a summary never describes predictions that are not there."""
     os.makedirs(out, exist_ok=True)
-    texts = {"predictions.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                          for r in sorted(records, key=lambda r: r["id"])),
-             "summary.json": json.dumps(summary, ensure_ascii=False, indent=2)}
-    for name, text in texts.items():
-        with open(os.path.join(out, name + ".tmp"), "w", encoding="utf-8") as f:
-            f.write(text)
-    for name in texts:
-        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+    write_atomically(os.path.join(out, "predictions.jsonl"), "".join(
+        json.dumps(r, ensure_ascii=False) + "\n" for r in sorted(records, key=lambda r: r["id"])))
+    write_atomically(os.path.join(out, "summary.json"), json.dumps(summary, ensure_ascii=False, indent=2))
     s = summary
     chat = ", chat" if s["chat"] else ""
     print(f"{s['benchmark']} {s['split']} ({s['n']} questions, {s['shots']}-shot, {s['mode']}{chat}): "

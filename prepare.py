@@ -29,6 +29,7 @@ import unicodedata
 import cli
 from benchmarks import BENCHMARKS, EvalDataError, load, options_text
 from data import DataError, parse_line
+from outputs import OutputLock, check_output, refuse_inputs, write_atomically
 
 STAMP = ".decontam.json"  # beside the clean file: OUT + STAMP
 
@@ -129,6 +130,40 @@ def decontaminate(path: str, specs: list[tuple[str, str]], out: str, n: int = 13
     return counts
 
 
+def is_export(path: str) -> bool:
+    """Whether a file is recognisably what ``export`` writes: chat lines whose assistant turn starts 答案："""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return all(json.loads(line)["messages"][1]["content"].startswith("答案：") for line in f if line.strip())
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return False
+
+
+def side_files(out: str) -> list[str]:
+    """Everything decontaminate writes for ``--out OUT``."""
+    return [out, out + ".matches.jsonl", out + STAMP]
+
+
+def outputs_and_inputs(a) -> tuple[list[str], list[str]]:
+    if a.command == "export":
+        return [a.out], [a.data_dir]
+    return side_files(a.out), [a.data, a.data + STAMP] + [d for _, d in a.bench]
+
+
+def run(a):
+    """outputs.py's rule for this command, before any work: never over an input (the training file, a benchmark
+    dir; checked before the lock file is made beside --out), an existing output replaced only with --overwrite
+    and only when it is recognisably ours (all three of decontaminate's when the clean file's stamp matches)."""
+    outs, ins = outputs_and_inputs(a)
+    refuse_inputs(outs, ins)
+    with OutputLock(a.out, is_dir=False):
+        for path in outs:
+            check_output(path, a.overwrite, is_export if a.command == "export" else lambda _: checked(a.out))
+        if a.command == "export":
+            return export(a.benchmark, a.data_dir, a.split, a.out)
+        return decontaminate(a.data, a.bench, a.out, a.n)
+
+
 def checked(path: str) -> bool:
     """Whether ``path`` is a file ``decontaminate`` wrote (its stamp beside it, the sha256 matching)."""
     try:
@@ -141,12 +176,6 @@ def checked(path: str) -> bool:
         return h.hexdigest() == want
     except (OSError, ValueError, KeyError, TypeError):
         return False
-
-
-def write_atomically(path: str, data: bytes):
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,18 +200,18 @@ def main(argv=None):
     de.add_argument("data", help="training jsonl")
     de.add_argument("--bench", type=bench_spec, action="append", required=True,
                     help="NAME=DIR, a benchmark and its official files; repeat for several")
-    de.add_argument("--out", required=True, help="the clean jsonl to write (never the input itself)")
+    de.add_argument("--out", required=True, help="the clean jsonl to write (never the input itself); beside it "
+                    "OUT.matches.jsonl and OUT.decontam.json")
     de.add_argument("--n", type=cli.at_least(4), default=13, help="n-gram length in characters (default: 13)")
+    for p in (ex, de):
+        p.add_argument("--overwrite", action="store_true", help="replace an --out this command wrote before")
     a = ap.parse_args(argv)
-    if a.command == "export":
-        if a.split not in BENCHMARKS[a.benchmark].splits:
-            ap.error(f"--split {a.split}: {a.benchmark} has {', '.join(BENCHMARKS[a.benchmark].splits)}")
-        return cli.run(lambda: export(a.benchmark, a.data_dir, a.split, a.out), False)
-    if os.path.abspath(a.out) == os.path.abspath(a.data):
-        ap.error("--out must not be the input file: the input stays as it is")
-    if not os.path.isfile(a.data):
+    if a.command == "export" and a.split not in BENCHMARKS[a.benchmark].splits:
+        ap.error(f"--split {a.split}: {a.benchmark} has {', '.join(BENCHMARKS[a.benchmark].splits)}")
+    if a.command == "decontaminate" and not os.path.isfile(a.data):
         ap.error(f"{a.data}: not a regular file")
-    return cli.run(lambda: decontaminate(a.data, a.bench, a.out, a.n), False)
+    return cli.run(lambda: run(a), False)
+
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Run directories: what one holds, and the rules for starting, resuming and overwriting a run in one.
 
-A run dir (``--out``) belongs to one run at a time (``RunLock``: ``OUT/.lock``). What train.py writes there,
+A run dir (``--out``) belongs to one run at a time (``outputs.OutputLock``: ``OUT/.lock``); outputs.py holds the
+rule every command's output follows, this file what it means for a run dir. What train.py writes there,
 and so all that ``--overwrite`` may ever remove:
     config.json     the run's settings (ours when it holds train.py's settings)
     metrics.jsonl   one JSON line per step
@@ -19,56 +20,22 @@ anything is loaded or written):
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
 from dataclasses import asdict, replace
 
-import parallel
-from adapter_io import CKPT_NAME, resolve_adapter_dir
-from checkpoint import CKPT_FILES, checkpoint_step, is_valid_checkpoint, verify_checkpoint
+from adapter_io import resolve_adapter_dir
+from checkpoint import checkpoint_step, is_checkpoint_like, is_valid_checkpoint, verify_checkpoint
+from outputs import CKPT_NAME, OutputError, is_regular_file, write_atomically
 
 RUN_FILES = ("config.json", "metrics.jsonl", "latest")
 TMP_NAME = re.compile(r"ckpt-\d+\.tmp")
 
 
-class RunDirError(ValueError):
+class RunDirError(OutputError):
     pass
-
-
-class RunLock:
-    """An exclusive lock on a run dir (``OUT/.lock``): a second run into the same dir stops at once."""
-
-    def __init__(self, out_dir: str):
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            raise RunDirError(f"--out {out_dir} is a file, not a directory")
-        os.makedirs(out_dir, exist_ok=True)
-        self.file = open(os.path.join(out_dir, ".lock"), "w")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.close()
-            raise RunDirError(f"{out_dir} is in use by another run (it holds {out_dir}/.lock)") from None
-
-    def release(self):
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
-
-
-@contextlib.contextmanager
-def one_run_per_dir(out_dir: str):
-    """``with one_run_per_dir(out):`` rank 0 holds ``RunLock(out)`` for the block; if it cannot, every rank stops
-    with its error."""
-    held = []
-    parallel.broadcast_outcome(lambda: held.append(RunLock(out_dir)))  # runs on rank 0 only
-    try:
-        yield
-    finally:
-        for lock in held:
-            lock.release()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,7 +72,9 @@ def is_ours(path: str) -> bool:
     name = os.path.basename(path)
     try:
         if CKPT_NAME.fullmatch(name) or TMP_NAME.fullmatch(name):
-            return os.path.isdir(path) and not os.path.islink(path) and set(os.listdir(path)) <= CKPT_FILES
+            return is_checkpoint_like(path)
+        if not is_regular_file(path):  # a dir or a link where a run file should be is not ours
+            return False
         if name == "latest":
             with open(path, encoding="utf-8") as f:
                 return bool(CKPT_NAME.fullmatch(f.read(64).strip()))
@@ -140,12 +109,6 @@ def trim_metrics(out_dir: str, step: int):
     with open(path, encoding="utf-8") as f:
         keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
     write_atomically(path, "".join(keep))
-
-
-def write_atomically(path: str, text: str):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def write_run_config(cfg, model_dir: str, world: int):

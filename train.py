@@ -32,7 +32,8 @@ from expert_queue import ExpertQueue
 from lora_moe import LoRAMoEConfig, RouterRecord, add_lora_moe, expert_load, sites, token_weight
 from model import load_model, resolve_dtype
 from objective import HybridLoss, step_losses
-from run_dir import (append_metrics, one_run_per_dir, plan_resume, prepare_out_dir, prune, trim_metrics,
+from outputs import one_writer
+from run_dir import (append_metrics, plan_resume, prepare_out_dir, prune, trim_metrics,
                      write_run_config)
 from tiny_qwen import model_dir_or_demo
 from tokenizer import load_tokenizer
@@ -198,7 +199,7 @@ def train(cfg: TrainConfig, objective=HybridLoss) -> list[dict]:
     main = rank == 0
     log = print if main else (lambda *a, **k: None)
     seed_everything(cfg.seed)
-    with one_run_per_dir(cfg.out):  # a second run into this --out stops here, on every rank
+    with one_writer(cfg.out):  # a second run into this --out stops here, on every rank
         # 1. what to resume (rank 0 decides, before anything is loaded), data, model and adapters
         ckpt = parallel.broadcast_outcome(lambda: plan_resume(cfg, FIXED_ON_RESUME, log) if main else None)
         model_dir = parallel.broadcast_outcome(lambda: model_dir_or_demo(cfg.model))  # the demo made once, on rank 0

@@ -11,13 +11,14 @@ def test_cli_one_line_errors(tiny_dir, tmp_path):
         (["chat.py", "--max-new-tokens", "-5"], "--max-new-tokens: must be >= 1"),
         (["chat.py", "--model", tiny_dir, "--adapter", str(tmp_path)], "adapter_config.json not found"),
         (["adapter_io.py", str(tmp_path / "nothing"), str(tmp_path / "peft")], "nothing"),
-        (["prepare.py", "export", "cmexam", "--data-dir", str(tmp_path), "--split", "val", "--out",
+        (["prepare.py", "export", "cmexam", "--data-dir", str(tmp_path / "cm"), "--split", "val", "--out",
           str(tmp_path / "x.jsonl")], "val.csv not found"),
         (["prepare.py", "export", "cmexam", "--data-dir", str(tmp_path), "--split", "dev", "--out",
           str(tmp_path / "x.jsonl")], "--split dev: cmexam has test, val, train"),
         (["train.py", "--queue", "8", "--lambda-cl", "0"], "--queue holds negatives of the contrastive term"),
     ]
     (tmp_path / "f.txt").write_text("x")
+    (tmp_path / "cm").mkdir()
     runs = run_at_once(*(args for args, _ in cases))
     assert len(runs) == len(cases)
     for (args, needle), r in zip(cases, runs):

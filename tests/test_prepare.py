@@ -80,8 +80,9 @@ def test_cli_refuses_to_overwrite_its_input_and_a_dir_without_benchmark_files(tm
     src = os.path.join(ROOT, "samples", "med_sample.jsonl")
     r = subprocess.run([sys.executable, "prepare.py", "decontaminate", src, "--bench", f"cmexam={tmp_path}",
                         "--out", src], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "must not be the input" in r.stderr
-    r = subprocess.run([sys.executable, "prepare.py", "decontaminate", src, "--bench", f"cmexam={tmp_path}",
+    assert r.returncode == 2 and "which this command reads" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run([sys.executable, "prepare.py", "decontaminate", src, "--bench", f"cmexam={tmp_path / 'empty'}",
                         "--out", str(tmp_path / "o.jsonl")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "no file of cmexam found there" in r.stderr and not (tmp_path / "o.jsonl").exists()
     # one good --bench and one typo'd: still refused (the typo'd one would pass as checked), nothing written

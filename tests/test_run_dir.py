@@ -352,12 +352,12 @@ def test_a_booby_trapped_pickle_is_never_run(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_a_second_run_into_a_locked_dir_stops(tiny_dir, tmp_path):
-    from run_dir import RunDirError, RunLock
+    from outputs import OutputError, OutputLock
     from train import train
 
-    lock = RunLock(str(tmp_path / "busy"))
+    lock = OutputLock(str(tmp_path / "busy"))
     try:
-        with pytest.raises(RunDirError, match="in use by another run"):
+        with pytest.raises(OutputError, match="being written by another command"):
             train(small_cfg(tiny_dir, tmp_path / "busy"))
     finally:
         lock.release()
