@@ -2,7 +2,7 @@
 what is specialization worth here?
 
     python bench/ablation.py                   # every arm x 3 seeds through train.py's loop
-    python bench/ablation.py --quick           # 3 arms x 1 seed, a few steps: the CI smoke version
+    python bench/ablation.py --quick           # 2 arms x 1 seed, a few steps: the CI smoke version
     python bench/ablation.py --jobs 4          # 4 runs at once (each its own process, cores shared out)
     python bench/ablation.py --plots           # also draw PNGs (pip install -e ".[plots]")
     python bench/ablation.py --arms cl-seq-ctx-db --seeds 0 --set lambda_cl=3.0 --out runs/abl-cl3   # probe one knob
@@ -73,7 +73,7 @@ ARMS = {
     "cl-seq-ctx-t2": dict(router="context", temperature=0.2),
     "cl-seq-ctx-db": dict(router="context", temperature=0.2, cl_debias=0.125),  # train.py's defaults
 }
-QUICK_ARMS = ("lora", "cl-seq", "cl-seq-ctx-db")
+QUICK_ARMS = ("lora", "cl-seq-ctx-db")  # plain LoRA and the defaults
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,7 +263,8 @@ def main():
     ap.add_argument("--lambda-sup", type=float, default=LAMBDA_SUP, help="the supervised control's weight")
     ap.add_argument("--ablate-seeds", default="0", metavar="S,S",
                     help="seeds whose final model gets the two expert-ablation matrices ('' = none; default 0)")
-    ap.add_argument("--quick", action="store_true", help="3 arms, 1 seed, 6 steps, small data (CI smoke run)")
+    ap.add_argument("--quick", action="store_true",
+                    help="2 arms (plain LoRA, the defaults), 1 seed, 6 steps, small data (CI smoke run)")
     ap.add_argument("--plots", action="store_true", help="draw PNGs into --out (needs matplotlib)")
     ap.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: ARM:SEED in this process
     a = ap.parse_args()
