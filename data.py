@@ -130,14 +130,24 @@ def read_jsonl(path: str) -> list[list[dict]]:
     return out
 
 
-def tokenize(messages: list[dict], tok) -> tuple[list[int], list[int]]:
+CUT_MARGIN = 16  # tokens read past a limit, so that where a turn is cut cannot change the tokens kept
+
+
+def tokenize(messages: list[dict], tok, limit: int | None = None) -> tuple[list[int], list[int]]:
     """Render with Qwen3's chat template (thinking off) and label only assistant tokens (+ their <|im_end|>).
 
     Each turn's text is tokenized on its own (turns meet at special tokens, so this equals tokenizing the
     whole text); the empty think block Qwen3 puts before the last answer is prompt (at inference it is
-    prefilled), the answer and its <|im_end|> are targets."""
+    prefilled), the answer and its <|im_end|> are targets. ``limit``: only the first ``limit`` tokens are
+    wanted (more may come back). why: a 50 MB line would otherwise be tokenized whole (minutes, gigabytes)
+    before being cut; a token covers at most ``tok.max_token_chars`` characters, so reading that many per
+    token still wanted, plus a margin, gives the same first ``limit`` tokens (tested)."""
     ids, labels = [], []
     for i, seg in enumerate(render_turns(messages)):
+        if limit is not None and len(ids) > limit:
+            break  # nothing of this turn is kept
+        if limit is not None:
+            seg = seg[:(limit + 1 - len(ids) + CUT_MARGIN) * tok.max_token_chars]
         if messages[i]["role"] != "assistant":
             ids += tok.encode(seg)
             labels += [IGNORE] * (len(ids) - len(labels))
@@ -158,7 +168,7 @@ def encode_all(examples, tok, max_len: int):
     """Tokenize; truncate to max_len; drop examples whose supervised part is cut away. Returns (items, counts)."""
     items, truncated, dropped = [], 0, 0
     for msgs in examples:
-        ids, labels = tokenize(msgs, tok)
+        ids, labels = tokenize(msgs, tok, limit=max_len)
         if len(ids) > max_len:
             truncated += 1
             ids, labels = ids[:max_len], labels[:max_len]

@@ -25,6 +25,7 @@ class Tokenizer:
         if wrong:
             raise ValueError(f"{file} is not a Qwen3 tokenizer: special token ids {wrong}, expected {specials}")
         self.eos_id, self.pad_id = IM_END, ENDOFTEXT  # chat turns end with <|im_end|>; pad with <|endoftext|>
+        self.max_token_chars = max(map(len, self.tok.get_vocab()))  # a token covers at most this many characters
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids

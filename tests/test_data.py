@@ -144,3 +144,30 @@ def test_collate_marks_exactly_the_real_tokens():
     for b, (x, y) in enumerate(items):
         assert ids[b, :len(x)].tolist() == x and labels[b, :len(y)].tolist() == y
         assert (ids[b, len(x):] == 0).all() and (labels[b, len(x):] == IGNORE).all() and not mask[b, len(x):].any()
+
+
+def test_a_huge_example_is_read_only_as_far_as_max_len_needs(qwen_tok_dir):
+    """Bounded work per example: with ``limit`` (encode_all passes --max-len) the tokenizer is handed at most
+    (limit + 1 + margin) tokens' worth of characters per turn, whatever the turn's length (a 50 MB answer here),
+    and the first ``limit`` tokens and labels equal those of the whole text, wherever the cut falls."""
+    import data
+
+    tok = Tokenizer(qwen_tok_dir)
+    rng = random.Random(0)
+    pieces = ["患者", "心肌梗死", "的", "治疗", "，", "。", " ", "  ", "mg", "2024", "=" * 40, "a" * 70, "\n", "x" * 3,
+              "Diagnosis", "：", "①"]
+    for trial in range(12):
+        text = lambda n: "".join(rng.choice(pieces) for _ in range(n))  # noqa: E731
+        msgs = [{"role": "user", "content": text(rng.randint(1, 300))},
+                {"role": "assistant", "content": text(rng.randint(1, 900))}]
+        ids, labels = tokenize(msgs, tok)
+        for limit in (1, 5, 37, 120, 400, len(ids) - 1):
+            got_ids, got_labels = tokenize(msgs, tok, limit=limit)
+            assert (got_ids[:limit], got_labels[:limit]) == (ids[:limit], labels[:limit]), (trial, limit)
+    seen = []
+    real = tok.encode_with_offsets
+    tok.encode_with_offsets = lambda s: (seen.append(len(s)), real(s))[1]
+    huge = [{"role": "user", "content": "下列说法正确的是"}, {"role": "assistant", "content": "答案：A " * (50 << 18)}]
+    items, counts = encode_all([huge], tok, 96)
+    assert counts["truncated"] == 1 and len(items[0][0]) == 96
+    assert max(seen) <= (96 + 1 + data.CUT_MARGIN) * tok.max_token_chars
