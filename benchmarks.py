@@ -94,7 +94,7 @@ def read_json(path: str):
 CMEXAM_FILES = {"test": "test_with_annotations.csv", "val": "val.csv", "train": "train.csv"}
 
 
-def load_cmexam(data_dir: str, split: str, subjects=None) -> tuple[list[Item], int]:
+def load_cmexam(data_dir: str, split: str, subjects=None, answers=True) -> tuple[list[Item], int]:
     path = find_file(data_dir, CMEXAM_FILES[split], "cmexam")
     items, skipped = [], 0
     for n, r in enumerate(read_csv(path)):
@@ -118,12 +118,14 @@ def load_cmexam(data_dir: str, split: str, subjects=None) -> tuple[list[Item], i
     return items, skipped
 
 
-def cmb_rows(data_dir: str, split: str) -> tuple[str, list]:
-    """CMB's question records (test: joined with the separate answer file on ``id``)."""
+def cmb_rows(data_dir: str, split: str, answers: bool = True) -> tuple[str, list]:
+    """CMB's question records (test: joined with the separate answer file on ``id``, unless ``answers`` is off)."""
     if split == "val":
         qpath = find_file(data_dir, "CMB-val-merge.json", "cmb")
         return qpath, read_json(qpath)
     qpath = find_file(data_dir, "CMB-test-choice-question-merge.json", "cmb")
+    if not answers:
+        return qpath, read_json(qpath)
     apath = find_file(data_dir, "CMB-test-choice-answer.json", "cmb")
     rows, answers = read_json(qpath), read_json(apath)
     if not isinstance(answers, list) or \
@@ -141,12 +143,14 @@ def cmb_rows(data_dir: str, split: str) -> tuple[str, list]:
     return qpath, rows
 
 
-def load_cmb(data_dir: str, split: str, subjects=None) -> tuple[list[Item], int]:
-    qpath, rows = cmb_rows(data_dir, split)
+def load_cmb(data_dir: str, split: str, subjects=None, answers=True) -> tuple[list[Item], int]:
+    qpath, rows = cmb_rows(data_dir, split, answers)
     if not isinstance(rows, list):
         raise EvalDataError(f"{qpath}: expected a JSON array of question records")
     items, seen = [], set()
     for n, r in enumerate(rows):
+        if not answers and isinstance(r, dict):
+            r = {**r, "answer": r.get("answer") if isinstance(r.get("answer"), str) else ""}
         fields_ = {"exam_type", "exam_class", "question", "question_type", "option", "answer"}
         missing = fields_ - set(r if isinstance(r, dict) else {})
         if missing:
@@ -158,7 +162,7 @@ def load_cmb(data_dir: str, split: str, subjects=None) -> tuple[list[Item], int]
                                 "fields strings")
         options = {k: v.strip() for k, v in sorted(r["option"].items()) if v and v.strip()}  # drop unused keys
         answer = "".join(sorted(set(r["answer"].strip())))  # compare as letter sets: some are unsorted
-        if not answer or not set(answer) <= options.keys():
+        if answers and (not answer or not set(answer) <= options.keys()):
             raise EvalDataError(f"{qpath}: record {n}: answer {r['answer']!r} not among options "
                                 f"{sorted(options)}")
         if str(r.get("id", n)) in seen:  # why: a duplicate id would be scored against another question's gold
@@ -170,7 +174,7 @@ def load_cmb(data_dir: str, split: str, subjects=None) -> tuple[list[Item], int]
     return items, 0
 
 
-def load_cmmlu(data_dir: str, split: str, subjects=None) -> tuple[list[Item], int]:
+def load_cmmlu(data_dir: str, split: str, subjects=None, answers=True) -> tuple[list[Item], int]:
     items = []
     for subject in subjects or list(CMMLU_MED):
         path = find_file(data_dir, f"{split}/{subject}.csv", "cmmlu-med")
@@ -196,13 +200,14 @@ def explanations_cmb(data_dir: str, split: str) -> dict:
             for n, r in enumerate(rows) if isinstance(r, dict)}
 
 
-def load(bench, data_dir, split, subjects=None) -> tuple[list[Item], int]:
+def load(bench, data_dir, split, subjects=None, answers=True) -> tuple[list[Item], int]:
     """(items, rows skipped for having no answer) of one benchmark split (``subjects``: CMMLU-Med's, default
-    all)."""
+    all). ``answers=False``: the questions alone (decontamination), so CMB's test questions need no answer file
+    (CMExam's and CMMLU's answers are in the questions' own files)."""
     b = BENCHMARKS[bench]
     if split not in b.splits:
         raise EvalDataError(f"{bench} has no {split!r} split: valid are {', '.join(b.splits)}")
-    return b.loader(data_dir, split, subjects)
+    return b.loader(data_dir, split, subjects, answers)
 
 
 def shot_pool(bench, data_dir, split, subjects=None) -> list[Item]:

@@ -72,7 +72,7 @@ def benchmark_index(specs: list[tuple[str, str]], n: int):
     for bench, data_dir in specs:
         for split in BENCHMARKS[bench].splits:
             try:
-                items, _ = load(bench, data_dir, split)
+                items, _ = load(bench, data_dir, split, answers=False)  # questions need no answers
             except EvalDataError as e:
                 if "not found" in str(e):  # a split the user does not have: say so, go on
                     print(f"{bench} {split}: not found under {data_dir}, not checked")

@@ -157,3 +157,17 @@ def test_normalisation_ignores_case_width_and_punctuation():
 
     assert normalize("ＡＢＣ，Hello World! 123") == normalize("abc hello-world 123") == "abchelloworld123"
     assert normalize("下列哪项  是（ ）正确的？") == "下列哪项是正确的"
+
+
+def test_cmb_test_questions_are_checked_without_their_answer_file(tmp_path):
+    """CMB's test questions come apart from their answers; decontamination needs only the questions."""
+    from prepare import decontaminate
+
+    d = tmp_path / "CMB"
+    d.mkdir()
+    rec = {"exam_type": "t", "exam_class": "c", "question_type": "单项选择题", "option": {"A": "甲", "B": "乙"}}
+    (d / "CMB-test-choice-question-merge.json").write_text(json.dumps(
+        [{**rec, "id": i, "question": q} for i, q in enumerate(QUESTIONS)], ensure_ascii=False), encoding="utf-8")
+    src = tmp_path / "train.jsonl"
+    src.write_text(line(QUESTIONS[1]) + line("无关的问题，与任何考题都不同的一段文字"), encoding="utf-8")
+    assert decontaminate(str(src), [("cmb", str(d))], str(tmp_path / "clean.jsonl")) == {"cmb test": 1}
