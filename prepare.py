@@ -13,18 +13,22 @@ explanation as the assistant turn.
 benchmarks are normalised (NFKC, so full-width characters become half-width; lower case; only letters and
 digits kept, so punctuation and spaces do not matter) and cut into character n-grams (n = 13, as the GPT-3
 paper and lm-evaluation-harness use, on characters since Chinese has no spaces); an example that shares one
-n-gram with a question (or contains a question shorter than n whole) touches it. Writes the examples that
-touch nothing to ``--out`` (byte for byte), the matched pairs to ``OUT.matches.jsonl`` and a stamp
+*distinctive* n-gram with a question (one that fewer than FREQUENT questions share) touches it; a question
+with none (shorter than n, or all boilerplate) touches an example only as a whole prompt or together with its
+options. Writes the examples that touch nothing to ``--out`` (byte for byte), the matched pairs with both
+texts to ``OUT.matches.jsonl`` and a stamp
 ``OUT.decontam.json`` (the clean file's sha256 and what it was checked against) that train.py looks for: a
 ``--data`` without a matching stamp gets one warning line.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import os
 import unicodedata
+from dataclasses import dataclass
 
 import cli
 from benchmarks import BENCHMARKS, EvalDataError, load, options_text
@@ -66,9 +70,26 @@ def export(bench: str, data_dir: str, split: str, out: str) -> int:
 # decontaminate
 
 
-def benchmark_index(specs: list[tuple[str, str]], n: int):
-    """(n-gram -> [(bench, split, id)], short questions [(normalised text, (bench, split, id))], splits read)."""
-    index, short, read = {}, [], []
+FREQUENT = 4  # an n-gram in this many benchmark questions or more is boilerplate: not evidence on its own
+SHOWN = 1000  # characters of a training example shown in the matches file
+
+
+@dataclass
+class BenchIndex:
+    """What decontamination matches against. ``grams``: each distinctive n-gram -> the questions holding it;
+    ``frequent``: the n-grams in FREQUENT or more questions -> how many; ``whole``: the questions with no
+    distinctive n-gram (shorter than n, or all boilerplate), as (question, question + options) normalised, which
+    match only as a whole prompt or together with their options; ``texts``: each question's own text."""
+    grams: dict
+    frequent: dict
+    whole: list
+    texts: dict
+    read: list
+
+
+def benchmark_index(specs: list[tuple[str, str]], n: int) -> BenchIndex:
+    """Every question of every split of the named benchmarks, indexed (``BenchIndex``)."""
+    questions, read = [], []
     for bench, data_dir in specs:
         for split in BENCHMARKS[bench].splits:
             try:
@@ -79,52 +100,75 @@ def benchmark_index(specs: list[tuple[str, str]], n: int):
                     continue
                 raise
             read.append(f"{bench} {split}")
-            for it in items:
-                q, key = normalize(it.question), (bench, split, it.id)
-                if len(q) < n:
-                    short.append((q, key)) if q else None
-                for g in ngrams(q, n):
-                    index.setdefault(g, []).append(key)
+            questions += [((bench, split, it.id), it) for it in items]
         if not any(r.startswith(bench + " ") for r in read):  # why each: a typo'd dir must not pass as checked
             raise EvalDataError(f"--bench {bench}={data_dir}: no file of {bench} found there (expected the official "
                                 f"files from {BENCHMARKS[bench].source}): nothing to check against")
-    return index, short, read
+    grams_of = {key: ngrams(normalize(it.question), n) for key, it in questions}
+    count = collections.Counter(g for gs in grams_of.values() for g in gs)  # in how many questions
+    index = BenchIndex({}, {g: c for g, c in count.items() if c >= FREQUENT}, [],
+                       {key: it.question for key, it in questions}, read)
+    for key, it in questions:
+        distinctive = [g for g in grams_of[key] if count[g] < FREQUENT]
+        for g in distinctive:
+            index.grams.setdefault(g, []).append(key)
+        q = normalize(it.question)
+        if not distinctive and q:  # why not as a bare substring: 2-4 characters (子宫, 正确的是) are everywhere
+            index.whole.append((q, q + normalize(options_text(it)), key))
+    return index
+
+
+def touches(turns: list[str], index: BenchIndex, n: int) -> tuple[dict, set]:
+    """A training example's turns -> ({question key: the evidence}, the frequent n-grams it shares)."""
+    text = normalize(" ".join(turns))
+    whole = {normalize(t) for t in turns}
+    hits, frequent = {}, set()
+    for g in ngrams(text, n):
+        for key in index.grams.get(g, ()):
+            hits.setdefault(key, g)
+        if g in index.frequent:
+            frequent.add(g)
+    for q, with_options, key in index.whole:
+        if q in whole or with_options in text:
+            hits.setdefault(key, with_options if with_options in text else q)
+    return hits, frequent
 
 
 def decontaminate(path: str, specs: list[tuple[str, str]], out: str, n: int = 13) -> dict:
-    """Check ``path`` against the benchmarks ``specs`` [(name, data dir)]; write the clean file, the matches and
-    the stamp; return {"bench split": training examples touching it}."""
-    index, short, read = benchmark_index(specs, n)
-    keep, matches, touched = [], [], {s: set() for s in read}
+    """Check ``path`` against the benchmarks ``specs`` [(name, data dir)]; write the clean file, the matches
+    (both texts) and the stamp; report the frequent n-grams that removed nothing; return {"bench split":
+    training examples touching it}."""
+    index = benchmark_index(specs, n)
+    keep, matches, touched, boiler = [], [], {s: set() for s in index.read}, collections.Counter()
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             try:
-                text = normalize(" ".join(m["content"] for m in parse_line(raw.lstrip(b"\xef\xbb\xbf"))))
+                turns = [m["content"] for m in parse_line(raw.lstrip(b"\xef\xbb\xbf"))]
             except DataError:
                 keep.append(raw)  # not ours to judge: train.py reports it with its line number
                 continue
-            hits = {}
-            for g in ngrams(text, n):
-                for key in index.get(g, ()):
-                    hits.setdefault(key, g)
-            for q, key in short:
-                if q in text:
-                    hits.setdefault(key, q)
+            hits, frequent = touches(turns, index, n)
             for (bench, split, qid), g in sorted(hits.items()):
-                matches.append({"line": line_no, "benchmark": bench, "split": split, "id": qid, "ngram": g})
+                matches.append({"line": line_no, "benchmark": bench, "split": split, "id": qid, "evidence": g,
+                                "question": index.texts[(bench, split, qid)],
+                                "training": "\n".join(turns)[:SHOWN]})
                 touched[f"{bench} {split}"].add(line_no)
             if not hits:
                 keep.append(raw)
+                boiler.update(frequent)
     clean = b"".join(keep)
     write_atomically(out, clean)
-    write_atomically(out + ".matches.jsonl", "".join(json.dumps(m, ensure_ascii=False) + "\n"
-                                                     for m in matches).encode("utf-8"))
+    write_atomically(out + ".matches.jsonl", "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in matches))
     stamp = {"sha256": hashlib.sha256(clean).hexdigest(), "source": os.path.abspath(path), "n": n,
-             "checked_against": read}
+             "checked_against": index.read}
     write_atomically(out + STAMP, json.dumps(stamp, indent=1).encode("utf-8"))
     counts = {s: len(lines) for s, lines in touched.items()}
     for s, c in counts.items():
         print(f"{s}: {c} training examples touch it")
+    if boiler:
+        print(f"not counted, kept: examples sharing only n-grams found in >= {FREQUENT} benchmark questions each; "
+              "most shared: " + ", ".join(f"{g} ({c} examples, {index.frequent[g]} questions)"
+                                          for g, c in boiler.most_common(5)))
     removed = len({m["line"] for m in matches})
     print(f"{removed} examples removed, {len(keep)} lines kept -> {out} (pairs: {out}.matches.jsonl)")
     return counts

@@ -171,3 +171,34 @@ def test_cmb_test_questions_are_checked_without_their_answer_file(tmp_path):
     src = tmp_path / "train.jsonl"
     src.write_text(line(QUESTIONS[1]) + line("无关的问题，与任何考题都不同的一段文字"), encoding="utf-8")
     assert decontaminate(str(src), [("cmb", str(d))], str(tmp_path / "clean.jsonl")) == {"cmb test": 1}
+
+
+def test_decontamination_is_precise_short_questions_and_boilerplate(tmp_path, capsys):
+    """A question shorter than n matches only as a whole prompt or with its options, never as a bare substring;
+    an n-gram that FREQUENT or more questions share is not evidence on its own (reported, not counted), while a
+    real copy of such a question is still found by its own n-grams; the matches file shows both texts."""
+    from prepare import FREQUENT, decontaminate
+
+    law = "根据中华人民共和国药品管理法的规定"
+    stems = ["处方药可以在大众媒介发布广告吗", "药品批准文号的有效期是几年", "医疗机构配制的制剂能否在市场销售",
+             "假药与劣药的区别在于什么地方"]
+    questions = ["子宫的位置"] + [law + s for s in stems]
+    assert len(stems) >= FREQUENT
+    d = tmp_path / "CMExam" / "data"
+    d.mkdir(parents=True)
+    rows = "".join(f'{q},"A 前倾前屈\nB 后倾",A,内科,\n' for q in questions)
+    (d / "val.csv").write_text("Question,Options,Answer,Clinical Department,Explanation\n" + rows, encoding="utf-8")
+    lines = [line("关于子宫的位置，下列哪项描述是正确的？请详细说明"),  # the short question, bare: kept
+             line("子宫的位置\nA. 前倾前屈\nB. 后倾"),  # with its options: removed
+             line("子宫的位置"),  # as the whole prompt: removed
+             line(law + "，零售企业应当如何陈列非处方药？"),  # the boilerplate alone: kept, reported
+             line("请回答：" + questions[2])]  # a real copy of a boilerplate question: removed
+    src = tmp_path / "train.jsonl"
+    src.write_text("".join(lines), encoding="utf-8")
+    out = tmp_path / "clean.jsonl"
+    assert decontaminate(str(src), [("cmexam", str(d))], str(out)) == {"cmexam val": 3}
+    assert out.read_text(encoding="utf-8") == lines[0] + lines[3]
+    assert "not counted, kept" in capsys.readouterr().out
+    matches = [json.loads(m) for m in open(str(out) + ".matches.jsonl", encoding="utf-8")]
+    assert [(m["line"], m["id"]) for m in matches] == [(2, "cmexam-val-0"), (3, "cmexam-val-0"), (5, "cmexam-val-2")]
+    assert matches[2]["question"] == questions[2] and matches[2]["training"] == "请回答：" + questions[2] + "\n答案：A"
