@@ -138,7 +138,9 @@ def validate(cfg: TrainConfig):
                          "--num-experts 1)")
     if contrastive and cfg.batch_size < 2 and not cfg.queue:
         raise ValueError("the contrastive term contrasts the sequences of one micro-batch: --batch-size 1 leaves "
-                         "no negatives (use --batch-size >= 2, --queue K, or --lambda-cl 0)")
+                         "no negatives (fit --batch-size 2, better 4, with --grad-checkpointing or a shorter "
+                         "--max-len; --queue K runs, but at one sequence per device its routers did not "
+                         "specialize: docs/results.md; or --lambda-cl 0)")
     if cfg.cl_debias > 0 and not contrastive:
         raise ValueError("--cl-debias corrects the contrastive term's InfoNCE, which is off (--lambda-cl 0 or "
                          "--num-experts 1)")

@@ -23,9 +23,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ablation import run_config  # noqa: E402
 from ablation_task import make_base, make_examples, permutations  # noqa: E402
 
+import contrastive  # noqa: E402
 from contrastive import contrastive_loss, fused_views  # noqa: E402
+
+masked_logits_of = contrastive.logits_of
 from lora_moe import sites, stack_records, token_weight  # noqa: E402
 from objective import HybridLoss  # noqa: E402
+
+
+def adaptive_logits_of(rho, seq, fused, negatives=None, *, temperature: float):
+    """contrastive.logits_of with the queue's mask applied only where it leaves at least K/4 negatives."""
+    if negatives is not None:
+        keys, labels = negatives
+        top = fused.phi.argmax(-1).gather(1, seq)  # (S, n) each anchor's own sequence's top expert
+        left = ((labels[:, None, :] != top[..., None]) & (labels[:, None, :] >= 0)).sum(-1)  # (S, n)
+        few = (left < labels.shape[1] // 4).all(1)  # (S,) why per site: B = 1 here, one own sequence
+        labels = torch.where(few[:, None] & (labels >= 0), torch.full_like(labels, 1 << 30), labels)
+        negatives = (keys, labels)
+    return masked_logits_of(rho, seq, fused, negatives, temperature=temperature)
 
 
 class Diagnosed(HybridLoss):
@@ -87,7 +102,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", default="1x16", choices=["1x16", "4x4"])
     ap.add_argument("--queue", type=int, default=16)
-    ap.add_argument("--rule", default="mask", choices=["mask", "none"], help="the queue's rule: today's, or none")
+    ap.add_argument("--rule", default="mask", choices=["mask", "none", "adaptive"],
+                    help="the queue's rule: today's; none (every filled entry a negative); adaptive (today's mask only "
+                         "where it leaves at least K/4 negatives, else none: a mask once routers disagree)")
     ap.add_argument("--eval-seed", type=int, default=555, help="the dev sample (999, the held-out one, is not for "
                     "pilots)")
     a = ap.parse_args()
@@ -105,6 +122,8 @@ def main():
                             set=[f"grad_accum={k}", f"queue={a.queue}"])
     cfg = run_config("cl-seq-ctx-db", a.seed, ns, data, work)
     Diagnosed.every, Diagnosed.unmasked = a.every, a.rule == "none"
+    if a.rule == "adaptive":
+        contrastive.logits_of = adaptive_logits_of
     train(cfg, objective=Diagnosed)
     from ablation_metrics import measure, routed_ablation, specificity
     from adapter_io import load_adapter
