@@ -451,14 +451,27 @@ def eval_cli(*args):
     return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_an_eval_dir_holding_results_is_not_replaced_silently(tiny_dir, tmp_path):
+def eval_here(*args) -> int:
+    """eval.py's command line in this process (the suite's time): its exit status."""
+    import eval as ev
+
+    try:
+        ev.main(list(args))
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def test_an_eval_dir_holding_results_is_not_replaced_silently(tiny_dir, tmp_path, capsys):
     out = str(tmp_path / "E")
-    assert eval_cli("cmexam", "--model", tiny_dir, "--out", out, "--limit", "2").returncode == 0
+    assert eval_here("cmexam", "--model", tiny_dir, "--out", out, "--limit", "2") == 0
     before = tree(out)
-    r = eval_cli("cmmlu-med", "--model", tiny_dir, "--out", out, "--limit", "2")
-    assert r.returncode == 2 and "holds earlier results" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    capsys.readouterr()
+    assert eval_here("cmmlu-med", "--model", tiny_dir, "--out", out, "--limit", "2") == 2
+    err = capsys.readouterr().err
+    assert "holds earlier results" in err and len(err.strip().splitlines()) == 1
     assert tree(out) == before
-    assert eval_cli("cmmlu-med", "--model", tiny_dir, "--out", out, "--limit", "2", "--overwrite").returncode == 0
+    assert eval_here("cmmlu-med", "--model", tiny_dir, "--out", out, "--limit", "2", "--overwrite") == 0
     assert json.load(open(os.path.join(out, "summary.json")))["benchmark"] == "cmmlu-med"
 
 
