@@ -147,27 +147,38 @@ class AblationLoss(HybridLoss):
     tokens_per_site = TOKENS_PER_SITE
 
 
+def forward_with_records(forward, model):
+    """``forward()`` (an objective's, which records the routing) and the ``RouterRecord`` every site of ``model``
+    wrote during it, gradient included: a forward hook per site reads the record the site has just written
+    inside the objective's ``record_routing`` (which a second ``record_routing`` around it would disturb)."""
+    recs = []
+
+    def keep(site, inp, out):
+        records, i = site.recording
+        recs.append(records[i])
+
+    hooks = [m.register_forward_hook(keep) for _, m in sites(model)]
+    try:
+        return forward(), recs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 class SupervisedRouting(AblationLoss):
     """The supervised control: the hybrid loss + lambda_sup * the routers' cross-entropy to the domain over
-    real tokens, averaged over sites (each site's routing logits, context term included, read by a forward hook
-    from the record the site has just written inside HybridLoss's ``record_routing``; gradient included)."""
+    real tokens, averaged over sites (each site's routing logits, context term included, gradient included:
+    ``forward_with_records``)."""
 
     def __init__(self, model, cfg, word_ids, lambda_sup: float):
         super().__init__(model, cfg)
         self.word_ids, self.lambda_sup = word_ids, lambda_sup
 
     def forward(self, ids, labels, mask, sup_tokens, micro_steps, negatives=None, generator=None):
-        logits = []  # (B, T, E) per site, this forward's: the site's record, written while HybridLoss records
-        def keep(site, inp, out):
-            records, i = site.recording
-            logits.append(records[i].logits)
-
-        hooks = [m.register_forward_hook(keep) for _, m in sites(self.model)]
-        try:
-            micro = super().forward(ids, labels, mask, sup_tokens, micro_steps, negatives, generator)
-        finally:
-            for h in hooks:
-                h.remove()
+        micro, recs = forward_with_records(
+            lambda: super(SupervisedRouting, self).forward(ids, labels, mask, sup_tokens, micro_steps, negatives,
+                                                           generator), self.model)
+        logits = [r.logits for r in recs]  # (B, T, E) per site, the context term included, with gradient
         d = domain_of(ids, self.word_ids)[:, None].expand_as(mask)[mask]  # (N,) the domain of each real token
         ce = torch.stack([F.cross_entropy(z[mask], d) for z in logits]).mean()
         micro.loss = micro.loss + self.lambda_sup * ce / micro_steps

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ablation import run_config  # noqa: E402
-from ablation_task import make_base, make_examples, permutations  # noqa: E402
+from ablation_task import forward_with_records, make_base, make_examples, permutations  # noqa: E402
 
 import contrastive  # noqa: E402
 from contrastive import contrastive_loss, fused_views  # noqa: E402
@@ -59,18 +59,9 @@ class Diagnosed(HybridLoss):
         self.calls += 1
         if first or step % self.every:
             return super().forward(ids, labels, mask, sup_tokens, micro_steps, negatives, generator)
-        recs = []
-
-        def keep(site, inp, out):
-            records, i = site.recording
-            recs.append(records[i])
-
-        hooks = [m.register_forward_hook(keep) for _, m in sites(self.model)]
-        try:
-            micro = super().forward(ids, labels, mask, sup_tokens, micro_steps, negatives, generator)
-        finally:
-            for h in hooks:
-                h.remove()
+        micro, recs = forward_with_records(
+            lambda: super(Diagnosed, self).forward(ids, labels, mask, sup_tokens, micro_steps, negatives, generator),
+            self.model)
         rec = stack_records(recs)
         weight = token_weight(mask, rec.probs)
         phi = fused_views(rec.probs.detach(), weight).phi  # (S, B, E)
