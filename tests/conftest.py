@@ -11,6 +11,16 @@ SHARED = os.environ.get("SPARSEDOCTOR_SHARED", os.path.join(os.path.dirname(ROOT
 BENCH = os.path.join(SHARED, "benchmarks")
 
 
+def exit_status(main, *args) -> int:
+    """A command's ``main(argv)`` run in this process (the suite's time, where a test needs no fresh
+    interpreter): its exit status, 0 when it returns."""
+    try:
+        main(list(args))
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
 def run_at_once(*calls, env=None, timeout: float = 300) -> list:
     """Each call (python's argv list, or a shell line as a str; optional stdin bytes as a second item) run from
     the repo root, all at once; their CompletedProcess in order (bytes out). why at once: a run is mostly

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, small_cfg, tree
+from conftest import ROOT, exit_status, small_cfg, tree
 
 SAMPLE = os.path.join(ROOT, "samples", "benchmarks")
 MED = os.path.join(ROOT, "samples", "med_sample.jsonl")
@@ -17,14 +17,9 @@ def cli(*args):
 
 
 def prepare(*args) -> int:
-    """prepare.py's command line in this process (the suite's time): its exit status."""
     import prepare as P
 
-    try:
-        P.main(list(args))
-    except SystemExit as e:
-        return e.code
-    return 0
+    return exit_status(P.main, *args)
 
 
 @pytest.fixture(scope="module")

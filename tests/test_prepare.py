@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, small_cfg
+from conftest import ROOT, exit_status, small_cfg
 
 SAMPLE = os.path.join(ROOT, "samples", "benchmarks")
 QUESTIONS = ["患者男性，45岁，血压160/95mmHg，心率110次/分，最可能的诊断是",
@@ -76,20 +76,21 @@ def test_no_false_hits_on_clean_data(tmp_path):
     assert counts == {"cmmlu-med dev": 0, "cmb val": 0}
 
 
-def test_cli_refuses_to_overwrite_its_input_and_a_dir_without_benchmark_files(tmp_path):
+def test_cli_refuses_to_overwrite_its_input_and_a_dir_without_benchmark_files(tmp_path, capsys):
+    import prepare
+
     src = os.path.join(ROOT, "samples", "med_sample.jsonl")
     r = subprocess.run([sys.executable, "prepare.py", "decontaminate", src, "--bench", f"cmexam={tmp_path}",
                         "--out", src], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "which this command reads" in r.stderr
-    (tmp_path / "empty").mkdir()
-    r = subprocess.run([sys.executable, "prepare.py", "decontaminate", src, "--bench", f"cmexam={tmp_path / 'empty'}",
-                        "--out", str(tmp_path / "o.jsonl")], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "no file of cmexam found there" in r.stderr and not (tmp_path / "o.jsonl").exists()
+    (tmp_path / "empty").mkdir()  # the rest in this process (the suite's time)
+    assert exit_status(prepare.main, "decontaminate", src, "--bench", f"cmexam={tmp_path / 'empty'}", "--out",
+                       str(tmp_path / "o.jsonl")) == 2
+    assert "no file of cmexam found there" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
     # one good --bench and one typo'd: still refused (the typo'd one would pass as checked), nothing written
-    r = subprocess.run([sys.executable, "prepare.py", "decontaminate", src, "--bench",
-                        f"cmexam={os.path.join(SAMPLE, 'cmexam')}", "--bench", f"cmb={tmp_path / 'CMBB'}",
-                        "--out", str(tmp_path / "o.jsonl")], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and f"--bench cmb={tmp_path / 'CMBB'}: no file of cmb found there" in r.stderr
+    assert exit_status(prepare.main, "decontaminate", src, "--bench", f"cmexam={os.path.join(SAMPLE, 'cmexam')}",
+                       "--bench", f"cmb={tmp_path / 'CMBB'}", "--out", str(tmp_path / "o.jsonl")) == 2
+    assert f"--bench cmb={tmp_path / 'CMBB'}: no file of cmb found there" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.decontam.json").exists()
 
 
