@@ -318,10 +318,6 @@ def test_errors_are_clear(tmp_path):
     assert r.returncode == 2 and "CMB-test-choice-question-merge.json not found" in r.stderr
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True)
-
-
 @pytest.mark.parametrize("flags, needle", [
     (["--limit", "0"], "--limit: must be >= 1"), (["--limit", "-1"], "--limit: must be >= 1"),
     (["--batch-size", "0"], "--batch-size: must be >= 1"), (["--shots", "-2"], "--shots: must be >= 0"),
