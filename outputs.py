@@ -22,6 +22,7 @@ import parallel
 
 
 CKPT_NAME = re.compile(r"ckpt-(\d+)")  # a train.py checkpoint dir's name; the one pattern for it
+TMP_NAME = re.compile(r"ckpt-\d+\.tmp")  # a checkpoint dir while save_checkpoint writes it
 
 
 class OutputError(ValueError):
@@ -60,7 +61,7 @@ def refuse_checkpoint(out: str):
     """Rule 6: no output in or below a checkpoint dir (it holds only what save_checkpoint wrote, or it is not
     one any more: resume and pruning would refuse it)."""
     for part in os.path.realpath(out).split(os.sep):
-        if CKPT_NAME.fullmatch(part) or re.fullmatch(r"ckpt-\d+\.tmp", part):
+        if CKPT_NAME.fullmatch(part) or TMP_NAME.fullmatch(part):
             raise OutputError(f"--out {out} is inside the checkpoint {part}/: choose a dir outside it")
 
 

@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import asdict, replace
 
 from adapter_io import resolve_adapter_dir
 from checkpoint import checkpoint_step, is_checkpoint_like, is_valid_checkpoint, verify_checkpoint
-from outputs import CKPT_NAME, OutputError, is_regular_file, write_atomically
+from outputs import CKPT_NAME, TMP_NAME, OutputError, is_regular_file, write_atomically
 
 RUN_FILES = ("config.json", "metrics.jsonl", "latest")
-TMP_NAME = re.compile(r"ckpt-\d+\.tmp")
 
 
 class RunDirError(OutputError):
