@@ -4,6 +4,7 @@ Used by data.py (training labels), eval.py (prompts) and chat.py (generation).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -25,7 +26,12 @@ class Tokenizer:
         if wrong:
             raise ValueError(f"{file} is not a Qwen3 tokenizer: special token ids {wrong}, expected {specials}")
         self.eos_id, self.pad_id = IM_END, ENDOFTEXT  # chat turns end with <|im_end|>; pad with <|endoftext|>
-        self.max_token_chars = max(map(len, self.tok.get_vocab()))  # a token covers at most this many characters
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """A token covers at most this many characters. why cached and lazy: reading the 151,669-entry vocabulary
+        takes 0.1 s, which only data.tokenize's bounded reading needs, not every chat or eval start."""
+        return max(map(len, self.tok.get_vocab()))
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
