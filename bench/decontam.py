@@ -98,8 +98,7 @@ def main():
         for it in bench:
             w.writerow([it.question, "\n".join(f"{k} {v}" for k, v in it.options.items()), it.answer])
     n = 13
-    counts = collections.Counter(g for it in bench for g in prepare.ngrams(normalize(it.question), n))
-    frequent = sorted(g for g, c in counts.items() if c >= prepare.FREQUENT)
+    frequent = sorted(prepare.benchmark_index([("cmexam", os.path.join(tmp, "A"))], n).frequent)
     plant = planted(bench, frequent, n, a.n_plant)
     with open(os.path.join(tmp, "plant.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(x for x, _ in plant)
