@@ -12,6 +12,7 @@ of the micro-batch) and the queue's entries that the rule keeps; and |d(lambda_c
 |dL/dW_router| (L: the micro-batch's whole loss).
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -27,6 +28,7 @@ import contrastive  # noqa: E402
 from contrastive import contrastive_loss, fused_views  # noqa: E402
 
 masked_logits_of = contrastive.logits_of
+NO_EXPERT = 1 << 30  # a queue label no sequence has: the mask then keeps the entry
 from lora_moe import sites, stack_records, token_weight  # noqa: E402
 from objective import HybridLoss  # noqa: E402
 
@@ -38,23 +40,22 @@ def adaptive_logits_of(rho, seq, fused, negatives=None, *, temperature: float):
         top = fused.phi.argmax(-1).gather(1, seq)  # (S, n) each anchor's own sequence's top expert
         left = ((labels[:, None, :] != top[..., None]) & (labels[:, None, :] >= 0)).sum(-1)  # (S, n)
         few = (left < labels.shape[1] // 4).all(1)  # (S,) why per site: B = 1 here, one own sequence
-        labels = torch.where(few[:, None] & (labels >= 0), torch.full_like(labels, 1 << 30), labels)
+        labels = torch.where(few[:, None] & (labels >= 0), torch.full_like(labels, NO_EXPERT), labels)
         negatives = (keys, labels)
     return masked_logits_of(rho, seq, fused, negatives, temperature=temperature)
 
 
 class Diagnosed(HybridLoss):
-    every = 10
-    rows: list = []
-    unmasked = False  # the candidate rule: every filled queue entry a negative (the debiased loss weighs them)
+    """HybridLoss that prints the diagnosis every ``every`` steps; ``unmasked``: the candidate rule, every filled
+    queue entry a negative (the debiased loss weighs them)."""
 
-    def __init__(self, model, cfg):
+    def __init__(self, model, cfg, every: int, unmasked: bool):
         super().__init__(model, cfg)
-        self.calls = 0
+        self.every, self.unmasked, self.calls = every, unmasked, 0
 
     def forward(self, ids, labels, mask, sup_tokens, micro_steps, negatives=None, generator=None):
         if negatives is not None and self.unmasked:  # a label no sequence has: the mask keeps every filled entry
-            negatives = (negatives[0], negatives[1].masked_fill(negatives[1] >= 0, 1 << 30))
+            negatives = (negatives[0], negatives[1].masked_fill(negatives[1] >= 0, NO_EXPERT))
         step, first = divmod(self.calls, micro_steps)
         self.calls += 1
         if first or step % self.every:
@@ -80,9 +81,9 @@ class Diagnosed(HybridLoss):
         norm = lambda gs: float(torch.sqrt(sum((g ** 2).sum() for g in gs if g is not None)))  # noqa: E731
         g_cl = norm(torch.autograd.grad(cl, routers, retain_graph=True, allow_unused=True))
         g_all = norm(torch.autograd.grad(micro.loss * micro_steps, routers, retain_graph=True, allow_unused=True))
-        self.rows.append({"step": step + 1, "in_batch_negatives": in_batch, "queue_negatives_kept": kept,
-                          "contrastive": float(cl) / self.cfg.lambda_cl, "cl_share_of_router_grad": g_cl / g_all})
-        print(json.dumps(self.rows[-1]), flush=True)
+        print(json.dumps({"step": step + 1, "in_batch_negatives": in_batch, "queue_negatives_kept": kept,
+                          "contrastive": float(cl.detach()) / self.cfg.lambda_cl, "cl_share_of_router_grad": g_cl / g_all}),
+              flush=True)
         return micro
 
 
@@ -112,10 +113,9 @@ def main():
     ns = argparse.Namespace(model=model, steps=a.steps, batch_size=b, lr=3e-3, eval_every=a.steps, queue_size=a.queue,
                             set=[f"grad_accum={k}", f"queue={a.queue}"])
     cfg = run_config("cl-seq-ctx-db", a.seed, ns, data, work)
-    Diagnosed.every, Diagnosed.unmasked = a.every, a.rule == "none"
-    if a.rule == "adaptive":
+    if a.rule == "adaptive":  # why a patch of the module: contrastive_loss reads logits_of from it at each call
         contrastive.logits_of = adaptive_logits_of
-    train(cfg, objective=Diagnosed)
+    train(cfg, objective=functools.partial(Diagnosed, every=a.every, unmasked=a.rule == "none"))
     from ablation_metrics import measure, routed_ablation, specificity
     from adapter_io import load_adapter
     from model import load_model
